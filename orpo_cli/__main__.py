@@ -1,0 +1,3 @@
+from orpo_cli.cli import main
+
+main()

@@ -1,0 +1,50 @@
+"""The one interface every adapter (LoRA, ReFT, full fine-tuning) offers; the engine never asks which it is."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+
+class Adapter(Protocol):
+    """What training, eval, export and generate need from an adapter."""
+
+    kind: str
+
+    def attach(self, model: nn.Module, *, quantized: bool, gradient_checkpointing: bool) -> nn.Module:
+        """Freeze what must not train, add the trainable parts, and return the model to train."""
+        ...
+
+    def forward_context(self, model: nn.Module, prompt_lengths: torch.Tensor) -> AbstractContextManager[None]:
+        """Context around a forward pass over a batch whose rows start with prompts of these lengths."""
+        ...
+
+    def save(self, model: nn.Module, out_dir: Path) -> None:
+        """Write the trained adapter (safetensors and a small config) into out_dir."""
+        ...
+
+    def load(self, base: nn.Module, adapter_dir: Path) -> nn.Module:
+        """Put a saved adapter onto a freshly loaded base model, ready for inference."""
+        ...
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train, by name: what a checkpoint must keep to resume exactly."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as the parameters they stand for."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if hasattr(p, "quant_state") or p.dtype == torch.uint8:  # bitsandbytes packs two 4-bit values per byte
+            n *= 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

@@ -1,0 +1,37 @@
+"""Full fine-tuning: no adapter, every weight trains; the 'adapter' saved is the whole model."""
+
+from __future__ import annotations
+
+import contextlib
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class FullAdapter:
+    kind = "none"
+
+    def attach(self, model: nn.Module, *, quantized: bool, gradient_checkpointing: bool) -> nn.Module:
+        model.requires_grad_(True)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    def forward_context(self, model: nn.Module, prompt_lengths: torch.Tensor) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def save(self, model: nn.Module, out_dir: Path) -> None:
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+
+    def load(self, base: nn.Module, adapter_dir: Path) -> nn.Module:
+        from safetensors.torch import load_file
+
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(adapter_dir.glob("*.safetensors")):
+            state.update(load_file(str(shard)))
+        missing, unexpected = base.load_state_dict(state, strict=False)
+        if unexpected:
+            raise ValueError(f"{adapter_dir}: weights the base model does not have: {unexpected[:3]}")
+        return base

@@ -1,0 +1,158 @@
+"""Resumable checkpoints without pickle: trainable weights, optimizer state and RNG in safetensors + JSON.
+
+A checkpoint is written to a temporary directory and renamed into place, with a manifest of SHA-256
+digests written last; `latest_checkpoint` skips (with a warning) one that is incomplete or corrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from orpo_cli.adapters import trainable_state
+from orpo_cli.atomic import atomic_dir, remove_stale_temporaries
+from orpo_cli.rundir import RunDir
+
+_STEP = re.compile(r"^step-(\d+)$")
+_FILES = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "state.safetensors", "state.json")
+
+
+def save_checkpoint(
+    run: RunDir,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tensors: dict[str, torch.Tensor],
+    keep: int,
+) -> Path:
+    """Write checkpoint `step` atomically and keep only the newest `keep` checkpoints."""
+    target = run.checkpoint(step)
+    with atomic_dir(target, replace=True) as tmp:
+        save_file(_contiguous(trainable_state(model)), str(tmp / "trainable.safetensors"))
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+        state = {"rng/torch": torch.get_rng_state(), **{k: v.detach().cpu() for k, v in tensors.items()}}
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                state[f"rng/cuda{i}"] = s
+        save_file(_contiguous(state), str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "python_rng": _py_rng_state()}))
+        digests = {name: _sha256(tmp / name) for name in _FILES}
+        (tmp / "manifest.json").write_text(json.dumps({"step": step, "sha256": digests}, indent=1))
+    for old in list_checkpoints(run)[:-keep]:
+        shutil.rmtree(old[1], ignore_errors=True)
+    return target
+
+
+def list_checkpoints(run: RunDir) -> list[tuple[int, Path]]:
+    """Checkpoint directories by step, oldest first (complete or not)."""
+    if not run.checkpoints.is_dir():
+        return []
+    found = []
+    for child in run.checkpoints.iterdir():
+        m = _STEP.match(child.name)
+        if m and child.is_dir():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(run: RunDir) -> tuple[int, Path] | None:
+    """The newest checkpoint whose manifest and digests check out; broken ones are skipped with a warning."""
+    remove_stale_temporaries(run.checkpoints)
+    for step, path in reversed(list_checkpoints(run)):
+        problem = _verify(path)
+        if problem is None:
+            return step, path
+        warnings.warn(f"skipping checkpoint {path.name}: {problem}", stacklevel=2)
+    return None
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, torch.Tensor]]:
+    """Restore weights, optimizer and RNG from `path`; returns the step and the extra tensors saved with it."""
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [name for name in weights if name not in params]
+    if missing:
+        raise ValueError(f"checkpoint {path} has weights this model lacks: {missing[:3]}")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    meta = json.loads((path / "optimizer.json").read_text())
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), meta))
+    state = load_file(str(path / "state.safetensors"))
+    torch.set_rng_state(state.pop("rng/torch"))
+    cuda_states = [state.pop(k) for k in sorted(k for k in list(state) if k.startswith("rng/cuda"))]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    info = json.loads((path / "state.json").read_text())
+    version, internal, gauss = info["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    return int(info["step"]), state
+
+
+def _verify(path: Path) -> str | None:
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        return "incomplete (no manifest)"
+    try:
+        digests = json.loads(manifest.read_text())["sha256"]
+    except (ValueError, KeyError):
+        return "unreadable manifest"
+    for name in _FILES:
+        file = path / name
+        if not file.is_file():
+            return f"missing {name}"
+        if _sha256(file) != digests.get(name):
+            return f"{name} does not match its digest (corrupted)"
+    return None
+
+
+def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, slots in state_dict["state"].items():
+        for key, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}/{key}"] = value.detach().cpu().contiguous().clone()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        idx, key = name.split("/", 1)
+        state.setdefault(int(idx), {})[key] = value
+    for idx, slots in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(slots)
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+
+
+def _py_rng_state() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,9 @@
+"""User-facing errors: one clear line, exit code 2, no traceback."""
+
+
+class UserError(Exception):
+    """A mistake the user can fix; the CLI prints str(err) on one line and exits with code 2."""
+
+
+class RunFailed(Exception):
+    """A run that started but cannot go on (e.g. the loss diverged); the CLI prints one line and exits 1."""

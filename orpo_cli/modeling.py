@@ -1,0 +1,134 @@
+"""Loading the base model and tokenizer: device, dtype, bitsandbytes quantization, hub or local or builtin."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from orpo_cli.builtin import is_builtin, resolve_model_path
+from orpo_cli.errors import UserError
+from orpo_cli.recipe import ModelSettings, QuantizationSettings
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def pick_device(setting: str) -> torch.device:
+    """The training device for `model.device`; asking for CUDA where there is none is a user error."""
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("model.device: cuda requested but no CUDA GPU is visible; set model.device: cpu (or auto)")
+        index = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    if setting != "auto":
+        return _DTYPES[setting]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def check_model_source(settings: ModelSettings) -> None:
+    """Cheap check before anything heavy: a local-looking path must exist."""
+    name = settings.name_or_path
+    if is_builtin(name):
+        resolve_model_path(name)  # validates the builtin name (and materialises it once, cached)
+        return
+    if _looks_local(name) and not Path(name).expanduser().is_dir():
+        raise UserError(f"model.name_or_path: no such model directory: {name}")
+
+
+def check_quantization(quant: QuantizationSettings, device: torch.device) -> None:
+    """bitsandbytes must be importable and support the device before a model is loaded."""
+    if quant.mode == "none":
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as err:  # an import failure of a native library can be any exception
+        raise UserError(
+            f"quantization.mode: {quant.mode} needs bitsandbytes, which failed to load ({err.__class__.__name__}: "
+            f"{err}); install it with `pip install bitsandbytes` or set quantization.mode: none"
+        ) from None
+    if quant.mode == "8bit" and device.type == "cpu":
+        raise UserError(
+            "quantization.mode: 8bit needs a CUDA GPU (bitsandbytes' int8 matmul has no CPU training path); "
+            "use 4bit, or quantization.mode: none on a CPU"
+        )
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """The tokenizer, with a pad token guaranteed (the EOS when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    tokenizer = _from_pretrained(
+        AutoTokenizer.from_pretrained, name_or_path, path, revision=revision, trust_remote_code=trust_remote_code
+    )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    settings: ModelSettings, quant: QuantizationSettings, device: torch.device, dtype: torch.dtype
+) -> torch.nn.Module:
+    """The base causal LM on `device`, quantized with bitsandbytes when asked."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "attn_implementation": settings.attn_implementation,
+        "revision": settings.revision,
+        "trust_remote_code": settings.trust_remote_code,
+    }
+    if quant.mode != "none":
+        compute = dtype if quant.compute_dtype == "auto" else _DTYPES[quant.compute_dtype]
+        if quant.mode == "4bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=quant.quant_type,
+                bnb_4bit_use_double_quant=quant.double_quant,
+                bnb_4bit_compute_dtype=compute,
+            )
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": device}
+    path = resolve_model_path(settings.name_or_path)
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, settings.name_or_path, path, **kwargs)
+    if quant.mode == "none":
+        model.to(device)
+    model.config.use_cache = False
+    return model
+
+
+def num_layers(model: torch.nn.Module) -> int:
+    """Number of decoder layers of a causal LM (through any adapter wrapper)."""
+    config = getattr(model, "config", None)
+    n = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    if n is None:
+        raise UserError("cannot tell how many decoder layers this model has (config has no num_hidden_layers)")
+    return int(n)
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
+
+
+def _from_pretrained(loader: Any, name: str, path: str, **kwargs: Any) -> Any:
+    """Call a from_pretrained, turning 'cannot reach or find it' into one line that says what to do."""
+    try:
+        return loader(path, **kwargs)
+    except (OSError, ValueError) as err:
+        if Path(path).expanduser().is_dir():
+            first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+            raise UserError(f"model.name_or_path: could not load {name}: {first}") from None
+        raise UserError(
+            f"model.name_or_path: could not load '{name}' from the Hugging Face hub (offline, or no such model); "
+            "download it (e.g. `huggingface-cli download NAME --local-dir DIR`) and set model.name_or_path: DIR"
+        ) from None
