@@ -131,7 +131,9 @@ def fit(
     while step < total_steps:
         step += 1
         # ---- one optimizer step: `accum` micro-batches, normalised over the whole window
-        window = [_to_device(collate_pairs(chunk, pad_token_id), device) for chunk in (next(stream) for _ in range(accum))]
+        chunks = [next(stream) for _ in range(accum)]
+        window = [_to_device(collate_pairs(chunk, pad_token_id), device) for chunk in chunks]
+        tokens_since_log += sum(count_tokens(chunk) for chunk in chunks)
         num_tokens, num_pairs = _window_normalizers(window, orpo.nll_on_prompt, accelerator)
         step_loss = torch.zeros((), device=device)
         step_nll = torch.zeros((), device=device)
@@ -152,7 +154,6 @@ def fit(
             tally.add_pairs(terms)
             step_loss += terms.loss.detach()
             step_nll += terms.nll.detach()
-            tokens_since_log += count_tokens(batch)
         grad_norm = accelerator.clip_grad_norm_(params, train.max_grad_norm) if train.max_grad_norm else None
         optimizer.step()
         scheduler.step()

@@ -30,7 +30,7 @@ def orpo_forward(
 ) -> ORPOTerms:
     """ORPO terms of one collated batch (see batching.collate_pairs for its layout)."""
     inner = _unwrap(model)
-    with adapter.forward_context(inner, batch["prompt_lengths"]), _capture_hidden(inner.get_decoder()) as captured:
+    with adapter.forward_context(inner, batch), _capture_hidden(inner.get_decoder()) as captured:
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, logits_to_keep=1)
     return orpo_loss_from_hidden(
         captured["hidden"],

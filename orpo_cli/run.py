@@ -68,7 +68,7 @@ def start_run(recipe: Recipe, *, resume: bool, force: bool) -> RunDir:
 
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code)
     data = prepare_data(recipe.data, recipe.orpo, tokenizer)
-    reporter.note(f"data: {data.stats.summary()}")
+    reporter.note(data.stats.summary())
 
     model = load_model(recipe.model, recipe.quantization, device, dtype)
     adapter = build_adapter(recipe.adapter)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
@@ -14,13 +15,19 @@ class Adapter(Protocol):
     """What training, eval, export and generate need from an adapter."""
 
     kind: str
+    mergeable: bool  # True when export can fold the adapter into the base weights (LoRA, full fine-tuning)
 
     def attach(self, model: nn.Module, *, quantized: bool, gradient_checkpointing: bool) -> nn.Module:
         """Freeze what must not train, add the trainable parts, and return the model to train."""
         ...
 
-    def forward_context(self, model: nn.Module, prompt_lengths: torch.Tensor) -> AbstractContextManager[None]:
-        """Context around a forward pass over a batch whose rows start with prompts of these lengths."""
+    def forward_context(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> AbstractContextManager[None]:
+        """Context around forward passes over `batch` (needs at least `attention_mask` and `prompt_lengths`:
+        each row's real prompt length, whatever the padding side), in training and in generation."""
+        ...
+
+    def disabled(self, model: nn.Module) -> AbstractContextManager[None] | None:
+        """Context in which `model` behaves as its base model, or None when that is impossible (full fine-tuning)."""
         ...
 
     def save(self, model: nn.Module, out_dir: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from torch import nn
 
 
 class FullAdapter:
+    mergeable = True
     kind = "none"
 
     def attach(self, model: nn.Module, *, quantized: bool, gradient_checkpointing: bool) -> nn.Module:
@@ -19,8 +21,11 @@ class FullAdapter:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
 
-    def forward_context(self, model: nn.Module, prompt_lengths: torch.Tensor) -> AbstractContextManager[None]:
+    def forward_context(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> AbstractContextManager[None]:
         return contextlib.nullcontext()
+
+    def disabled(self, model: nn.Module) -> AbstractContextManager[None] | None:
+        return None  # the base weights are gone: load the base model again instead
 
     def save(self, model: nn.Module, out_dir: Path) -> None:
         model.save_pretrained(str(out_dir), safe_serialization=True)

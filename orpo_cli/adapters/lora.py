@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from orpo_cli.recipe import LoraSettings
 
 
 class LoraAdapter:
+    mergeable = True
     kind = "lora"
 
     def __init__(self, settings: LoraSettings):
@@ -41,8 +43,11 @@ class LoraAdapter:
         )
         return get_peft_model(model, config)
 
-    def forward_context(self, model: nn.Module, prompt_lengths: torch.Tensor) -> AbstractContextManager[None]:
+    def forward_context(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> AbstractContextManager[None]:
         return contextlib.nullcontext()
+
+    def disabled(self, model: nn.Module) -> AbstractContextManager[None] | None:
+        return model.disable_adapter()
 
     def save(self, model: nn.Module, out_dir: Path) -> None:
         model.save_pretrained(str(out_dir), safe_serialization=True)

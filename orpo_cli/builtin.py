@@ -1,0 +1,450 @@
+"""Built-in tiny causal LMs that are generated locally, fully offline.
+
+A recipe may name a model ``builtin:<name>`` (see :func:`list_builtins`). :func:`materialize_builtin`
+turns that name into a local directory in standard Hugging Face format (``config.json``,
+``generation_config.json``, ``model.safetensors`` in float32, ``tokenizer.json`` and
+``tokenizer_config.json`` with a chat template), so every later stage loads it like any local model with
+``AutoModelForCausalLM.from_pretrained(dir)`` / ``AutoTokenizer.from_pretrained(dir)``.
+
+Nothing is downloaded:
+
+* The tokenizer is a byte-level BPE (initial alphabet = all 256 bytes, so any text, including unicode and
+  emojis, encodes and decodes back exactly) with 2048 entries, trained with the ``tokenizers`` library on
+  a deterministic English corpus that this module generates from word lists. It is shared by all
+  built-ins: trained once per ``_TOKENIZER_VERSION`` and cached.
+* The weights are randomly initialised from the entry's fixed seed, so a built-in is byte-for-byte
+  reproducible. The models are untrained: they exist to exercise the pipeline (loading, LoRA, ORPO
+  steps, saving, generation) in seconds on a CPU, not to produce sensible text.
+
+Special tokens: ``<|bos|>`` (BOS), ``<|end|>`` (EOS, ends every chat turn), ``<|pad|>`` (padding),
+``<|system|>``, ``<|user|>``, ``<|assistant|>`` (role headers). The chat template renders::
+
+    <|bos|><|system|>\\n{system}<|end|>\\n<|user|>\\n{prompt}<|end|>\\n<|assistant|>\\n
+
+The tokenizer never adds BOS or EOS by itself: ``tok("text")`` returns only the text's tokens, because
+the chat template already emits BOS and an automatic one would double it. Callers add BOS/EOS explicitly
+or get them from the chat template (tokenize its output with ``add_special_tokens=False``, or use
+``apply_chat_template(..., tokenize=True)``).
+
+Cache: ``$ORPO_TUNE_CACHE`` if set, else ``~/.cache/orpo-tune``; a model lives in
+``builtin/<name>-<version>-<tokenizer version>/``. Each directory is built in a temporary sibling and
+renamed into place with a marker file written last, under an ``fcntl`` lock, so concurrent processes
+(e.g. several DDP ranks) never see a half-written directory and only one of them builds it. Changing
+a recipe means bumping its ``version`` (or ``_TOKENIZER_VERSION``), which gives a fresh directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fcntl
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from orpo_cli.errors import UserError
+
+BUILTIN_PREFIX = "builtin:"
+
+BOS_TOKEN = "<|bos|>"
+EOS_TOKEN = "<|end|>"
+PAD_TOKEN = "<|pad|>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, *ROLE_TOKENS)
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unsupported chat role ' ~ message['role'] ~ '; use system, user or assistant') }}"
+    "{% endif %}"
+    "{{ '<|' ~ message['role'] ~ '|>\\n' ~ message['content'] ~ '<|end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+_TOKENIZER_VERSION = "t1"
+_TOKENIZER_VOCAB_SIZE = 2048
+_CORPUS_SEED = 1234
+_CORPUS_LINES = 4000
+_MODEL_MAX_LENGTH = 1024
+_VOCAB_MULTIPLE = 64
+_COMPLETE_MARKER = ".orpo-tune-complete"
+
+
+@dataclass(frozen=True)
+class BuiltinSpec:
+    """Recipe of one built-in model. Bump ``version`` whenever any field or the build code changes."""
+
+    name: str
+    model_type: str  # a transformers model_type, e.g. "llama" -> LlamaForCausalLM
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    seed: int
+    version: str
+    max_position_embeddings: int = _MODEL_MAX_LENGTH
+    tie_word_embeddings: bool = True
+
+    @property
+    def cache_key(self) -> str:
+        """Directory name under ``<cache>/builtin``; changes whenever the recipe's version does."""
+        return f"{self.name}-{self.version}-{_TOKENIZER_VERSION}"
+
+
+_REGISTRY: dict[str, BuiltinSpec] = {
+    spec.name: spec
+    for spec in (
+        BuiltinSpec(
+            name="tiny-llama",
+            model_type="llama",
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=344,
+            seed=1001,
+            version="m1",
+        ),
+        BuiltinSpec(
+            name="tiny-qwen2",
+            model_type="qwen2",
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=344,
+            seed=1002,
+            version="m1",
+        ),
+        BuiltinSpec(
+            name="micro-llama",
+            model_type="llama",
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=64,
+            seed=1003,
+            version="m1",
+        ),
+    )
+}
+
+
+def list_builtins() -> list[str]:
+    """Names of the built-in models, sorted (use them as ``builtin:<name>``)."""
+    return sorted(_REGISTRY)
+
+
+def is_builtin(name_or_path: str) -> bool:
+    """Whether a ``model.name_or_path`` value refers to a built-in model (``builtin:<name>``)."""
+    return name_or_path.startswith(BUILTIN_PREFIX)
+
+
+def resolve_model_path(name_or_path: str, cache_dir: Path | None = None) -> str:
+    """Materialise ``builtin:<name>`` and return its directory; return anything else unchanged."""
+    if not is_builtin(name_or_path):
+        return name_or_path
+    return str(materialize_builtin(name_or_path.removeprefix(BUILTIN_PREFIX), cache_dir))
+
+
+def materialize_builtin(name: str, cache_dir: Path | None = None) -> Path:
+    """Return the local Hugging Face directory of built-in model ``name``, building it on first use.
+
+    ``cache_dir`` replaces the cache root (default ``$ORPO_TUNE_CACHE`` or ``~/.cache/orpo-tune``); the
+    model lands in ``<root>/builtin/<name>-<version>-<tokenizer version>``. A complete directory is
+    reused without rebuilding. Raises :class:`UserError` for an unknown name.
+    """
+    spec = _lookup(name)
+    builtin_dir = (cache_dir if cache_dir is not None else _default_cache_root()) / "builtin"
+    tokenizer_dir = _build_once(builtin_dir / f"_tokenizer-{_TOKENIZER_VERSION}", _build_tokenizer)
+    return _build_once(builtin_dir / spec.cache_key, lambda out: _build_model(spec, tokenizer_dir, out))
+
+
+def _lookup(name: str) -> BuiltinSpec:
+    spec = _REGISTRY.get(name)
+    if spec is not None:
+        return spec
+    known = ", ".join(list_builtins())
+    close = difflib.get_close_matches(name, list_builtins(), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise UserError(f"model.name_or_path: unknown built-in model '{name}'; known: {known}{hint}")
+
+
+def _default_cache_root() -> Path:
+    env = os.environ.get("ORPO_TUNE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "orpo-tune"
+
+
+def _is_complete(directory: Path) -> bool:
+    return (directory / _COMPLETE_MARKER).is_file()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``fcntl`` lock on ``path`` (created if missing) for the duration of the block."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_once(final: Path, build: Callable[[Path], None]) -> Path:
+    """Return ``final``, first filling it with ``build(tmp)`` unless a complete copy already exists.
+
+    The build writes into a temporary sibling that is renamed into place after the completion marker
+    is written, all under a per-directory lock, so readers see either nothing or the whole directory.
+    """
+    if _is_complete(final):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(final.parent / f".{final.name}.lock"):
+        if _is_complete(final):  # another process finished it while we waited for the lock
+            return final
+        # We hold the lock, so leftovers (a crashed build, a directory without marker) are stale.
+        for stale in final.parent.glob(f".{final.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+        try:
+            build(tmp)
+            (tmp / _COMPLETE_MARKER).write_text(f"{final.name}\n")
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+def _corpus() -> list[str]:
+    """A deterministic corpus of simple English chat-like lines to train the tokenizer on."""
+    rng = random.Random(_CORPUS_SEED)
+    colours = "red orange yellow green blue purple pink brown black white grey gold silver violet".split()
+    things = (
+        "sky sun grass sea banana apple cherry snow coal leaf rose lemon carrot cloud pumpkin ocean "
+        "strawberry tomato lime"
+    ).split()
+    animals = {  # animal: (sound, legs)
+        "cat": ("meow", 4),
+        "dog": ("woof", 4),
+        "cow": ("moo", 4),
+        "duck": ("quack", 2),
+        "sheep": ("baa", 4),
+        "horse": ("neigh", 4),
+        "owl": ("hoot", 2),
+        "lion": ("roar", 4),
+        "frog": ("ribbit", 4),
+        "mouse": ("squeak", 4),
+        "snake": ("hiss", 0),
+        "bee": ("buzz", 6),
+        "chicken": ("cluck", 2),
+        "pig": ("oink", 4),
+        "wolf": ("howl", 4),
+        "donkey": ("hee-haw", 4),
+        "goat": ("bleat", 4),
+    }
+    foods = (
+        "pizza pasta bread cheese rice soup salad chocolate cake noodles sandwiches pancakes cookies "
+        "potatoes beans eggs fish curry tacos sushi porridge yoghurt honey oranges grapes mangoes peaches"
+    ).split()
+    names = "Alice Bob Carol David Emma Frank Grace Henry Isla Jack Kate Liam Mia Noah Olivia Sam".split()
+    units = (
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+        "sixteen seventeen eighteen nineteen"
+    ).split()
+    tens = ["", "", *"twenty thirty forty fifty sixty seventy eighty ninety".split()]
+    greetings = [
+        "Hello!",
+        "Hi there.",
+        "Good morning!",
+        "Good evening!",
+        "Hey!",
+        "Hello, how are you?",
+        "Hi, nice to meet you.",
+        "Welcome back!",
+    ]
+    polite = ["Sure! Here is", "Of course! Here is", "Certainly. Here is", "Happy to help! Here is"]
+    thanks = [
+        "Thank you!",
+        "Thank you very much.",
+        "Thanks a lot!",
+        "You're welcome.",
+        "I'm glad I could help.",
+        "Have a wonderful day!",
+        "Please let me know if you need more.",
+    ]
+    rude = [
+        "No. Figure it out yourself.",
+        "That is a stupid question.",
+        "Whatever.",
+        "Go away.",
+        "I don't care.",
+        "Ask someone else.",
+        "Why would I tell you that?",
+        "Stop bothering me.",
+    ]
+    places = (
+        "London Paris Tokyo Berlin Madrid Rome Cairo Sydney Toronto Lisbon Dublin Vienna Oslo Prague Athens "
+        "Nairobi Lima Seoul"
+    ).split()
+    days = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+    hobbies = "reading painting swimming cooking running singing dancing gardening fishing chess".split()
+    topics = [
+        "a short poem",
+        "a list of fruits",
+        "a recipe for soup",
+        "a fun fact",
+        "a story about a cat",
+        "a summary",
+        "an example",
+        "a joke about numbers",
+    ]
+
+    def number_words(n: int) -> str:
+        if n < 20:
+            return units[n]
+        if n < 100:
+            return tens[n // 10] + ("" if n % 10 == 0 else "-" + units[n % 10])
+        rest = n % 100
+        return f"{units[n // 100]} hundred" + ("" if rest == 0 else f" and {number_words(rest)}")
+
+    def line() -> str:
+        kind = rng.randrange(12)
+        if kind == 0:
+            return f"{rng.choice(greetings)} My name is {rng.choice(names)}."
+        if kind == 1:
+            thing, colour = rng.choice(things), rng.choice(colours)
+            return f"What colour is the {thing}?\nThe {thing} is {colour}."
+        if kind == 2:
+            animal = rng.choice(sorted(animals))
+            sound, legs = animals[animal]
+            return (
+                f"What sound does a {animal} make?\nA {animal} says {sound}. "
+                f"It has {number_words(legs)} legs."
+            )
+        if kind == 3:
+            food = rng.choice(foods)
+            answer = rng.choice(
+                [
+                    f"Yes, I love {food}.",
+                    f"No, I do not like {food}.",
+                    f"I like {food} with {rng.choice(foods)}.",
+                ]
+            )
+            return f"{rng.choice(names)}: Do you like {food}?\n{answer}"
+        if kind == 4:
+            a, b = rng.randrange(500), rng.randrange(500)
+            return (
+                f"What is {a} plus {b}?\n{a} plus {b} is {a + b}, "
+                f"that is {number_words(a + b) if a + b < 1000 else a + b}."
+            )
+        if kind == 5:
+            return f"Can you give me {rng.choice(topics)}?\n{rng.choice(polite)} {rng.choice(topics)}."
+        if kind == 6:
+            return f"{rng.choice(thanks)} {rng.choice(thanks)}"
+        if kind == 7:
+            return f"Can you help me, please?\n{rng.choice(rude)}"
+        if kind == 8:
+            name, place = rng.choice(names), rng.choice(places)
+            return f"Where does {name} live?\n{name} lives in {place} and likes {rng.choice(hobbies)}."
+        if kind == 9:
+            return f"What day is it today?\nToday is {rng.choice(days)}. Tomorrow is {rng.choice(days)}."
+        if kind == 10:
+            name, year = rng.choice(names), rng.randrange(1900, 2030)
+            return f"When was {name} born?\n{name} was born in {year}, on a {rng.choice(days)}."
+        n = rng.randrange(1000)
+        return f"The number {n} is written as {number_words(n)}."
+
+    return [line() for _ in range(_CORPUS_LINES)]
+
+
+def _build_tokenizer(out: Path) -> None:
+    """Train the shared byte-level BPE tokenizer and save it (with chat template) into ``out``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=_TOKENIZER_VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        additional_special_tokens=list(ROLE_TOKENS),
+        add_bos_token=False,  # the chat template emits BOS; see the module docstring
+        add_eos_token=False,
+        padding_side="right",
+        model_max_length=_MODEL_MAX_LENGTH,
+        clean_up_tokenization_spaces=False,
+        chat_template=CHAT_TEMPLATE,
+    ).save_pretrained(out)
+
+
+def _build_model(spec: BuiltinSpec, tokenizer_dir: Path, out: Path) -> None:
+    """Initialise ``spec``'s model from its seed; save weights, configs and the shared tokenizer into ``out``."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    special_ids = {
+        "bos_token_id": tokenizer.token_to_id(BOS_TOKEN),
+        "eos_token_id": tokenizer.token_to_id(EOS_TOKEN),
+        "pad_token_id": tokenizer.token_to_id(PAD_TOKEN),
+    }
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    config = AutoConfig.for_model(
+        spec.model_type,
+        vocab_size=-(-vocab_size // _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE,
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        intermediate_size=spec.intermediate_size,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        dtype="float32",
+        **special_ids,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config = GenerationConfig(**special_ids)
+    with _progress_bars_disabled():
+        model.save_pretrained(out, safe_serialization=True)
+    for source in tokenizer_dir.iterdir():
+        if source.name != _COMPLETE_MARKER:
+            shutil.copyfile(source, out / source.name)
+
+
+@contextlib.contextmanager
+def _progress_bars_disabled() -> Iterator[None]:
+    """Silence transformers' tqdm bars (e.g. "Writing model shards") inside the block, then restore them."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
