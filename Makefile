@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	  uv="python3 -m uv"; \
 	fi; \
 	$$uv venv --quiet --allow-existing $(VENV) && \
-	$$uv pip install --quiet --python $(PY) -e '.[dev]'
+	$$uv pip install --quiet --compile-bytecode --python $(PY) -e '.[dev]'
 	@touch $(STAMP)
 
 demo: install

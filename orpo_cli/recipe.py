@@ -328,7 +328,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if child is None:
                 child = node[part] = {}
             elif not isinstance(child, dict):
-                raise UserError(f"--set {item!r}: {'.'.join(parts[: depth + 1])} is a value, not a section")
+                raise UserError(
+                    f"--set {item!r}: {'.'.join(parts[: depth + 1])} is a value ({child!r}), not a section; "
+                    "write it as a mapping in the recipe to override its keys"
+                )
             node = child
         node[parts[-1]] = value
     return data

@@ -1,0 +1,207 @@
+"""`builtin:demo`: a preference data set generated in code, small enough for a tiny model on a CPU.
+
+Every row is a plain question (colours, animals, foods, sums, cities, weather, jobs, shapes) with
+
+* chosen: a polite, on-topic answer in one consistent helpful style that reuses the question's topic
+  word ("Sure! The banana is yellow. I hope this helps."), and
+* rejected: a curt, rude or off-topic reply ("No. Ask someone else, I am busy with other things.").
+
+The preference is therefore carried by style and relevance, which a randomly initialised model of a few
+hundred thousand parameters learns from a few hundred ORPO steps and carries over to held-out questions
+(new topic/template combinations). Chosen and rejected are kept to comparable lengths (both 8-30 words)
+so that the mean token log-prob, not the length, decides which one a model prefers. The words are the
+plain English the built-in tokenizer was trained on, so sequences stay short (~20-45 tokens).
+
+Rows are a pure function of (seed, n): the generator draws only from `random.Random(seed)`, whose
+integer-seeded `choice`/`randrange` sequence is stable across Python versions. Bump `DEMO_VERSION`
+whenever the generator changes, so that cached tokenized copies are not reused.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+DEMO_VERSION = "demo-v1"
+DEMO_ROWS = 1200
+
+_COLOURS = {
+    "sky": "blue", "sun": "yellow", "grass": "green", "banana": "yellow", "apple": "red", "cherry": "red",
+    "snow": "white", "coal": "black", "leaf": "green", "rose": "red", "lemon": "yellow", "carrot": "orange",
+    "cloud": "white", "ocean": "blue", "strawberry": "red", "pumpkin": "orange", "night": "black",
+    "tomato": "red", "lime": "green", "chocolate": "brown", "orange": "orange", "grape": "purple",
+}
+_ANIMALS = {
+    "cat": ("meow", "four"), "dog": ("woof", "four"), "cow": ("moo", "four"), "duck": ("quack", "two"),
+    "sheep": ("baa", "four"), "horse": ("neigh", "four"), "owl": ("hoot", "two"), "lion": ("roar", "four"),
+    "frog": ("ribbit", "four"), "mouse": ("squeak", "four"), "pig": ("oink", "four"),
+    "wolf": ("howl", "four"), "chicken": ("cluck", "two"), "goat": ("bleat", "four"), "bee": ("buzz", "six"),
+}
+_FOODS = {
+    "pizza": "a baked dish with cheese and tomato", "pasta": "made from flour and eggs",
+    "bread": "baked from flour and water", "cheese": "made from milk", "rice": "a small white grain",
+    "soup": "a warm dish you eat with a spoon", "salad": "a dish of fresh green leaves",
+    "cake": "a sweet baked treat", "noodles": "long and thin, made from flour",
+    "pancakes": "flat and sweet, made in a pan", "cookies": "small sweet baked treats",
+    "potatoes": "grown under the ground", "beans": "small seeds that grow in a pod",
+    "honey": "sweet and made by bees", "curry": "a warm dish full of spices", "porridge": "made from oats and milk",
+    "yoghurt": "made from milk", "tacos": "folded bread with a filling", "sushi": "rice with fish",
+}
+_CITIES = {
+    "Paris": "France", "London": "England", "Rome": "Italy", "Madrid": "Spain", "Berlin": "Germany",
+    "Tokyo": "Japan", "Cairo": "Egypt", "Lisbon": "Portugal", "Vienna": "Austria", "Dublin": "Ireland",
+    "Oslo": "Norway", "Athens": "Greece", "Ottawa": "Canada", "Lima": "Peru", "Delhi": "India",
+}
+_WEATHER = {
+    "rain": "take an umbrella and a warm coat", "snow": "wear boots, gloves and a warm hat",
+    "sun": "wear a hat and drink plenty of water", "wind": "wear a jacket and hold on to your hat",
+    "fog": "walk slowly and wear bright clothes", "storm": "stay inside and keep away from windows",
+}
+_JOBS = {
+    "doctor": "helps sick people get better", "teacher": "helps children learn", "baker": "makes bread and cake",
+    "farmer": "grows food and looks after animals", "pilot": "flies planes", "chef": "cooks food in a kitchen",
+    "nurse": "looks after people in a hospital", "painter": "paints pictures and walls",
+    "driver": "drives people from place to place", "builder": "builds houses and walls",
+}
+_SHAPES = {"triangle": "three", "square": "four", "pentagon": "five", "hexagon": "six", "octagon": "eight"}
+_UNITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+          "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
+
+_OPENERS = ["Sure!", "Of course!", "Certainly.", "Happy to help!", "Great question!", "No problem.",
+            "Good question!", "Gladly!"]
+_CLOSERS = ["I hope this helps.", "I hope that helps!", "Please let me know if you need more.",
+            "Have a wonderful day!", "I'm glad I could help.", "Let me know if you have more questions.",
+            "Thank you for asking!"]
+_RUDE = ["No.", "Whatever.", "Ugh.", "Go away.", "Not now.", "Stop it.", "Meh.", "Seriously?"]
+_RUDE_MIDDLE = [
+    "Ask someone else.", "Figure it out yourself.", "That is a stupid question.", "I don't care.",
+    "Why would I tell you that?", "Not my problem.", "Stop bothering me.", "Look it up yourself.",
+    "I have better things to do.", "Nobody cares about that.", "You should already know that.",
+]
+_OFF_TOPIC = [
+    "I was thinking about trains all day.", "My shoes are too small today.",
+    "The radio is playing a song I hate.", "I lost my keys again this morning.",
+    "My neighbour painted his door last week.", "I would rather talk about football.",
+    "There is a fly in my room and it is loud.", "I had a strange dream about a boat.",
+]
+_RUDE_END = ["Leave me alone.", "Don't ask me again.", "Go bother someone else.", "I am busy.",
+             "Do not waste my time.", "Whatever, I'm done."]
+
+
+def _colour(rng: random.Random) -> tuple[str, str, str]:
+    thing, colour = rng.choice(sorted(_COLOURS.items()))
+    prompt = rng.choice([
+        f"What colour is the {thing}?", f"Can you tell me the colour of a {thing}?",
+        f"Do you know what colour a {thing} is?", f"Please tell me what colour the {thing} is.",
+    ])
+    answer = rng.choice([f"The {thing} is {colour}.", f"A {thing} is usually {colour}.",
+                         f"The colour of a {thing} is {colour}."])
+    extra = rng.choice(["", f" {colour.capitalize()} is a lovely colour.", f" Many people like the colour {colour}."])
+    return prompt, f"{answer}{extra}", thing
+
+
+def _animal(rng: random.Random) -> tuple[str, str, str]:
+    animal, (sound, legs) = rng.choice(sorted(_ANIMALS.items()))
+    if rng.randrange(2):
+        prompt = rng.choice([f"What sound does a {animal} make?", f"How does a {animal} sound?",
+                             f"Can you tell me what a {animal} says?"])
+        answer = rng.choice([f"A {animal} says {sound}.", f"The {animal} makes a {sound} sound."])
+    else:
+        prompt = rng.choice([f"How many legs does a {animal} have?", f"Can you count the legs of a {animal}?"])
+        answer = rng.choice([f"A {animal} has {legs} legs.", f"The {animal} walks on {legs} legs."])
+    return prompt, answer, animal
+
+
+def _food(rng: random.Random) -> tuple[str, str, str]:
+    food, fact = rng.choice(sorted(_FOODS.items()))
+    if rng.randrange(3):
+        prompt = rng.choice([f"What is {food}?", f"Can you tell me about {food}?", f"Please explain what {food} is."])
+        answer = f"{food.capitalize()} is {fact}."
+    else:
+        prompt = rng.choice([f"Do you like {food}?", f"Is {food} good to eat?"])
+        answer = f"Yes, I like {food}! It is {fact}."
+    return prompt, answer, food
+
+
+def _sum(rng: random.Random) -> tuple[str, str, str]:
+    a, b = rng.randrange(11), rng.randrange(11)
+    prompt = rng.choice([f"What is {a} plus {b}?", f"Can you add {a} and {b} for me?",
+                         f"Please tell me the sum of {a} and {b}."])
+    answer = rng.choice([f"{a} plus {b} is {a + b}, that is {_UNITS[a + b]}.",
+                         f"The sum of {a} and {b} is {a + b}."])
+    return prompt, answer, "sum"
+
+
+def _city(rng: random.Random) -> tuple[str, str, str]:
+    city, country = rng.choice(sorted(_CITIES.items()))
+    prompt = rng.choice([f"Where is {city}?", f"In which country is {city}?", f"Can you tell me where {city} is?"])
+    answer = rng.choice([f"{city} is in {country}.", f"The city of {city} is in {country}."])
+    extra = rng.choice(["", f" {city} is a beautiful city to visit.", f" Many people visit {city} every year."])
+    return prompt, f"{answer}{extra}", city
+
+
+def _weather(rng: random.Random) -> tuple[str, str, str]:
+    weather, advice = rng.choice(sorted(_WEATHER.items()))
+    prompt = rng.choice([f"What should I wear in the {weather}?", f"How do I stay safe in the {weather}?",
+                         f"Any advice for a day with {weather}?"])
+    answer = f"In the {weather} you should {advice}."
+    return prompt, answer, weather
+
+
+def _job(rng: random.Random) -> tuple[str, str, str]:
+    job, does = rng.choice(sorted(_JOBS.items()))
+    prompt = rng.choice([f"What does a {job} do?", f"Can you explain the job of a {job}?",
+                         f"Tell me about being a {job}, please."])
+    answer = rng.choice([f"A {job} {does}.", f"The job of a {job} is simple: a {job} {does}."])
+    return prompt, answer, job
+
+
+def _shape(rng: random.Random) -> tuple[str, str, str]:
+    shape, sides = rng.choice(sorted(_SHAPES.items()))
+    prompt = rng.choice([f"How many sides does a {shape} have?", f"Can you describe a {shape}?"])
+    answer = rng.choice([f"A {shape} has {sides} sides.", f"A {shape} is a shape with {sides} sides."])
+    return prompt, answer, shape
+
+
+_TOPICS: tuple[Callable[[random.Random], tuple[str, str, str]], ...] = (
+    _colour, _animal, _food, _sum, _city, _weather, _job, _shape,
+)
+
+
+def _rejected(rng: random.Random, topic: str, target_words: int) -> str:
+    """A curt/rude or off-topic reply of about `target_words` words (never fewer than 8)."""
+    parts = [rng.choice(_RUDE)]
+    if rng.randrange(2):
+        parts.append(rng.choice([f"I don't want to talk about {topic}.", f"Who cares about {topic}?",
+                                 f"Stop asking me about {topic}."]) if topic != "sum" else "Do your own maths.")
+    end = rng.choice(_RUDE_END)
+    budget = max(8, target_words) - len(end.split())
+    pool = _RUDE_MIDDLE + _OFF_TOPIC
+    start, step = rng.randrange(len(pool)), 1 + rng.randrange(len(pool) - 1)
+    for i in range(len(pool)):  # stop near the chosen answer's length, never under 8 words
+        words = sum(len(p.split()) for p in parts)
+        if words + len(end.split()) >= 8 and words + len(pool[(start + i * step) % len(pool)].split()) > budget + 2:
+            break
+        parts.append(pool[(start + i * step) % len(pool)])
+    parts.append(end)
+    return _cap_words(" ".join(parts), 30)
+
+
+def _cap_words(text: str, limit: int) -> str:
+    words = text.split()
+    if len(words) <= limit:
+        return text
+    cut = " ".join(words[:limit]).rstrip(",")
+    return cut if cut.endswith((".", "!", "?")) else cut + "."
+
+
+def demo_rows(seed: int = 0, n: int = DEMO_ROWS) -> list[dict]:
+    """`n` deterministic rows `{prompt, chosen, rejected}` (plain strings) of the demo preference set."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt, answer, topic = rng.choice(_TOPICS)(rng)
+        chosen = _cap_words(f"{rng.choice(_OPENERS)} {answer} {rng.choice(_CLOSERS)}", 30)
+        rejected = _rejected(rng, topic, len(chosen.split()))
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
