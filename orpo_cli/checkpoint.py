@@ -24,7 +24,13 @@ from orpo_cli.atomic import atomic_dir, remove_stale_temporaries
 from orpo_cli.rundir import RunDir
 
 _STEP = re.compile(r"^step-(\d+)$")
-_FILES = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "state.safetensors", "state.json")
+_FILES = (
+    "trainable.safetensors",
+    "optimizer.safetensors",
+    "optimizer.json",
+    "state.safetensors",
+    "state.json",
+)
 
 
 def save_checkpoint(
@@ -78,7 +84,9 @@ def latest_checkpoint(run: RunDir) -> tuple[int, Path] | None:
     return None
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, torch.Tensor]]:
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[int, dict[str, torch.Tensor]]:
     """Restore weights, optimizer and RNG from `path`; returns the step and the extra tensors saved with it."""
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())

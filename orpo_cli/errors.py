@@ -7,3 +7,13 @@ class UserError(Exception):
 
 class RunFailed(Exception):
     """A run that started but cannot go on (e.g. the loss diverged); the CLI prints one line and exits 1."""
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint; the CLI says how to resume (exit 130)."""
+
+    def __init__(self, step: int, checkpoint: object):
+        super().__init__(
+            f"interrupted at step {step}; checkpoint saved to {checkpoint}; continue with --resume"
+        )
+        self.step = step

@@ -31,7 +31,12 @@ def orpo_forward(
     """ORPO terms of one collated batch (see batching.collate_pairs for its layout)."""
     inner = _unwrap(model)
     with adapter.forward_context(inner, batch), _capture_hidden(inner.get_decoder()) as captured:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, logits_to_keep=1)
+        model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            use_cache=False,
+            logits_to_keep=1,
+        )
     return orpo_loss_from_hidden(
         captured["hidden"],
         inner.get_output_embeddings(),

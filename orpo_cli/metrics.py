@@ -20,7 +20,9 @@ class MetricTally:
         self.reset()
 
     def reset(self) -> None:
-        self.sums = {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in _PAIR_KEYS + _STEP_KEYS}
+        self.sums = {
+            k: torch.zeros((), dtype=torch.float64, device=self.device) for k in _PAIR_KEYS + _STEP_KEYS
+        }
 
     def add_pairs(self, terms: ORPOTerms) -> None:
         """Add the per-pair quantities of one micro-batch."""
@@ -52,7 +54,10 @@ class MetricTally:
 
     def compute(self, lam: float, prefix: str = "") -> dict[str, float]:
         """Means since the last reset, with TRL's metric names (one host sync)."""
-        v = {k: float(x) for k, x in zip(self.sums, torch.stack(list(self.sums.values())).cpu().tolist(), strict=True)}
+        v = {
+            k: float(x)
+            for k, x in zip(self.sums, torch.stack(list(self.sums.values())).cpu().tolist(), strict=True)
+        }
         pairs, steps = max(v["pairs"], 1.0), max(v["steps"], 1.0)
         chosen, rejected = v["chosen"] / pairs, v["rejected"] / pairs
         out = {

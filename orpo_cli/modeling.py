@@ -19,7 +19,9 @@ def pick_device(setting: str) -> torch.device:
     """The training device for `model.device`; asking for CUDA where there is none is a user error."""
     if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise UserError("model.device: cuda requested but no CUDA GPU is visible; set model.device: cpu (or auto)")
+            raise UserError(
+                "model.device: cuda requested but no CUDA GPU is visible; set model.device: cpu (or auto)"
+            )
         index = int(os.environ.get("LOCAL_RANK", 0))
         return torch.device("cuda", index)
     return torch.device("cpu")
@@ -62,13 +64,31 @@ def check_quantization(quant: QuantizationSettings, device: torch.device) -> Non
         )
 
 
+def quiet_libraries() -> None:
+    """Keep library chatter (weight-loading bars, deprecation notices) out of what the user reads."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    for module in ("transformers", "peft", "accelerate", "torch.utils.checkpoint"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+
+
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     """The tokenizer, with a pad token guaranteed (the EOS when the tokenizer has none)."""
     from transformers import AutoTokenizer
 
+    quiet_libraries()
     path = resolve_model_path(name_or_path)
     tokenizer = _from_pretrained(
-        AutoTokenizer.from_pretrained, name_or_path, path, revision=revision, trust_remote_code=trust_remote_code
+        AutoTokenizer.from_pretrained,
+        name_or_path,
+        path,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
     )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -81,6 +101,7 @@ def load_model(
     """The base causal LM on `device`, quantized with bitsandbytes when asked."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    quiet_libraries()
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         "attn_implementation": settings.attn_implementation,
@@ -112,7 +133,9 @@ def num_layers(model: torch.nn.Module) -> int:
     config = getattr(model, "config", None)
     n = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
     if n is None:
-        raise UserError("cannot tell how many decoder layers this model has (config has no num_hidden_layers)")
+        raise UserError(
+            "cannot tell how many decoder layers this model has (config has no num_hidden_layers)"
+        )
     return int(n)
 
 

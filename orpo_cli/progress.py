@@ -66,7 +66,9 @@ class Reporter:
     def log(self, step: int, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        text = "  ".join(f"{label} {_fmt(record[key])}" for key, label in _SHOWN.items() if record.get(key) is not None)
+        text = "  ".join(
+            f"{label} {_fmt(record[key])}" for key, label in _SHOWN.items() if record.get(key) is not None
+        )
         if self._progress is not None:
             self._progress.update(self._task, info=text)
         else:
@@ -76,10 +78,14 @@ class Reporter:
         if not self.enabled:
             return
         text = "  ".join(
-            f"{label} {_fmt(metrics['eval_' + key])}" for key, label in _SHOWN.items() if "eval_" + key in metrics
+            f"{label} {_fmt(metrics['eval_' + key])}"
+            for key, label in _SHOWN.items()
+            if "eval_" + key in metrics
         )
         line = f"eval @ step {step}: {text}"
-        (self._progress.console if self._progress else self.console).print(line, highlight=False, soft_wrap=True)
+        (self._progress.console if self._progress else self.console).print(
+            line, highlight=False, soft_wrap=True
+        )
 
     def finish(self) -> None:
         if self._progress is not None:

@@ -36,9 +36,12 @@ class ModelSettings(_Section):
         "builtin:tiny-llama",
         description="Base model: a hub id (e.g. mistralai/Mistral-7B-v0.1), a local directory, or builtin:NAME.",
     )
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load; None for the default.")
+    revision: str | None = Field(
+        None, description="Hub revision (branch, tag or commit) to load; None for the default."
+    )
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="Weight dtype: auto picks bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."
+        "auto",
+        description="Weight dtype: auto picks bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU.",
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel passed to transformers."
@@ -55,8 +58,12 @@ class QuantizationSettings(_Section):
     mode: Literal["none", "4bit", "8bit"] = Field(
         "none", description="Quantize the frozen base weights with bitsandbytes: none, 4bit (QLoRA) or 8bit."
     )
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 (QLoRA's NormalFloat) or fp4.")
-    double_quant: bool = Field(True, description="Also quantize the 4-bit quantization constants (saves ~0.4 bit/param).")
+    quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="4-bit data type: nf4 (QLoRA's NormalFloat) or fp4."
+    )
+    double_quant: bool = Field(
+        True, description="Also quantize the 4-bit quantization constants (saves ~0.4 bit/param)."
+    )
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Dtype the 4-bit matmuls compute in; auto follows model.dtype."
     )
@@ -66,10 +73,15 @@ class QuantizationSettings(_Section):
 class LoraSettings(_Section):
     kind: Literal["lora"] = Field("lora", description="Low-rank adapters on linear layers (PEFT).")
     r: int = Field(16, ge=1, description="LoRA rank.")
-    alpha: float = Field(32, gt=0, description="LoRA scaling numerator: updates are scaled by alpha/r (alpha/sqrt(r) with rslora).")
+    alpha: float = Field(
+        32,
+        gt=0,
+        description="LoRA scaling numerator: updates are scaled by alpha/r (alpha/sqrt(r) with rslora).",
+    )
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]) or all-linear for every linear layer but the head."
+        "all-linear",
+        description="Module names to adapt (e.g. [q_proj, v_proj]) or all-linear for every linear layer but the head.",
     )
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling alpha/sqrt(r).")
@@ -86,15 +98,22 @@ _POSITIONS = re.compile(r"^(f\d+)?(\+?l\d+)?$")
 
 
 class ReftSettings(_Section):
-    kind: Literal["reft"] = Field("reft", description="Representation fine-tuning (LoReFT and variants) on the residual stream.")
+    kind: Literal["reft"] = Field(
+        "reft", description="Representation fine-tuning (LoReFT and variants) on the residual stream."
+    )
     layers: list[int] | Literal["all"] = Field(
         "all", description="Decoder layers whose output is edited (0-based), or all."
     )
-    positions: str = Field("f1+l1", description="Prompt positions edited: fK (first K tokens), lK (last K), or fK+lK.")
+    positions: str = Field(
+        "f1+l1", description="Prompt positions edited: fK (first K tokens), lK (last K), or fK+lK."
+    )
     rank: int = Field(4, ge=1, description="Rank r of the low-rank subspace.")
-    tied: bool = Field(True, description="Share one intervention between the first and last positions of a layer.")
+    tied: bool = Field(
+        True, description="Share one intervention between the first and last positions of a layer."
+    )
     intervention: Literal["loreft", "noreft", "direft"] = Field(
-        "loreft", description="loreft: orthonormal R; noreft: R without orthogonality; direft: h + Rᵀ act(Wh+b)."
+        "loreft",
+        description="loreft: orthonormal R; noreft: R without orthogonality; direft: h + Rᵀ act(Wh+b).",
     )
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the intervention's output.")
     act_fn: Literal["linear", "relu", "gelu", "tanh", "silu"] = Field(
@@ -138,10 +157,15 @@ class OrpoSettings(_Section):
         validation_alias=AliasChoices("lambda", "beta"),
         description="λ, the weight of the odds-ratio term (paper default 0.1). `beta` (TRL's name) is accepted as an alias.",
     )
-    max_length: int = Field(1024, ge=2, description="Longest prompt + response in tokens; longer pairs are truncated.")
-    max_prompt_length: int = Field(512, ge=1, description="Longest prompt in tokens; longer prompts lose their left part.")
+    max_length: int = Field(
+        1024, ge=2, description="Longest prompt + response in tokens; longer pairs are truncated."
+    )
+    max_prompt_length: int = Field(
+        512, ge=1, description="Longest prompt in tokens; longer prompts lose their left part."
+    )
     nll_on_prompt: bool = Field(
-        False, description="Take the NLL over prompt and response tokens as TRL does (the paper: response only)."
+        False,
+        description="Take the NLL over prompt and response tokens as TRL does (the paper: response only).",
     )
 
     @model_validator(mode="before")
@@ -176,11 +200,17 @@ class DataSource(_Section):
 
 
 class ColumnMap(_Section):
-    prompt: str = Field("prompt", description="Column holding the prompt (pairs, one_to_many, optional in conversational).")
-    chosen: str = Field("chosen", description="Column holding the preferred response (a string or message list).")
+    prompt: str = Field(
+        "prompt", description="Column holding the prompt (pairs, one_to_many, optional in conversational)."
+    )
+    chosen: str = Field(
+        "chosen", description="Column holding the preferred response (a string or message list)."
+    )
     rejected: str = Field("rejected", description="Column holding the dispreferred response.")
     system: str | None = Field(None, description="Column holding a per-row system prompt, if any.")
-    conversations: str = Field("conversations", description="Column holding the ShareGPT conversation (sharegpt format).")
+    conversations: str = Field(
+        "conversations", description="Column holding the ShareGPT conversation (sharegpt format)."
+    )
 
 
 class DataSettings(_Section):
@@ -196,7 +226,9 @@ class DataSettings(_Section):
         "whole transcripts sharing a prompt prefix (HH-RLHF); sharegpt: conversations+chosen/rejected; "
         "one_to_many: answer lists joined by a separator (TruthfulQA).",
     )
-    columns: ColumnMap = Field(default_factory=ColumnMap, description="Where each field lives in the dataset.")
+    columns: ColumnMap = Field(
+        default_factory=ColumnMap, description="Where each field lives in the dataset."
+    )
     prompt_template: str | None = Field(
         None, description="Build the prompt from columns with {column} placeholders, e.g. 'Q: {question}'."
     )
@@ -208,16 +240,23 @@ class DataSettings(_Section):
     )
     separator: str = Field(";", description="one_to_many: separator between answers inside one field.")
     pairing: Literal["zip", "all"] = Field(
-        "zip", description="one_to_many: zip answers to the shorter list, or all chosen×rejected combinations."
+        "zip",
+        description="one_to_many: zip answers to the shorter list, or all chosen×rejected combinations.",
     )
-    max_pairs_per_row: int = Field(8, ge=1, description="one_to_many with pairing=all: cap on pairs from one row.")
-    eval_ratio: float = Field(0.1, ge=0, lt=1, description="Share of train held out for eval when no eval source is given.")
+    max_pairs_per_row: int = Field(
+        8, ge=1, description="one_to_many with pairing=all: cap on pairs from one row."
+    )
+    eval_ratio: float = Field(
+        0.1, ge=0, lt=1, description="Share of train held out for eval when no eval source is given."
+    )
     seed: int = Field(42, description="Seed of the train/eval split and shuffling.")
 
 
 # ----------------------------------------------------------------------------------------------- train
 class TrainSettings(_Section):
-    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    epochs: float = Field(
+        1.0, gt=0, description="Passes over the training data (ignored when max_steps is set)."
+    )
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run; overrides epochs.")
     micro_batch_size: int = Field(2, ge=1, description="Preference pairs per forward pass per device.")
     gradient_accumulation: int = Field(4, ge=1, description="Micro-batches per optimizer step.")
@@ -232,15 +271,25 @@ class TrainSettings(_Section):
     )
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null to disable.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Clip the gradient norm to this; null to disable."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward to save memory."
+    )
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="Autocast dtype; auto follows the model dtype on GPU and is off on CPU."
     )
-    eval_batch_size: int | None = Field(None, ge=1, description="Pairs per eval forward; defaults to micro_batch_size.")
+    eval_batch_size: int | None = Field(
+        None, ge=1, description="Pairs per eval forward; defaults to micro_batch_size."
+    )
     log_every: int = Field(10, ge=1, description="Log training metrics every N optimizer steps.")
-    eval_every: int | None = Field(100, ge=1, description="Evaluate every N steps (and at step 0 and the end); null: only at the ends.")
-    save_every: int | None = Field(200, ge=1, description="Checkpoint every N steps (and at the end); null: only at the end.")
+    eval_every: int | None = Field(
+        100, ge=1, description="Evaluate every N steps (and at step 0 and the end); null: only at the ends."
+    )
+    save_every: int | None = Field(
+        200, ge=1, description="Checkpoint every N steps (and at the end); null: only at the end."
+    )
     keep_checkpoints: int = Field(2, ge=1, description="Keep the newest N checkpoints.")
     tensorboard: bool = Field(True, description="Write TensorBoard event files under the run directory.")
 
@@ -254,7 +303,9 @@ class Recipe(_Section):
     quantization: QuantizationSettings = Field(
         default_factory=QuantizationSettings, description="bitsandbytes quantization of the base."
     )
-    adapter: AdapterSettings = Field(default_factory=LoraSettings, description="What trains: lora, reft or none.")
+    adapter: AdapterSettings = Field(
+        default_factory=LoraSettings, description="What trains: lora, reft or none."
+    )
     orpo: OrpoSettings = Field(default_factory=OrpoSettings, description="The ORPO objective.")
     data: DataSettings = Field(default_factory=DataSettings, description="Preference data and its mapping.")
     train: TrainSettings = Field(default_factory=TrainSettings, description="Optimisation and bookkeeping.")
@@ -296,7 +347,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise UserError(f"{path}: a recipe is a YAML mapping of sections (model:, data:, train:, ...), not {type(data).__name__}")
+        raise UserError(
+            f"{path}: a recipe is a YAML mapping of sections (model:, data:, train:, ...), not {type(data).__name__}"
+        )
     data = apply_overrides(data, overrides or [])
     data.setdefault("name", path.stem)
     return validate_recipe(data, source=str(path))
@@ -375,7 +428,11 @@ def describe_errors(err: ValidationError) -> list[str]:
         elif e["type"] == "union_tag_not_found":
             msg = "needs a `kind:` (lora, reft or none)"
         value = e.get("input")
-        shown = "" if isinstance(value, dict) or e["type"] in {"missing", "union_tag_invalid"} else f" (got {value!r})"
+        shown = (
+            ""
+            if isinstance(value, dict) or e["type"] in {"missing", "union_tag_invalid"}
+            else f" (got {value!r})"
+        )
         lines.append(f"{where}: {msg}{shown}")
     return lines
 
@@ -401,7 +458,11 @@ def _walk(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None]:
     return fields, holder
 
 
-ADAPTER_MODELS: dict[str, type[BaseModel]] = {"lora": LoraSettings, "reft": ReftSettings, "none": FullSettings}
+ADAPTER_MODELS: dict[str, type[BaseModel]] = {
+    "lora": LoraSettings,
+    "reft": ReftSettings,
+    "none": FullSettings,
+}
 
 
 def section_model(model: type[BaseModel], key: str) -> type[BaseModel] | None:

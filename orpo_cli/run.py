@@ -11,8 +11,15 @@ from orpo_cli.recipe import Recipe
 from orpo_cli.rundir import RunDir
 
 # Keys that may change between a run and its --resume (how long, how often); anything else must match.
-_RESUMABLE_CHANGES = {"train.max_steps", "train.epochs", "train.log_every", "train.eval_every", "train.save_every",
-                      "train.keep_checkpoints", "output_dir"}
+_RESUMABLE_CHANGES = {
+    "train.max_steps",
+    "train.epochs",
+    "train.log_every",
+    "train.eval_every",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "output_dir",
+}
 
 
 def run_dir_for(recipe: Recipe) -> RunDir:
@@ -56,7 +63,11 @@ def start_run(recipe: Recipe, *, resume: bool, force: bool) -> RunDir:
     dtype = resolve_dtype(recipe.model.dtype, device)
     mixed = recipe.train.mixed_precision
     if mixed == "auto":
-        mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no") if device.type == "cuda" else "no"
+        mixed = (
+            {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+            if device.type == "cuda"
+            else "no"
+        )
     accelerator = Accelerator(
         cpu=device.type == "cpu",
         mixed_precision=mixed,
@@ -66,14 +77,18 @@ def start_run(recipe: Recipe, *, resume: bool, force: bool) -> RunDir:
     reporter = Reporter(enabled=accelerator.is_main_process)
     set_seed(recipe.seed)
 
-    tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code)
+    tokenizer = load_tokenizer(
+        recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code
+    )
     data = prepare_data(recipe.data, recipe.orpo, tokenizer)
     reporter.note(data.stats.summary())
 
     model = load_model(recipe.model, recipe.quantization, device, dtype)
     adapter = build_adapter(recipe.adapter)
     model = adapter.attach(
-        model, quantized=recipe.quantization.mode != "none", gradient_checkpointing=recipe.train.gradient_checkpointing
+        model,
+        quantized=recipe.quantization.mode != "none",
+        gradient_checkpointing=recipe.train.gradient_checkpointing,
     )
     trainable, total = count_parameters(model)
     reporter.note(
@@ -116,10 +131,16 @@ def start_run(recipe: Recipe, *, resume: bool, force: bool) -> RunDir:
     if result.first_eval or result.last_eval:
         keys = ["rewards/accuracies", "log_odds_ratio", "rewards/margins", "nll_loss", "loss"]
         rows = [
-            [k, result.first_eval.get(f"eval_{k}", float("nan")), result.last_eval.get(f"eval_{k}", float("nan"))]
+            [
+                k,
+                result.first_eval.get(f"eval_{k}", float("nan")),
+                result.last_eval.get(f"eval_{k}", float("nan")),
+            ]
             for k in keys
         ]
-        reporter.table(f"eval: step 0 vs step {result.steps}", ["metric", "step 0", f"step {result.steps}"], rows)
+        reporter.table(
+            f"eval: step 0 vs step {result.steps}", ["metric", "step 0", f"step {result.steps}"], rows
+        )
     reporter.note(f"run directory: {run.root}  (adapter in {run.adapter})")
     return run
 

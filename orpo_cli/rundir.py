@@ -1,11 +1,11 @@
 """The run directory: the contract between `train` and every command that reads its results.
 
-    RUN/recipe.yaml        the fully resolved recipe
-    RUN/metrics.jsonl      one JSON object per logged step (train metrics, eval_ metrics)
-    RUN/adapter/           the trained adapter (or the full model for adapter kind none)
-    RUN/tokenizer/         the tokenizer, with its chat template
-    RUN/checkpoints/step-N resumable checkpoints
-    RUN/tensorboard/       TensorBoard event files
+RUN/recipe.yaml        the fully resolved recipe
+RUN/metrics.jsonl      one JSON object per logged step (train metrics, eval_ metrics)
+RUN/adapter/           the trained adapter (or the full model for adapter kind none)
+RUN/tokenizer/         the tokenizer, with its chat template
+RUN/checkpoints/step-N resumable checkpoints
+RUN/tensorboard/       TensorBoard event files
 """
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ class RunDir:
         exists = self.root.exists() and any(self.root.iterdir())
         if resume:
             if not self.recipe.is_file():
-                raise UserError(f"--resume: {self.root} holds no run to resume (no recipe.yaml); drop --resume")
+                raise UserError(
+                    f"--resume: {self.root} holds no run to resume (no recipe.yaml); drop --resume"
+                )
             return
         if exists and not force:
             raise UserError(
@@ -75,7 +77,9 @@ class RunDir:
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics.is_file():
             return []
-        return [json.loads(line) for line in self.metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [
+            json.loads(line) for line in self.metrics.read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
 
     def truncate_metrics(self, last_step: int) -> None:
         """Drop records logged after `last_step` (a resumed run logs them again)."""
@@ -89,5 +93,7 @@ def open_run(path: Path) -> RunDir:
     """A finished or running run directory, for eval/export/generate; anything else is a user error."""
     run = RunDir(Path(path))
     if not run.recipe.is_file():
-        raise UserError(f"{path}: not a run directory (no recipe.yaml); give the output_dir of `orpo-tune train`")
+        raise UserError(
+            f"{path}: not a run directory (no recipe.yaml); give the output_dir of `orpo-tune train`"
+        )
     return run

@@ -22,6 +22,7 @@ TEMPLATES: dict[str, dict[str, Any]] = {
     "full": {"model": {"name_or_path": "builtin:tiny-llama"}, "adapter": {"kind": "none"}},
 }
 
+
 def starter_recipe(template: str, name: str) -> str:
     """A complete recipe (every field, commented with its description) for `template`."""
     recipe = validate_recipe({"name": name, **TEMPLATES[template]}, source=f"template {template}")
@@ -48,7 +49,9 @@ def _emit(model: type[BaseModel], data: dict[str, Any], indent: int, lines: list
             lines.append(f"{pad}{key}:")
             _emit(sub, value, indent + 2, lines)
         else:
-            dumped = yaml.safe_dump({key: value}, default_flow_style=True, sort_keys=False, width=1000).strip()
+            dumped = yaml.safe_dump(
+                {key: value}, default_flow_style=True, sort_keys=False, width=1000
+            ).strip()
             lines.append(f"{pad}{dumped[1:-1]}")  # strip the flow mapping's braces
         if indent == 0:
             lines.append("")

@@ -21,7 +21,9 @@ class Adapter(Protocol):
         """Freeze what must not train, add the trainable parts, and return the model to train."""
         ...
 
-    def forward_context(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> AbstractContextManager[None]:
+    def forward_context(
+        self, model: nn.Module, batch: Mapping[str, torch.Tensor]
+    ) -> AbstractContextManager[None]:
         """Context around forward passes over `batch` (needs at least `attention_mask` and `prompt_lengths`:
         each row's real prompt length, whatever the padding side), in training and in generation."""
         ...
@@ -38,6 +40,13 @@ class Adapter(Protocol):
         """Put a saved adapter onto a freshly loaded base model, ready for inference."""
         ...
 
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Fold the adapter into the weights of a full-precision base and return a plain transformers model.
+
+        Called only when `mergeable` is True (export); a non-mergeable adapter may leave it out or raise.
+        """
+        ...
+
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The parameters that train, by name: what a checkpoint must keep to resume exactly."""
@@ -49,7 +58,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = total = 0
     for p in model.parameters():
         n = p.numel()
-        if hasattr(p, "quant_state") or p.dtype == torch.uint8:  # bitsandbytes packs two 4-bit values per byte
+        if (
+            hasattr(p, "quant_state") or p.dtype == torch.uint8
+        ):  # bitsandbytes packs two 4-bit values per byte
             n *= 2
         total += n
         if p.requires_grad:

@@ -21,7 +21,9 @@ class FullAdapter:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
 
-    def forward_context(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> AbstractContextManager[None]:
+    def forward_context(
+        self, model: nn.Module, batch: Mapping[str, torch.Tensor]
+    ) -> AbstractContextManager[None]:
         return contextlib.nullcontext()
 
     def disabled(self, model: nn.Module) -> AbstractContextManager[None] | None:
@@ -40,3 +42,6 @@ class FullAdapter:
         if unexpected:
             raise ValueError(f"{adapter_dir}: weights the base model does not have: {unexpected[:3]}")
         return base
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return model  # the trained weights are the model
