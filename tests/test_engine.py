@@ -83,7 +83,9 @@ def test_resume_after_a_checkpoint_is_bitwise_equal(tmp_path):
         assert a[key].equal(b[key]), key
     straight = (tmp_path / "straight/metrics.jsonl").read_text().splitlines()
     split = (tmp_path / "split/metrics.jsonl").read_text().splitlines()
-    assert [line.split('"tokens_per_s"')[0] for line in straight] == [line.split('"tokens_per_s"')[0] for line in split]
+    assert [line.split('"tokens_per_s"')[0] for line in straight] == [
+        line.split('"tokens_per_s"')[0] for line in split
+    ]
 
 
 def test_run_directory_contents_and_metric_names(tmp_path):
@@ -91,15 +93,32 @@ def test_run_directory_contents_and_metric_names(tmp_path):
 
     out = tmp_path / "run"
     _train(out, "--max-steps", "3")
-    for name in ("recipe.yaml", "metrics.jsonl", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
-                 "tokenizer/tokenizer.json", "checkpoints/step-3/trainable.safetensors"):
+    for name in (
+        "recipe.yaml",
+        "metrics.jsonl",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "tokenizer/tokenizer.json",
+        "checkpoints/step-3/trainable.safetensors",
+    ):
         assert (out / name).is_file(), name
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval_rewards/accuracies" in r]
     assert evals[0]["step"] == 0  # before any update
     train = [r for r in records if "rewards/accuracies" in r]
-    for key in ("loss", "nll_loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
-                "logps/rejected", "log_odds_ratio", "log_odds_chosen", "lr", "tokens_per_s"):
+    for key in (
+        "loss",
+        "nll_loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "log_odds_ratio",
+        "log_odds_chosen",
+        "lr",
+        "tokens_per_s",
+    ):
         assert key in train[-1], key
     assert [r["step"] for r in train] == [1, 2, 3]
 
@@ -118,7 +137,9 @@ def test_existing_run_directory_is_refused_without_resume_or_force(tmp_path):
 def test_resume_with_a_changed_recipe_is_refused(tmp_path):
     out = tmp_path / "run"
     _train(out, "--max-steps", "1")
-    args = ["train", str(RECIPE), "--output-dir", str(out), "--resume"] + [a for s in MICRO for a in ("--set", s)]
+    args = ["train", str(RECIPE), "--output-dir", str(out), "--resume"] + [
+        a for s in MICRO for a in ("--set", s)
+    ]
     result = runner.invoke(app, args + ["--set", "train.lr=5e-3"])
     assert result.exit_code == 2 and "train.lr" in result.output
 

@@ -101,7 +101,9 @@ def test_a_list_is_not_a_recipe(tmp_path):
 
 def test_overrides_parse_yaml_scalars_and_validate(tmp_path):
     path = _write(tmp_path, "train: {lr: 1.0e-5}")
-    recipe = load_recipe(path, ["train.lr=3e-4", "train.gradient_checkpointing=true", "adapter.target_modules=[q_proj]"])
+    recipe = load_recipe(
+        path, ["train.lr=3e-4", "train.gradient_checkpointing=true", "adapter.target_modules=[q_proj]"]
+    )
     assert recipe.train.lr == pytest.approx(3e-4)
     assert recipe.train.gradient_checkpointing is True
     assert recipe.adapter.target_modules == ["q_proj"]

@@ -1,0 +1,127 @@
+"""Faults lose nothing: SIGKILL + --resume is bitwise equal, NaN stops without saving, bad checkpoints are skipped."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from orpo_cli.checkpoint import latest_checkpoint
+from orpo_cli.cli import app
+from orpo_cli.rundir import RunDir
+
+ROOT = Path(__file__).parents[1]
+RECIPE = ROOT / "recipes" / "tiny-lora.yaml"
+FAST = [
+    "model.name_or_path=builtin:micro-llama",
+    "data.train.max_rows=96",
+    "orpo.max_length=64",
+    "orpo.max_prompt_length=32",
+    "train.micro_batch_size=4",
+    "train.gradient_accumulation=1",
+    "train.lr=1e-3",
+    "train.log_every=1",
+    "train.eval_every=1000",
+    "train.save_every=2",
+    "train.keep_checkpoints=2",
+    "train.tensorboard=false",
+    "adapter.dropout=0.1",
+]
+runner = CliRunner()
+
+
+def _args(out: Path, steps: int, *extra: str) -> list[str]:
+    args = ["train", str(RECIPE), "--output-dir", str(out), "--max-steps", str(steps)]
+    for item in FAST:
+        args += ["--set", item]
+    return args + list(extra)
+
+
+def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    steps = 24
+    straight = runner.invoke(app, _args(tmp_path / "straight", steps))
+    assert straight.exit_code == 0, straight.output
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orpo_cli", *_args(out, steps)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "step-2").exists():
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 1.5))  # a random moment: maybe mid-step, maybe mid-checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    resumed = runner.invoke(app, _args(out, steps, "--resume"))
+    assert resumed.exit_code == 0, resumed.output
+    a = load_file(str(tmp_path / "straight/adapter/adapter_model.safetensors"))
+    b = load_file(str(out / "adapter/adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(a[k].equal(b[k]) for k in a)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import orpo_cli.engine as engine
+
+    real = engine.orpo_forward
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third optimizer step (one micro-batch per step)
+            object.__setattr__(terms, "loss", terms.loss * float("nan"))
+        return terms
+
+    monkeypatch.setattr(engine, "orpo_forward", poisoned)
+    out = tmp_path / "run"
+    result = runner.invoke(app, _args(out, 6, "--set", "train.log_every=4"))
+    assert result.exit_code == 1
+    assert "NaN/inf at step 3" in result.output
+    assert "Traceback" not in result.output
+    steps = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert steps == ["step-2"]
+    assert not (out / "adapter").exists()
+
+
+def _two_checkpoints(tmp_path: Path) -> RunDir:
+    out = tmp_path / "run"
+    result = runner.invoke(app, _args(out, 4))
+    assert result.exit_code == 0, result.output
+    return RunDir(out)
+
+
+def test_a_corrupted_latest_checkpoint_is_skipped_with_a_warning(tmp_path):
+    run = _two_checkpoints(tmp_path)
+    target = run.checkpoint(4) / "trainable.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="step-4.*corrupted"):
+        found = latest_checkpoint(run)
+    assert found is not None and found[0] == 2
+
+
+def test_an_incomplete_checkpoint_is_skipped_and_temporaries_are_cleaned(tmp_path):
+    run = _two_checkpoints(tmp_path)
+    (run.checkpoint(4) / "manifest.json").unlink()
+    stale = run.checkpoints / ".step-6.tmp-12345"
+    stale.mkdir()
+    with pytest.warns(UserWarning, match="incomplete"):
+        found = latest_checkpoint(run)
+    assert found is not None and found[0] == 2
+    assert not stale.exists()
