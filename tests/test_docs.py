@@ -1,0 +1,21 @@
+"""Docs that are generated must be current."""
+
+from pathlib import Path
+
+from orpo_cli.reference import recipe_reference
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_recipe_reference_is_current():
+    on_disk = (ROOT / "docs" / "recipe-reference.md").read_text(encoding="utf-8")
+    assert on_disk == recipe_reference(), (
+        "docs/recipe-reference.md is stale: regenerate it with `orpo-tune schema --markdown > docs/recipe-reference.md`"
+    )
+
+
+def test_recipe_reference_lists_every_key_once():
+    text = recipe_reference()
+    for key in ("model.name_or_path", "orpo.lambda", "orpo.max_length", "orpo.max_prompt_length", "train.lr",
+                "train.micro_batch_size", "train.max_steps", "output_dir", "data.train.path", "adapter.rank"):
+        assert f"`{key}`" in text, key
