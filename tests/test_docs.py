@@ -16,6 +16,16 @@ def test_recipe_reference_is_current():
 
 def test_recipe_reference_lists_every_key_once():
     text = recipe_reference()
-    for key in ("model.name_or_path", "orpo.lambda", "orpo.max_length", "orpo.max_prompt_length", "train.lr",
-                "train.micro_batch_size", "train.max_steps", "output_dir", "data.train.path", "adapter.rank"):
+    for key in (
+        "model.name_or_path",
+        "orpo.lambda",
+        "orpo.max_length",
+        "orpo.max_prompt_length",
+        "train.lr",
+        "train.micro_batch_size",
+        "train.max_steps",
+        "output_dir",
+        "data.train.path",
+        "adapter.rank",
+    ):
         assert f"`{key}`" in text, key
