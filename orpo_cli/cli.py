@@ -12,7 +12,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from orpo_cli import __version__
-from orpo_cli.errors import UserError
+from orpo_cli.errors import Interrupted, RunFailed, UserError
 
 app = typer.Typer(
     name="orpo-tune",
@@ -42,6 +42,15 @@ def _user_errors(fn: F) -> F:
             for line in str(err).splitlines() or ["error"]:
                 typer.echo(f"error: {line}", err=True)
             raise typer.Exit(2) from None
+        except RunFailed as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+        except Interrupted as err:
+            typer.echo(str(err), err=True)
+            raise typer.Exit(130) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -71,8 +80,15 @@ def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
 
 @app.command()
-def schema() -> None:
-    """Print the recipe's JSON Schema."""
+def schema(
+    markdown: Annotated[bool, typer.Option(help="Print the recipe reference (docs/recipe-reference.md) instead.")] = False,
+) -> None:
+    """Print the recipe's JSON Schema (or, with --markdown, the recipe reference)."""
+    if markdown:
+        from orpo_cli.reference import recipe_reference
+
+        typer.echo(recipe_reference(), nl=False)
+        return
     from orpo_cli.recipe import Recipe
 
     typer.echo(json.dumps(Recipe.model_json_schema(by_alias=True), indent=2))
@@ -143,6 +159,19 @@ def export(run_dir: Annotated[Path, typer.Argument(help="A run directory written
 def generate(path: Annotated[Path, typer.Argument(help="A run directory or an export.")]) -> None:
     """Generate an answer with a tuned model."""
     _not_yet("generate")
+
+
+@app.command()
+@_user_errors
+def plot(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by train.")],
+    out: Annotated[Path | None, typer.Option(help="PNG to write (default RUN_DIR/training-curves.png).")] = None,
+) -> None:
+    """Draw a run's training curves (loss, NLL, log odds ratio, log-probs, accuracy) to a PNG."""
+    from orpo_cli.plots import plot_run
+    from orpo_cli.rundir import open_run
+
+    typer.echo(f"wrote {plot_run(open_run(run_dir), out)}")
 
 
 def main() -> None:
