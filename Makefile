@@ -27,5 +27,14 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check orpo_cli tests
 
+# TRL's ORPOTrainer vs orpo-tune's engine, each in a fresh process, on the reference configuration (a random
+# Llama-shaped model, the Phi-3 tokenizer, 4 pairs x 512 tokens, LoRA r=16): one JSON line per
+# implementation and objective, then the ratios. See docs/performance.md. One thread per process by
+# default: on a shared 2-core machine two OpenMP threads mostly wait for each other (BENCH_ARGS= for torch's
+# default).
+BENCH_ARGS ?= --threads 1
+bench: install
+	$(PY) bench/orpo_bench.py $(BENCH_ARGS)
+
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

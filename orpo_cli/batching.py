@@ -1,13 +1,31 @@
-"""Collation of preference pairs into the tensors the ORPO loss reads (the layout is a contract).
+"""Collation of preference pairs into the tensors the model and the ORPO loss read (the layouts are a contract).
 
-For B pairs `collate_pairs` returns
+`collate_pairs(pairs, pad_token_id, layout=...)` builds one of two layouts:
 
-* `input_ids` [2B, L]: rows 0..B-1 are prompt + chosen response, rows B..2B-1 prompt + rejected response,
-  right-padded with `pad_token_id`;
-* `attention_mask` [2B, L] (long): 1 on real tokens, 0 on padding;
-* `labels` [2B, L]: the token id at response positions, -100 at prompt and padding positions (the
-  Hugging Face convention, NOT shifted: the loss shifts);
-* `prompt_lengths` [B] (long): each pair's prompt length, shared by its chosen and rejected rows.
+* ``"prefix"`` (the default): one ``[prompt | chosen | rejected]`` row per pair, the prompt computed once;
+  see :mod:`orpo_cli.prefix`. Keys ``input_ids``, ``attention_mask`` ``[B, W]``, ``position_ids``,
+  ``prompt_lengths``, ``chosen_lengths``, ``rejected_lengths`` ``[B]``, and the loss targets below.
+* ``"padded"``: the straightforward layout, as TRL's; for B pairs
+
+  * ``input_ids`` [2B, L]: rows 0..B-1 are prompt + chosen response, rows B..2B-1 prompt + rejected
+    response, right-padded with ``pad_token_id``;
+  * ``attention_mask`` [2B, L] (long): 1 on real tokens, 0 on padding;
+  * ``labels`` [2B, L]: the token id at response positions, -100 at prompt and padding positions (the
+    Hugging Face convention, NOT shifted: the loss shifts);
+  * ``prompt_lengths`` [B] (long): each pair's prompt length, shared by its chosen and rejected rows;
+  * the loss targets below.
+
+Both layouts carry the loss targets, computed here on the CPU so that the training step never has to
+find them with a data-dependent (host-synchronising) boolean gather. A target is a token a loss term
+scores and the *flat row* ``row * width + column`` of the hidden state that predicts it:
+
+* ``targets_chosen`` [3, Nc]: (flat row, token id, pair) of every chosen-response token;
+* ``targets_rejected`` [3, Nr]: the same for the rejected responses;
+* ``targets_prompt`` [2, Np]: (flat row, token id) of every prompt token after the first, on the chosen
+  side: the extra NLL targets of ``nll_on_prompt`` (TRL's objective).
+
+The first token of each response is predicted from the last prompt position, in both layouts. The
+counts Nc, Nr, Np are tensor shapes, known on the host without a sync.
 
 Labels come from positions, never from comparing ids with `pad_token_id`, so a pad id equal to EOS
 (Phi-3, many Llamas) keeps the response's final EOS as a label.
@@ -16,6 +34,7 @@ Labels come from positions, never from comparing ids with `pad_token_id`, so a p
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
@@ -23,11 +42,36 @@ from orpo_cli.data import TokenizedPair
 
 IGNORE_INDEX = -100
 
+Layout = Literal["prefix", "padded"]
+LAYOUTS: tuple[str, ...] = ("prefix", "padded")
+DEFAULT_LAYOUT: Layout = "prefix"
+"""What `collate_pairs` builds when no layout is given: the fastest one whose loss and gradients are
+tested equal to the padded layout's (tests/test_prefix.py)."""
+
+TARGET_KEYS = ("targets_chosen", "targets_rejected", "targets_prompt")
+
 
 def collate_pairs(
-    pairs: Sequence[TokenizedPair], pad_token_id: int, pad_to_multiple_of: int | None = None
+    pairs: Sequence[TokenizedPair],
+    pad_token_id: int,
+    pad_to_multiple_of: int | None = None,
+    layout: Layout | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Stack B pairs into [2B, L] chosen-then-rejected rows; see the module docstring for the layout."""
+    """Collate B pairs in `layout` (default :data:`DEFAULT_LAYOUT`); see the module docstring."""
+    layout = layout or DEFAULT_LAYOUT
+    if layout == "prefix":
+        from orpo_cli.prefix import collate_prefix
+
+        return collate_prefix(pairs, pad_token_id, pad_to_multiple_of)
+    if layout != "padded":
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return _collate_padded(pairs, pad_token_id, pad_to_multiple_of)
+
+
+def _collate_padded(
+    pairs: Sequence[TokenizedPair], pad_token_id: int, pad_to_multiple_of: int | None
+) -> dict[str, torch.Tensor]:
+    """Stack B pairs into [2B, L] chosen-then-rejected rows."""
     if not pairs:
         raise ValueError("collate_pairs needs at least one pair")
     prompts = [p.prompt_ids for p in pairs]
@@ -47,14 +91,66 @@ def collate_pairs(
         input_ids[i, :n] = torch.tensor(prompt + response, dtype=torch.long)
         attention_mask[i, :n] = 1
         labels[i, n_prompt:n] = input_ids[i, n_prompt:n]
+    prompt_lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    b = len(pairs)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
-        "prompt_lengths": torch.tensor([len(p) for p in prompts], dtype=torch.long),
+        "prompt_lengths": prompt_lengths,
+        **loss_targets(
+            pairs,
+            width=width,
+            chosen_rows=torch.arange(b),
+            chosen_starts=prompt_lengths,
+            rejected_rows=torch.arange(b, 2 * b),
+            rejected_starts=prompt_lengths,
+        ),
+    }
+
+
+def loss_targets(
+    pairs: Sequence[TokenizedPair],
+    *,
+    width: int,
+    chosen_rows: torch.Tensor,
+    chosen_starts: torch.Tensor,
+    rejected_rows: torch.Tensor,
+    rejected_starts: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The precomputed loss targets of a layout (see the module docstring).
+
+    Pair i's chosen response occupies columns ``chosen_starts[i] ...`` of row ``chosen_rows[i]``, its
+    rejected response ``rejected_starts[i] ...`` of row ``rejected_rows[i]``, and its prompt columns
+    ``0 .. P-1`` of both rows. Response token j is predicted by the column before it, except the first
+    token of each response, which is predicted by the last prompt column ``P - 1`` of its row.
+    """
+    chosen, rejected, prompt = [], [], []
+    for i, pair in enumerate(pairs):
+        n_prompt = len(pair.prompt_ids)
+        if n_prompt == 0 or not pair.chosen_ids or not pair.rejected_ids:
+            raise ValueError(f"pair {i} has an empty prompt or response; every part needs at least one token")
+        for ids, row, start, out in (
+            (pair.chosen_ids, int(chosen_rows[i]), int(chosen_starts[i]), chosen),
+            (pair.rejected_ids, int(rejected_rows[i]), int(rejected_starts[i]), rejected),
+        ):
+            columns = torch.arange(start - 1, start - 1 + len(ids))
+            columns[0] = n_prompt - 1
+            out.append(torch.stack([row * width + columns, torch.tensor(ids, dtype=torch.long), torch.full_like(columns, i)]))
+        row = int(chosen_rows[i])
+        prompt_ids = torch.tensor(pair.prompt_ids[1:], dtype=torch.long)
+        prompt.append(torch.stack([row * width + torch.arange(n_prompt - 1), prompt_ids]))
+    return {
+        "targets_chosen": torch.cat(chosen, dim=1).long(),
+        "targets_rejected": torch.cat(rejected, dim=1).long(),
+        "targets_prompt": torch.cat(prompt, dim=1).long(),
     }
 
 
 def count_tokens(pairs: Sequence[TokenizedPair]) -> int:
-    """Non-padding tokens of all chosen and rejected sequences, prompts included (for tokens/s)."""
+    """Non-padding tokens of all chosen and rejected sequences, prompts included (for tokens/s).
+
+    The prompt counts twice, as in TRL's two rows, whatever the layout: this is the work a pair stands
+    for, not the work a layout does.
+    """
     return sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)

@@ -41,17 +41,30 @@ def save_checkpoint(
     tensors: dict[str, torch.Tensor],
     keep: int,
 ) -> Path:
-    """Write checkpoint `step` atomically and keep only the newest `keep` checkpoints."""
+    """Write checkpoint `step` of `model`'s trainable weights and `optimizer` (see write_checkpoint)."""
+    return write_checkpoint(run, step, trainable_state(model), optimizer.state_dict(), tensors, keep)
+
+
+def write_checkpoint(
+    run: RunDir,
+    step: int,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    keep: int,
+) -> Path:
+    """Write checkpoint `step` atomically from state dicts (trainable weights by name, an optimizer
+    `state_dict()`), with this process's RNG state, and keep only the newest `keep` checkpoints."""
     target = run.checkpoint(step)
     with atomic_dir(target, replace=True) as tmp:
-        save_file(_contiguous(trainable_state(model)), str(tmp / "trainable.safetensors"))
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        save_file(_contiguous(weights), str(tmp / "trainable.safetensors"))
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
         state = {"rng/torch": torch.get_rng_state(), **{k: v.detach().cpu() for k, v in tensors.items()}}
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                state[f"rng/cuda{i}"] = s
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            # Only this process's device: asking for every GPU's state would open a CUDA context on each.
+            state["rng/cuda"] = torch.cuda.get_rng_state()
         save_file(_contiguous(state), str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, "python_rng": _py_rng_state()}))
         digests = {name: _sha256(tmp / name) for name in _FILES}
@@ -88,7 +101,7 @@ def load_checkpoint(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[int, dict[str, torch.Tensor]]:
     """Restore weights, optimizer and RNG from `path`; returns the step and the extra tensors saved with it."""
-    weights = load_file(str(path / "trainable.safetensors"))
+    step, weights, optimizer_state, state = read_checkpoint(path)
     params = dict(model.named_parameters())
     missing = [name for name in weights if name not in params]
     if missing:
@@ -96,17 +109,33 @@ def load_checkpoint(
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
+    optimizer.load_state_dict(optimizer_state)
+    return step, state
+
+
+def read_checkpoint(
+    path: Path,
+) -> tuple[int, dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor]]:
+    """Read checkpoint `path` and restore this process's RNG from it.
+
+    Returns (step, trainable weights by name, optimizer state_dict, the extra tensors saved with it).
+    """
+    weights = load_file(str(path / "trainable.safetensors"))
     meta = json.loads((path / "optimizer.json").read_text())
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), meta))
+    optimizer_state = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), meta)
     state = load_file(str(path / "state.safetensors"))
     torch.set_rng_state(state.pop("rng/torch"))
-    cuda_states = [state.pop(k) for k in sorted(k for k in list(state) if k.startswith("rng/cuda"))]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
+    cuda_state = state.pop("rng/cuda", None)
+    legacy = [state.pop(k) for k in sorted(k for k in list(state) if re.fullmatch(r"rng/cuda\d+", k))]
+    if torch.cuda.is_available():
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state)
+        elif legacy:  # checkpoints that saved every GPU's state
+            torch.cuda.set_rng_state_all(legacy)
     info = json.loads((path / "state.json").read_text())
     version, internal, gauss = info["python_rng"]
     random.setstate((version, tuple(internal), gauss))
-    return int(info["step"]), state
+    return int(info["step"]), weights, optimizer_state, state
 
 
 def _verify(path: Path) -> str | None:

@@ -32,7 +32,7 @@ SetOpt = Annotated[
 
 
 def _user_errors(fn: F) -> F:
-    """Turn a UserError into one line on stderr and exit code 2; never a traceback for a user's mistake."""
+    """One line on stderr, never a traceback: a user's mistake exits 2, a failed run 1, an interrupted run 130."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -124,8 +124,20 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from the newest complete checkpoint.")] = False,
     force: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
     max_steps: Annotated[int | None, typer.Option(help="Override train.max_steps.")] = None,
+    nproc: Annotated[
+        int | None,
+        typer.Option(min=1, help="Processes (one per GPU) to launch on this machine; sets distributed.num_processes."),
+    ] = None,
+    nnodes: Annotated[int, typer.Option(min=1, help="Machines taking part; run the same command on each.")] = 1,
+    node_rank: Annotated[int, typer.Option(min=0, help="This machine's index, 0 to nnodes-1 (0 writes the run).")] = 0,
+    rdzv_endpoint: Annotated[
+        str | None,
+        typer.Option(help="HOST:PORT of machine 0, where the processes of several machines meet.", show_default=False),
+    ] = None,
 ) -> None:
-    """Train with ORPO: checkpoints, metrics and the adapter land in the run directory."""
+    """Train with ORPO: checkpoints, metrics and the adapter land in the run directory (docs/distributed.md
+    for several GPUs or machines)."""
+    from orpo_cli.launch import Machines, QuietExit
     from orpo_cli.recipe import load_recipe
     from orpo_cli.run import start_run
 
@@ -134,31 +146,151 @@ def train(
         overrides.append(f"train.max_steps={max_steps}")
     if output_dir is not None:
         overrides.append(f"output_dir={output_dir}")
+    if nproc is not None:
+        overrides.append(f"distributed.num_processes={nproc}")
     loaded = load_recipe(recipe, overrides)
-    start_run(loaded, resume=resume, force=force)
+    try:
+        start_run(loaded, resume=resume, force=force, machines=Machines(nnodes, node_rank, rdzv_endpoint))
+    except QuietExit as err:  # the workers (or rank 0) already said why
+        raise typer.Exit(err.code) from None
 
 
-def _not_yet(verb: str) -> None:
-    typer.echo(f"orpo-tune {verb}: not implemented yet in this version (see the open issues).", err=True)
-    raise typer.Exit(3)
+def _at_least(option: str, value: float | None, low: float) -> None:
+    if value is not None and value < low:
+        raise UserError(f"{option}: must be at least {low}, got {value}")
+
+
+RunDirArg = Annotated[Path, typer.Argument(help="A run directory written by `orpo-tune train`.", show_default=False)]
 
 
 @app.command(name="eval")
-def eval_(run_dir: Annotated[Path, typer.Argument(help="A run directory written by train.")]) -> None:
-    """Held-out preference metrics of a run, base vs tuned."""
-    _not_yet("eval")
+@_user_errors
+def eval_(
+    run_dir: RunDirArg,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Evaluate on every pair of this file (mapped with the run's data settings) "
+                     "instead of the run's eval split.", show_default=False),
+    ] = None,
+    base: Annotated[bool, typer.Option("--base", help="Also evaluate the base model (adapter off) on the same "
+                                       "pairs and show the difference.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")] = False,
+    samples: Annotated[int, typer.Option(help="Write base and tuned answers to N eval prompts to "
+                                         "RUN_DIR/samples.jsonl.")] = 0,
+    batch_size: Annotated[int | None, typer.Option(help="Pairs per forward pass (default: the run's "
+                                                   "eval batch size).", show_default=False)] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest sample answer, in tokens.")] = 64,
+) -> None:
+    """Held-out preference metrics of a run (accuracy, log odds ratio, margin, NLL), base vs tuned."""
+    from rich.console import Console
+
+    from orpo_cli.evaluate import EVAL_FILE, eval_table, run_eval
+    from orpo_cli.progress import Reporter
+    from orpo_cli.rundir import open_run
+
+    _at_least("--samples", samples, 0)
+    _at_least("--batch-size", batch_size, 1)
+    _at_least("--max-new-tokens", max_new_tokens, 1)
+    run = open_run(run_dir)
+    result = run_eval(run, data=data, base=base, samples=samples, batch_size=batch_size,
+                      max_new_tokens=max_new_tokens, reporter=Reporter())
+    if json_:
+        typer.echo(json.dumps(result))
+        return
+    columns, rows = eval_table(result)
+    typer.echo(f"eval of {run.root} on {result['data']}")
+    Reporter(console=Console()).table("", columns, rows)
+    typer.echo(f"wrote {run.root / EVAL_FILE}" + (f" and {result['samples']}" if "samples" in result else ""))
 
 
 @app.command()
-def export(run_dir: Annotated[Path, typer.Argument(help="A run directory written by train.")]) -> None:
-    """Export a merged model (LoRA), the full model, or a ReFT bundle."""
-    _not_yet("export")
+@_user_errors
+def export(
+    run_dir: RunDirArg,
+    out: Annotated[Path, typer.Option("--out", help="Directory to write (must not exist unless --force).",
+                                      show_default=False)],
+    dtype: Annotated[str | None, typer.Option(help="Weights of a merged export: bf16, fp16 or fp32 (default: "
+                                              "the base model's own dtype).", show_default=False)] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing --out (only once the new export is "
+                                        "complete).")] = False,
+) -> None:
+    """Export a merged model (LoRA, full fine-tuning) or, for ReFT, a bundle that `generate` loads."""
+    from orpo_cli.export import check_out, export_run, parse_dtype
+    from orpo_cli.progress import Reporter
+    from orpo_cli.rundir import open_run
+
+    run = open_run(run_dir)
+    parse_dtype(dtype)
+    check_out(run, out, force)  # before any model loads
+    reporter = Reporter()
+    result = export_run(run, out, dtype=dtype, force=force, reporter=reporter)
+    for note in result.notes:
+        reporter.note(f"note: {note}")
+    what = f"merged {result.dtype} model" if result.merged else "bundle"
+    typer.echo(f"exported a {what} to {result.out}")
+    typer.echo(
+        f"verified: max |Δlogit| = {result.max_abs_diff:.3g} <= tolerance {result.tolerance:.3g} "
+        f"(export loaded back vs base + adapter, {result.probe_tokens} tokens)"
+    )
+    if result.merged:
+        typer.echo(f"load it with AutoModelForCausalLM.from_pretrained({str(result.out)!r})")
+    else:
+        typer.echo(f'load it with: orpo-tune generate {result.out} --prompt "..."')
 
 
 @app.command()
-def generate(path: Annotated[Path, typer.Argument(help="A run directory or an export.")]) -> None:
-    """Generate an answer with a tuned model."""
-    _not_yet("generate")
+@_user_errors
+def generate(
+    path: Annotated[Path, typer.Argument(help="A run directory, an `orpo-tune export` (merged model or bundle), "
+                                         "or any causal LM directory.", show_default=False)],
+    prompt: Annotated[str | None, typer.Option(help="The user message.", show_default=False)] = None,
+    system: Annotated[str | None, typer.Option(help="A system message (default: the recipe's data.system_prompt).",
+                                               show_default=False)] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 256,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
+    interactive: Annotated[bool, typer.Option(help="Chat: read messages from stdin until EOF or /exit "
+                                              "(/reset forgets the conversation).")] = False,
+) -> None:
+    """Generate an answer with a tuned model, streamed as it comes."""
+    from orpo_cli.generation import chat_template_in_use, conversation, render_prompt, stream_answer
+    from orpo_cli.tuned import detect, load_tuned
+
+    if prompt is None and not interactive:
+        raise UserError("--prompt TEXT is required (or --interactive for a chat)")
+    _at_least("--max-new-tokens", max_new_tokens, 1)
+    _at_least("--temperature", temperature, 0)
+    detect(path)  # a wrong PATH fails before anything loads
+    tuned = load_tuned(path)
+    template = chat_template_in_use(tuned.tokenizer, tuned.recipe)
+    if system is None and tuned.recipe is not None:
+        system = tuned.recipe.data.system_prompt
+
+    def answer(text: str, history: list[dict[str, str]]) -> str:
+        ids = render_prompt(tuned.tokenizer, conversation(text, system, history), template)
+        return stream_answer(tuned.model, tuned.adapter, tuned.tokenizer, ids, device=tuned.device,
+                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+
+    if not interactive:
+        answer(prompt or "", [])
+        return
+    history: list[dict[str, str]] = []
+    pending = prompt
+    while True:
+        if pending is None:
+            try:
+                pending = input("> ")
+            except EOFError:
+                break
+        text, pending = pending.strip(), None
+        if text in {"/exit", "/quit"}:
+            break
+        if text == "/reset":
+            history = []
+            continue
+        if text:
+            reply = answer(text, history)
+            history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
 
 
 @app.command()

@@ -1,18 +1,43 @@
-"""Held-out preference metrics: accuracy, log odds ratio, margins and NLL over a set of pairs."""
+"""Held-out preference metrics: accuracy, log odds ratio, margins and NLL over a set of pairs.
+
+`preference_metrics` is what the training loop logs (TRL's names); `run_eval` is `orpo-tune eval`: the
+run's eval split rebuilt from its saved recipe, the tuned model and (with --base) the base model with the
+adapter switched off, the numbers in RUN/eval.json, and optionally sample answers in RUN/samples.jsonl.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import json
+import math
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from orpo_cli.adapters import Adapter
+from orpo_cli.adapters.full import FullAdapter
+from orpo_cli.atomic import atomic_write_text
 from orpo_cli.batching import collate_pairs
 from orpo_cli.data import TokenizedPair
+from orpo_cli.errors import UserError
 from orpo_cli.forward import orpo_forward
 from orpo_cli.loss import count_normalizers
 from orpo_cli.metrics import MetricTally
+from orpo_cli.progress import Reporter
+from orpo_cli.recipe import DataSource, Recipe
+from orpo_cli.rundir import RunDir
+from orpo_cli.tuned import (
+    check_trained,
+    inference_device,
+    load_base,
+    load_run,
+    load_saved_tokenizer,
+    read_recipe,
+)
 
 
 @torch.no_grad()
@@ -27,8 +52,12 @@ def preference_metrics(
     pad_token_id: int,
     device: torch.device,
     prefix: str = "",
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """ORPO metrics over all `pairs` (TRL's names, with `prefix`), normalised over the whole set."""
+    """ORPO metrics over all `pairs` (TRL's names, with `prefix`), normalised over the whole set.
+
+    `progress`, when given, is called with the number of pairs of each batch once it is done.
+    """
     was_training = model.training
     model.eval()
     batches = [
@@ -42,6 +71,7 @@ def preference_metrics(
     tally = MetricTally(device)
     loss = torch.zeros((), device=device)
     nll = torch.zeros((), device=device)
+    done = 0
     for batch in batches:
         terms = orpo_forward(
             model, adapter, batch, lam=lam, nll_on_prompt=nll_on_prompt, num_nll_tokens=num_tokens, num_pairs=num_pairs
@@ -49,6 +79,213 @@ def preference_metrics(
         tally.add_pairs(terms)
         loss += terms.loss
         nll += terms.nll
+        if progress is not None:
+            progress(min(batch_size, len(pairs) - done))
+            done += batch_size
     tally.add_step(loss, nll)
     model.train(was_training)
     return tally.compute(lam, prefix=prefix)
+
+
+# ------------------------------------------------------------------------------------- orpo-tune eval
+EVAL_FILE = "eval.json"
+SAMPLES_FILE = "samples.jsonl"
+
+# The numbers `orpo-tune eval` reports, in table order, with their labels.
+EVAL_METRICS = {
+    "accuracy": "preference accuracy",
+    "log_odds_ratio": "mean log odds ratio",
+    "margin": "mean log-prob margin",
+    "nll": "chosen NLL",
+    "perplexity": "chosen perplexity",
+    "or_loss": "odds-ratio loss",
+    "chosen_logps": "chosen mean log-prob",
+    "rejected_logps": "rejected mean log-prob",
+    "num_pairs": "pairs",
+}
+
+
+def heldout_metrics(
+    model: nn.Module,
+    adapter: Adapter,
+    pairs: Sequence[TokenizedPair],
+    *,
+    batch_size: int,
+    pad_token_id: int,
+    device: torch.device,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """The held-out numbers a user asks for, over all `pairs` (see EVAL_METRICS).
+
+    accuracy: share of pairs whose chosen response has the higher mean token log-prob; log_odds_ratio: the
+    paper's log odds ratio of chosen over rejected, averaged over pairs; margin: mean of (chosen - rejected)
+    mean log-probs; nll: token-level NLL of the chosen responses (prompt excluded, whatever the recipe's
+    nll_on_prompt) and perplexity = exp(nll); or_loss: the ORPO odds-ratio term -mean log sigmoid(log odds).
+    """
+    ordered = sorted(pairs, key=lambda p: len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)))
+    m = preference_metrics(
+        model,
+        adapter,
+        ordered,  # by length, to pad less: the set-level sums do not depend on the order
+        batch_size=batch_size,
+        lam=1.0,
+        nll_on_prompt=False,
+        pad_token_id=pad_token_id,
+        device=device,
+        progress=progress,
+    )
+    nll = m["nll_loss"]
+    return {
+        "accuracy": m["rewards/accuracies"],
+        "log_odds_ratio": m["log_odds_chosen"],
+        "margin": m["logps/chosen"] - m["logps/rejected"],
+        "nll": nll,
+        "perplexity": math.exp(min(nll, 700.0)),
+        "or_loss": -m["log_odds_ratio"],
+        "chosen_logps": m["logps/chosen"],
+        "rejected_logps": m["logps/rejected"],
+        "num_pairs": len(pairs),
+    }
+
+
+def eval_pairs(recipe: Recipe, tokenizer: Any, data: Path | None) -> tuple[list[TokenizedPair], str]:
+    """The run's eval split, rebuilt from its recipe, or every pair of `data` mapped with the run's settings."""
+    from orpo_cli.data import check_source, prepare_data
+
+    if data is None:
+        pairs = prepare_data(recipe.data, recipe.orpo, tokenizer).eval
+        if not pairs:
+            raise UserError(
+                "the run has no eval split (data.eval_ratio is 0 and there is no data.eval); "
+                "pass --data FILE with held-out pairs"
+            )
+        if recipe.data.eval is not None:
+            return pairs, recipe.data.eval.path
+        return pairs, f"{recipe.data.train.path} (held-out {recipe.data.eval_ratio:g} split, seed {recipe.data.seed})"
+    if not str(data).startswith("builtin:") and not Path(data).is_file():
+        raise UserError(f"--data: no such file: {data}")
+    settings = recipe.data.model_copy(update={"train": DataSource(path=str(data)), "eval": None, "eval_ratio": 0.0})
+    check_source(settings)
+    return prepare_data(settings, recipe.orpo, tokenizer).train, str(data)
+
+
+def run_eval(
+    run: RunDir,
+    *,
+    data: Path | None = None,
+    base: bool = False,
+    samples: int = 0,
+    batch_size: int | None = None,
+    max_new_tokens: int = 64,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """Evaluate a run (and its base with `base`), write RUN/eval.json (and RUN/samples.jsonl); return the result."""
+    reporter = reporter or Reporter()
+    recipe = read_recipe(run.recipe)
+    check_trained(run)
+    device = inference_device(recipe)
+    # Data first: a bad --data fails in seconds, before a model loads.
+    pairs, source = eval_pairs(recipe, load_saved_tokenizer(run.tokenizer), data)
+    tuned = load_run(run, device=device)
+    size = batch_size or recipe.train.eval_batch_size or recipe.train.micro_batch_size
+    reporter.note(f"eval: {len(pairs)} pairs from {source}; adapter {recipe.adapter.kind}, base {recipe.model.name_or_path}"
+                  f" (quantization {recipe.quantization.mode}) on {device}")
+
+    def measure(model: nn.Module, adapter: Adapter, label: str) -> dict[str, float]:
+        with _bar(reporter, f"eval {label}", len(pairs)) as advance:
+            return heldout_metrics(
+                model, adapter, pairs, batch_size=size, pad_token_id=tuned.tokenizer.pad_token_id, device=device,
+                progress=advance,
+            )
+
+    result: dict[str, Any] = {"run": str(run.root), "data": source, "adapter": recipe.adapter.kind}
+    result.update(measure(tuned.model, tuned.adapter, "tuned"))
+    chosen = pairs[:samples]
+    answers: dict[str, list[str]] = {}
+    if samples:
+        answers["tuned"] = _answers(tuned.model, tuned.adapter, tuned.tokenizer, chosen, device, max_new_tokens,
+                                    reporter, "tuned")
+    if base or samples:
+        # The base model: the adapter switched off where it can be, else (full fine-tuning) loaded again.
+        off = tuned.adapter.disabled(tuned.model)
+        model, adapter = (tuned.model, tuned.adapter) if off is not None else (load_base(recipe, device), FullAdapter())
+        with off if off is not None else contextlib.nullcontext():
+            if base:
+                result["base"] = measure(model, adapter, "base")
+                result["diff"] = {k: result[k] - result["base"][k] for k in EVAL_METRICS if k != "num_pairs"}
+            if samples:
+                answers["base"] = _answers(model, adapter, tuned.tokenizer, chosen, device, max_new_tokens,
+                                           reporter, "base")
+    if samples:
+        decode = tuned.tokenizer.decode
+        lines = [
+            json.dumps({
+                "prompt": decode(p.prompt_ids),
+                "chosen": decode(p.chosen_ids, skip_special_tokens=True),
+                "rejected": decode(p.rejected_ids, skip_special_tokens=True),
+                "base": b,
+                "tuned": t,
+            }, ensure_ascii=False)
+            for p, b, t in zip(chosen, answers["base"], answers["tuned"], strict=True)
+        ]
+        atomic_write_text(run.root / SAMPLES_FILE, "".join(line + "\n" for line in lines))
+        result["samples"] = str(run.root / SAMPLES_FILE)
+    atomic_write_text(run.root / EVAL_FILE, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def eval_table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Columns and rows for Reporter.table: tuned, and with a base evaluation base and the difference."""
+    has_base = "base" in result
+    columns = ["metric", "tuned"] + (["base", "tuned - base"] if has_base else [])
+    rows: list[list[Any]] = []
+    for key, label in EVAL_METRICS.items():
+        if key not in result:
+            continue
+        value = result[key]
+        row: list[Any] = [label, _shown(key, value)]
+        if has_base:
+            row += [_shown(key, result["base"][key]), "" if key == "num_pairs" else _signed(result["diff"][key])]
+        rows.append(row)
+    return columns, rows
+
+
+def _shown(key: str, value: Any) -> Any:
+    return str(value) if key == "num_pairs" else float(value)
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.4g}"
+
+
+def _answers(
+    model: nn.Module,
+    adapter: Adapter,
+    tokenizer: Any,
+    pairs: Sequence[TokenizedPair],
+    device: torch.device,
+    max_new_tokens: int,
+    reporter: Reporter,
+    label: str,
+) -> list[str]:
+    from orpo_cli.generation import generate_batch
+
+    with _bar(reporter, f"samples {label}", len(pairs)) as advance:
+        return generate_batch(
+            model, adapter, tokenizer, [p.prompt_ids for p in pairs], device=device, max_new_tokens=max_new_tokens,
+            progress=advance,
+        )
+
+
+@contextlib.contextmanager
+def _bar(reporter: Reporter, label: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A transient progress bar on a terminal (nothing otherwise); yields `advance(n)`."""
+    if not reporter.enabled or not reporter.console.is_terminal:
+        yield lambda _n: None
+        return
+    with Progress(
+        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=reporter.console, transient=True,
+    ) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda n: progress.advance(task, n)

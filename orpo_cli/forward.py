@@ -3,19 +3,35 @@
 The top-level model is called (so DDP/FSDP wrappers and adapter hooks run as usual) with
 `logits_to_keep=1`, which skips the full-vocabulary projection; the decoder's last hidden state is
 captured by a hook and the loss projects only the rows it needs, in chunks (see loss.py).
+
+Two batch layouts (see batching.py), chosen by the `layout` argument or, by default, by the batch itself:
+
+* ``prefix``: one ``[prompt | chosen | rejected]`` row per pair, the model called with a 4-D attention
+  mask and position ids (prefix.py), so each prompt runs once; with ``sdpa``, each pair's attention runs
+  on exactly the blocks the mask allows. Needs an attention implementation that applies custom 4-D
+  masks (``sdpa``, ``eager``) and no sliding window shorter than the sequences; for any other model the
+  batch is turned into the padded layout on the device first (`prefix.to_padded`, no host sync).
+* ``padded``: ``[2B, L]`` chosen-then-rejected rows with a 2-D padding mask, as TRL does: the
+  straightforward computation, kept for parity tests and as the fallback.
+
+Adapters see the batch they were given: `adapter.forward_context(model, batch)` wraps the forward in both
+layouts, and both carry a 2-D `attention_mask` and per-pair `prompt_lengths` (in the prefix layout one row
+per pair, so the prompt's first and last positions are each edited once).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from orpo_cli.adapters import Adapter
+from orpo_cli.batching import LAYOUTS, Layout
 from orpo_cli.loss import ORPOTerms, orpo_loss_from_hidden
+from orpo_cli.prefix import is_prefix_batch, model_inputs, supports_prefix, to_padded
 
 
 def orpo_forward(
@@ -27,16 +43,22 @@ def orpo_forward(
     nll_on_prompt: bool,
     num_nll_tokens: torch.Tensor | int | None = None,
     num_pairs: torch.Tensor | int | None = None,
+    layout: Layout | None = None,
 ) -> ORPOTerms:
-    """ORPO terms of one collated batch (see batching.collate_pairs for its layout)."""
+    """ORPO terms of one collated batch (see batching.collate_pairs for the layouts).
+
+    `layout`: None runs the batch in the layout it was collated in (prefix batches fall back to padded
+    on models that cannot take a 4-D mask); ``"padded"`` runs it padded, turning a prefix batch into
+    that layout; ``"prefix"`` insists on prefix sharing and raises where it cannot run.
+    """
     inner = _unwrap(model)
+    batch = _in_layout(inner, batch, layout)
+    if is_prefix_batch(batch):
+        inputs = model_inputs(inner, batch)
+    else:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with adapter.forward_context(inner, batch), _capture_hidden(inner.get_decoder()) as captured:
-        model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            use_cache=False,
-            logits_to_keep=1,
-        )
+        model(**inputs, use_cache=False, logits_to_keep=1)
     return orpo_loss_from_hidden(
         captured["hidden"],
         inner.get_output_embeddings(),
@@ -46,6 +68,23 @@ def orpo_forward(
         num_nll_tokens=num_nll_tokens,
         num_pairs=num_pairs,
     )
+
+
+def _in_layout(model: nn.Module, batch: Mapping[str, torch.Tensor], layout: Layout | None) -> dict[str, Any]:
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    prefix = is_prefix_batch(batch)
+    if layout == "prefix":
+        if not prefix:
+            raise ValueError("layout='prefix' needs a batch collated with layout='prefix'")
+        if not supports_prefix(model, batch):
+            raise ValueError(
+                f"layout='prefix' needs sdpa or eager attention (custom 4-D masks) and no sliding window shorter "
+                f"than the sequences; this model uses {model.config._attn_implementation}"
+            )
+    if prefix and (layout == "padded" or not supports_prefix(model, batch)):
+        return to_padded(batch)
+    return dict(batch)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

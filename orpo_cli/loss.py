@@ -12,23 +12,29 @@ With ``nll_on_prompt=True`` the NLL covers every non-padding token of the chosen
 (prompt and response), which is exactly what TRL's ``ORPOTrainer`` does. The odds-ratio term always uses
 the response-only mean log-probabilities.
 
-Batch layout (the collator's contract): for ``B`` pairs, ``input_ids``, ``attention_mask`` and ``labels`` are
+Batch layout: :func:`orpo_loss` (the straightforward reference) reads the padded layout of
+:func:`orpo_cli.batching.collate_pairs`: for ``B`` pairs, ``input_ids``, ``attention_mask`` and ``labels`` are
 ``[2B, L]``; rows ``0..B-1`` hold prompt + chosen response and rows ``B..2B-1`` prompt + rejected response,
 right-padded. ``labels`` holds the token id at response positions and ``-100`` at prompt and padding
 positions; it is *not* shifted (the logits at ``t-1`` predict ``labels[t]``). Where ``labels`` is not
-``-100`` it must equal ``input_ids``.
+``-100`` it must equal ``input_ids``. :func:`orpo_loss_from_hidden` reads either layout (padded, or
+prefix-shared: one ``[prompt | chosen | rejected]`` row per pair) through the loss targets the collator
+precomputes: the flat index of the hidden row that predicts each target token.
 
 Two entry points compute the same quantities:
 
 * :func:`orpo_loss` from the full logits ``[2B, L, V]``;
-* :func:`orpo_loss_from_hidden` from the last hidden states and the ``lm_head``: only the positions that
-  predict a loss target are projected, in checkpointed chunks, so the full logits are never formed.
+* :func:`orpo_loss_from_hidden` from the last hidden states and the ``lm_head``: only the rows that
+  predict a loss target are projected, in chunks, so the full logits are never formed. A frozen
+  ``nn.Linear`` head (LoRA, ReFT) forms each row's gradient while its chunk's logits exist (no
+  recomputation); any other head runs its chunks under activation checkpointing.
 
 Both accept global normalisers (see :func:`count_normalizers`) so that, under gradient accumulation,
 the sum of the micro-batch losses equals the loss of the whole global batch.
 
-All of the arithmetic after the vocabulary projection is in fp32, and nothing here syncs with the host
-except the boolean gather in :func:`orpo_loss_from_hidden` (its output size depends on the data).
+All of the arithmetic after the vocabulary projection is in fp32. Nothing here syncs with the host on a
+collated batch; a hand-made padded batch without precomputed targets has them found with a
+data-dependent ``nonzero`` (one sync).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
@@ -50,12 +57,17 @@ __all__ = [
     "odds_ratio",
     "orpo_loss",
     "orpo_loss_from_hidden",
+    "target_logps",
 ]
 
 IGNORE_INDEX = -100
 """Label value of positions that are not a target (prompt and padding), as in Hugging Face."""
 
 _NEG_LN2 = -math.log(2.0)
+
+CHUNK_ROWS = 256
+"""Rows projected onto the vocabulary at a time: 256 x 32k fp32 logits are 33 MB; larger chunks gain no
+speed on a CPU (measured 64-1024) and cost memory."""
 
 Normalizer = int | float | torch.Tensor
 """A global normaliser: a Python number or a 0-dim tensor (may live on the device)."""
@@ -224,11 +236,22 @@ def count_normalizers(
     """Count this batch's NLL target tokens and pairs, as 0-dim long tensors on the batch's device.
 
     No host sync: sum these over the micro-batches of an accumulation window and pass the totals as
-    ``num_nll_tokens`` / ``num_pairs`` to :func:`orpo_loss` or :func:`orpo_loss_from_hidden`.
+    ``num_nll_tokens`` / ``num_pairs`` to :func:`orpo_loss` or :func:`orpo_loss_from_hidden`. Works on
+    either layout of :func:`orpo_cli.batching.collate_pairs` (from the precomputed targets' shapes) and on
+    hand-made padded batches (from their masks).
 
     Returns:
         ``(num_nll_tokens, num_pairs)``.
     """
+    if "targets_chosen" in batch:
+        device = batch["targets_chosen"].device
+        count = batch["targets_chosen"].shape[1] + (batch["targets_prompt"].shape[1] if nll_on_prompt else 0)
+        pairs = batch["prompt_lengths"].numel()
+        # torch.full writes on the device: no host-to-device copy to wait for.
+        return (
+            torch.full((), count, dtype=torch.long, device=device),
+            torch.full((), pairs, dtype=torch.long, device=device),
+        )
     num_pairs = _num_pairs(batch)
     labels = batch["labels"]
     num_nll_tokens = _nll_mask(batch, num_pairs, nll_on_prompt).sum()
@@ -331,8 +354,42 @@ def orpo_loss(
 
 
 # --------------------------------------------------------------------------------------------------
-# From hidden states, in checkpointed chunks
+# From hidden states, in chunks
 # --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _IndexTargets:
+    """A batch's loss targets as flat hidden-row indices (see orpo_cli.batching.loss_targets)."""
+
+    num_pairs: int
+    chosen: torch.Tensor  # [3, Nc]: flat row, token id, pair
+    rejected: torch.Tensor  # [3, Nr]
+    prompt: torch.Tensor  # [2, Np]: flat row, token id (chosen side, nll_on_prompt only)
+
+
+def _index_targets(batch: Mapping[str, torch.Tensor], device: torch.device) -> _IndexTargets:
+    """The precomputed targets of a collated batch, or (hand-made padded batches) targets derived from
+    ``labels`` with a data-dependent ``nonzero``: the one path here that syncs with the host."""
+    if "targets_chosen" in batch:
+        return _IndexTargets(
+            num_pairs=batch["prompt_lengths"].numel(),
+            chosen=batch["targets_chosen"].to(device),
+            rejected=batch["targets_rejected"].to(device),
+            prompt=batch["targets_prompt"].to(device),
+        )
+    t = _targets(batch, nll_on_prompt=True, device=device)
+    b, width = t.num_pairs, batch["input_ids"].shape[1]
+    row, column = torch.nonzero(t.any_mask, as_tuple=True)
+    flat, ids = row * width + column, t.ids[row, column]
+    response = t.or_mask[row, column]
+    chosen, rejected, prompt = response & (row < b), response & (row >= b), ~response
+    return _IndexTargets(
+        num_pairs=b,
+        chosen=torch.stack([flat[chosen], ids[chosen], row[chosen]]),
+        rejected=torch.stack([flat[rejected], ids[rejected], row[rejected] - b]),
+        prompt=torch.stack([flat[prompt], ids[prompt]]),
+    )
 
 
 def _chunk_target_logps(
@@ -346,6 +403,94 @@ def _chunk_target_logps(
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+class _FrozenHeadLogProbs(torch.autograd.Function):
+    """Target log-probabilities through a frozen linear head, with the gradient formed in the forward pass.
+
+    ``d log p(t | h) / d h = W[t] - softmax(W h + b) @ W``: each chunk's logits are turned into that
+    ``[n, H]`` row gradient while they exist, and the backward pass only scales it by the incoming
+    gradient. Two matmuls per row, as for plain autograd, and none recomputed (checkpointing would
+    need three), while only one chunk's ``[chunk, V]`` logits ever exist.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target_ids, chunk_size):  # type: ignore[override]
+        need_grad = ctx.needs_input_grad[0]
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        row_grads = torch.empty_like(hidden) if need_grad else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            stop = start + chunk_size
+            ids = target_ids[start:stop]
+            logits = F.linear(hidden[start:stop], weight, bias).float()
+            picked = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+            # Three passes over the [chunk, V] logits (max, shifted exp in place, sum) instead of logsumexp's
+            # and a softmax's separate ones; the softmax's 1/sum is applied to the [chunk, H] product.
+            peak = logits.amax(dim=-1, keepdim=True)
+            exp = logits.sub_(peak).exp_()
+            total = exp.sum(dim=-1, keepdim=True)
+            out[start:stop] = picked - (peak + total.log()).squeeze(-1)
+            if need_grad:
+                row_grads[start:stop] = weight[ids] - (exp.to(weight.dtype) @ weight) / total
+        if need_grad:
+            ctx.save_for_backward(row_grads)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        (row_grads,) = ctx.saved_tensors
+        return grad_out.unsqueeze(-1).to(row_grads.dtype) * row_grads, None, None, None, None
+
+
+def _frozen_linear(lm_head: Callable[[torch.Tensor], torch.Tensor]) -> nn.Linear | None:
+    """`lm_head` when it is a plain, frozen, unhooked ``nn.Linear`` (the fused path's condition), else None.
+
+    Subclasses (bitsandbytes, PEFT-wrapped heads), trainable heads (full fine-tuning) and heads whose
+    weights are gathered by hooks (DeepSpeed ZeRO-3) take the generic checkpointed path.
+    """
+    if type(lm_head) is not nn.Linear:
+        return None
+    params = [lm_head.weight] + ([lm_head.bias] if lm_head.bias is not None else [])
+    if any(p.requires_grad or hasattr(p, "ds_id") for p in params):
+        return None
+    if lm_head._forward_hooks or lm_head._forward_pre_hooks or lm_head.weight.dim() != 2:
+        return None
+    return lm_head
+
+
+def target_logps(
+    hidden_rows: torch.Tensor,
+    target_ids: torch.Tensor,
+    lm_head: Callable[[torch.Tensor], torch.Tensor],
+    chunk_size: int = CHUNK_ROWS,
+) -> torch.Tensor:
+    """``log_softmax(lm_head(hidden_rows)).gather(target_ids)`` in fp32, ``[n]``, ``chunk_size`` rows at a time.
+
+    A frozen ``nn.Linear`` head takes :class:`_FrozenHeadLogProbs`; any other head (trainable, wrapped,
+    quantized) is called as a function on each chunk under non-reentrant ``torch.utils.checkpoint``, so
+    only the chunk's inputs are kept and its logits are recomputed in the backward pass.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    head = _frozen_linear(lm_head)
+    if head is not None:
+        return _FrozenHeadLogProbs.apply(hidden_rows, head.weight, head.bias, target_ids, chunk_size)
+    use_checkpoint = torch.is_grad_enabled()
+    pieces = []
+    for start in range(0, hidden_rows.shape[0], chunk_size):
+        h, t = hidden_rows[start : start + chunk_size], target_ids[start : start + chunk_size]
+        if use_checkpoint:
+            pieces.append(checkpoint(_chunk_target_logps, h, t, lm_head, use_reentrant=False))
+        else:
+            pieces.append(_chunk_target_logps(h, t, lm_head))
+    return torch.cat(pieces) if pieces else hidden_rows.new_zeros((0,), dtype=torch.float32)
+
+
+def _pair_mean(values: torch.Tensor, pairs: torch.Tensor, num_pairs: int) -> torch.Tensor:
+    """Mean of `values` per pair index (``[num_pairs]``; NaN for a pair without values), no host sync."""
+    sums = values.new_zeros(num_pairs).index_add(0, pairs, values)
+    counts = values.new_zeros(num_pairs).index_add(0, pairs, torch.ones_like(values))
+    return sums / counts
+
+
 def orpo_loss_from_hidden(
     hidden: torch.Tensor,
     lm_head: Callable[[torch.Tensor], torch.Tensor],
@@ -354,51 +499,59 @@ def orpo_loss_from_hidden(
     nll_on_prompt: bool = False,
     num_nll_tokens: Normalizer | None = None,
     num_pairs: Normalizer | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = CHUNK_ROWS,
 ) -> ORPOTerms:
     """The ORPO loss from the last hidden states, without ever forming the full logits.
 
-    Only the positions whose next token is a loss target are gathered (response positions of both
-    halves; with ``nll_on_prompt`` also the chosen rows' prompt positions). They are projected by
-    ``lm_head`` and log-softmaxed in fp32 in chunks of ``chunk_size`` rows; with autograd enabled each
-    chunk runs under ``torch.utils.checkpoint`` (non-reentrant), so only the chunk's inputs are kept
-    and its logits are recomputed in the backward pass. Peak extra memory is about ``chunk_size x V``
-    logits (plus their fp32 copy and gradient) instead of ``2B x L x V``.
-
-    The gather uses a boolean mask, whose output size depends on the data: this is the one host sync.
+    Only the hidden rows that predict a loss target are gathered (response tokens of both sides; with
+    ``nll_on_prompt`` also the chosen side's prompt tokens), at the flat indices the collator
+    precomputed (no data-dependent gather, so no host sync), and projected by ``lm_head`` and
+    log-softmaxed in fp32 in chunks of ``chunk_size`` rows (see :func:`target_logps`). Peak extra memory
+    is about ``chunk_size x V`` logits instead of ``2B x L x V``.
 
     Args:
-        hidden: ``[2B, L, H]`` decoder output after the final norm (the input of ``lm_head``).
+        hidden: ``[rows, L, H]`` decoder output after the final norm (the input of ``lm_head``), for
+            either layout of :func:`orpo_cli.batching.collate_pairs` (``[B, L, H]`` prefix-shared or
+            ``[2B, L, H]`` padded). A hand-made padded batch without precomputed targets has them
+            derived from its ``labels`` (one host sync).
         lm_head: the output projection, called as a function on ``[n, H]`` rows (an ``nn.Linear`` with or
             without bias, a PEFT-wrapped or tied module, ...).
         batch, lam, nll_on_prompt, num_nll_tokens, num_pairs: as in :func:`orpo_loss`.
         chunk_size: rows projected at a time.
 
     Returns:
-        The same :class:`ORPOTerms` as ``orpo_loss(lm_head(hidden), batch, ...)``.
+        The same :class:`ORPOTerms` as ``orpo_loss(lm_head(hidden), batch, ...)`` on the padded layout.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if hidden.dim() != 3 or hidden.shape[:2] != batch["input_ids"].shape:
         raise ValueError(
-            f"hidden must be [2B, L, H] matching input_ids {tuple(batch['input_ids'].shape)}, "
+            f"hidden must be [rows, L, H] matching input_ids {tuple(batch['input_ids'].shape)}, "
             f"got {tuple(hidden.shape)}"
         )
-    targets = _targets(batch, nll_on_prompt, hidden.device)
-    mask = targets.any_mask
-    rows = hidden[:, :-1][mask]  # [N, H], row-major order of the mask
-    ids = targets.ids[mask]  # [N]
+    t = _index_targets(batch, hidden.device)
+    parts = [t.chosen, t.rejected] + ([t.prompt] if nll_on_prompt else [])
+    rows = torch.cat([p[0] for p in parts])
+    ids = torch.cat([p[1] for p in parts])
+    picked = target_logps(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), ids, lm_head, chunk_size)
 
-    use_checkpoint = torch.is_grad_enabled()
-    pieces = []
-    for start in range(0, rows.shape[0], chunk_size):
-        h, t = rows[start : start + chunk_size], ids[start : start + chunk_size]
-        if use_checkpoint:
-            pieces.append(checkpoint(_chunk_target_logps, h, t, lm_head, use_reentrant=False))
-        else:
-            pieces.append(_chunk_target_logps(h, t, lm_head))
-    picked = torch.cat(pieces) if pieces else rows.new_zeros((0,), dtype=torch.float32)
-
-    token_logps = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device)
-    token_logps = token_logps.masked_scatter(mask, picked)
-    return _reduce(token_logps, targets, lam, num_nll_tokens, num_pairs)
+    n_chosen, n_rejected = t.chosen.shape[1], t.rejected.shape[1]
+    chosen_logps = _pair_mean(picked[:n_chosen], t.chosen[2], t.num_pairs)
+    rejected_logps = _pair_mean(picked[n_chosen : n_chosen + n_rejected], t.rejected[2], t.num_pairs)
+    l_or, log_odds = odds_ratio(chosen_logps, rejected_logps)
+    # NLL targets: the chosen responses, plus (nll_on_prompt) the chosen side's prompt tokens.
+    nll_sum = -(picked[:n_chosen].sum() + picked[n_chosen + n_rejected :].sum())
+    if num_nll_tokens is None:
+        num_nll_tokens = n_chosen + (t.prompt.shape[1] if nll_on_prompt else 0)
+    if num_pairs is None:
+        num_pairs = t.num_pairs
+    nll = nll_sum / num_nll_tokens
+    or_loss = l_or.sum() / num_pairs
+    return ORPOTerms(
+        loss=nll + lam * or_loss,
+        nll=nll,
+        or_loss=or_loss,
+        chosen_logps=chosen_logps,
+        rejected_logps=rejected_logps,
+        log_odds=log_odds,
+    )

@@ -1,8 +1,13 @@
-"""ORPO metrics under TRL's names, summed on the device and read (one host sync) only when logged."""
+"""ORPO metrics under TRL's names, summed on the device and read (one host sync) only when logged.
+
+Under several processes each one sums what it saw; `compute` adds the sums of every process (one
+all-reduce) before dividing, so the logged means are over the global batch, identical on every rank.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from orpo_cli.loss import ORPOTerms
@@ -38,26 +43,30 @@ class MetricTally:
         s["log_sigmoid"] += F.logsigmoid(log_odds).sum()
 
     def add_step(self, loss: torch.Tensor, nll: torch.Tensor) -> None:
-        """Add one optimizer step's (already globally normalised) loss and NLL."""
+        """Add one optimizer step's (already globally normalised) loss and NLL.
+
+        Every rank adds the same global value, so across ranks the sum and the step count both scale by
+        the world size and their ratio, the mean, is unchanged.
+        """
         s = self.sums
         s["steps"] += 1
         s["loss"] += loss.detach().double()
         s["nll"] += nll.detach().double()
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {f"tally/{k}": v for k, v in self.sums.items()}
+        """The sums of every rank (a collective under several processes: call it on all of them)."""
+        return {f"tally/{k}": v for k, v in zip(self.sums, self._global_sums(), strict=True)}
 
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state(self, state: dict[str, torch.Tensor], rank: int = 0) -> None:
+        """Restore `state()`: rank 0 holds the saved sums, the others start from zero (compute adds them)."""
         for k in self.sums:
-            if f"tally/{k}" in state:
+            if f"tally/{k}" in state and rank == 0:
                 self.sums[k] = state[f"tally/{k}"].to(self.device, torch.float64)
 
     def compute(self, lam: float, prefix: str = "") -> dict[str, float]:
-        """Means since the last reset, with TRL's metric names (one host sync)."""
-        v = {
-            k: float(x)
-            for k, x in zip(self.sums, torch.stack(list(self.sums.values())).cpu().tolist(), strict=True)
-        }
+        """Means since the last reset over every rank, with TRL's metric names (one host sync; a collective
+        under several processes: call it on all of them)."""
+        v = {k: float(x) for k, x in zip(self.sums, self._global_sums().cpu().tolist(), strict=True)}
         pairs, steps = max(v["pairs"], 1.0), max(v["steps"], 1.0)
         chosen, rejected = v["chosen"] / pairs, v["rejected"] / pairs
         out = {
@@ -74,3 +83,9 @@ class MetricTally:
             "log_odds_chosen": v["log_odds"] / pairs,
         }
         return {f"{prefix}{k}": val for k, val in out.items()}
+
+    def _global_sums(self) -> torch.Tensor:
+        sums = torch.stack(list(self.sums.values()))
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sums)  # stack made a copy: the local sums stay as they are
+        return sums

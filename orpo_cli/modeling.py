@@ -96,9 +96,17 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
 
 
 def load_model(
-    settings: ModelSettings, quant: QuantizationSettings, device: torch.device, dtype: torch.dtype
+    settings: ModelSettings,
+    quant: QuantizationSettings,
+    device: torch.device,
+    dtype: torch.dtype,
+    quant_storage: torch.dtype | None = None,
 ) -> torch.nn.Module:
-    """The base causal LM on `device`, quantized with bitsandbytes when asked."""
+    """The base causal LM on `device`, quantized with bitsandbytes when asked.
+
+    `quant_storage` stores packed 4-bit weights in that dtype (FSDP flattens a unit's weights into one
+    tensor, so they must share the dtype of the rest of the model); None keeps bitsandbytes' uint8.
+    """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quiet_libraries()
@@ -116,6 +124,7 @@ def load_model(
                 bnb_4bit_quant_type=quant.quant_type,
                 bnb_4bit_use_double_quant=quant.double_quant,
                 bnb_4bit_compute_dtype=compute,
+                **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}),
             )
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)

@@ -294,6 +294,61 @@ class TrainSettings(_Section):
     tensorboard: bool = Field(True, description="Write TensorBoard event files under the run directory.")
 
 
+# ----------------------------------------------------------------------------------------- distributed
+class FsdpSettings(_Section):
+    sharding_strategy: Literal["full_shard", "shard_grad_op", "hybrid_shard", "no_shard"] = Field(
+        "full_shard",
+        description="full_shard: weights, gradients and optimizer state sharded (ZeRO-3-like); shard_grad_op: "
+        "gradients and optimizer state only (ZeRO-2-like); hybrid_shard: full_shard inside a machine, "
+        "replicated across machines; no_shard: plain data parallel.",
+    )
+    auto_wrap: Literal["decoder_layers", "none"] = Field(
+        "decoder_layers",
+        description="decoder_layers: one FSDP unit per decoder layer (and per trainable adapter module); "
+        "none: one unit for the whole model.",
+    )
+    cpu_offload: bool = Field(
+        False, description="Keep the sharded parameters (and their gradients) in CPU memory between uses."
+    )
+
+
+class DeepSpeedSettings(_Section):
+    zero_stage: Literal[2, 3] = Field(
+        2,
+        description="ZeRO stage: 2 shards gradients and optimizer state; 3 also shards the weights "
+        "(not with quantized weights).",
+    )
+    offload_optimizer: bool = Field(
+        False, description="Keep the optimizer state in CPU memory and step it there (ZeRO-Offload)."
+    )
+
+
+class DistributedSettings(_Section):
+    strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = Field(
+        "auto",
+        description="How several processes share the work: auto (ddp when there are several, nothing for "
+        "one), ddp, fsdp or deepspeed. Mixed precision is train.mixed_precision.",
+    )
+    num_processes: Literal["auto"] | int = Field(
+        "auto",
+        description="Processes per machine (one per GPU): auto uses every visible GPU (1 on CPU), or what "
+        "torchrun/accelerate launch started; N launches N (--nproc N sets it).",
+    )
+    fsdp: FsdpSettings = Field(
+        default_factory=FsdpSettings, description="FSDP options (used when strategy is fsdp)."
+    )
+    deepspeed: DeepSpeedSettings = Field(
+        default_factory=DeepSpeedSettings, description="DeepSpeed options (used when strategy is deepspeed)."
+    )
+
+    @field_validator("num_processes", mode="before")
+    @classmethod
+    def _auto_or_positive(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError("must be auto or a whole number of processes >= 1")
+
+
 # ---------------------------------------------------------------------------------------------- recipe
 class Recipe(_Section):
     name: str | None = Field(None, description="Run name; defaults to the recipe file's name.")
@@ -309,6 +364,10 @@ class Recipe(_Section):
     orpo: OrpoSettings = Field(default_factory=OrpoSettings, description="The ORPO objective.")
     data: DataSettings = Field(default_factory=DataSettings, description="Preference data and its mapping.")
     train: TrainSettings = Field(default_factory=TrainSettings, description="Optimisation and bookkeeping.")
+    distributed: DistributedSettings = Field(
+        default_factory=DistributedSettings,
+        description="Several GPUs or machines: strategy (ddp, fsdp, deepspeed) and processes per machine.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from orpo_cli.errors import UserError
+from orpo_cli.errors import Interrupted, RunFailed, UserError
+from orpo_cli.launch import Machines, QuietExit, check_processes, launch, plan_processes
 from orpo_cli.recipe import Recipe
 from orpo_cli.rundir import RunDir
 
@@ -19,6 +20,7 @@ _RESUMABLE_CHANGES = {
     "train.save_every",
     "train.keep_checkpoints",
     "output_dir",
+    "distributed.num_processes",  # the world size itself is checked against the checkpoint's
 }
 
 
@@ -26,12 +28,16 @@ def run_dir_for(recipe: Recipe) -> RunDir:
     return RunDir(Path(recipe.output_dir or Path("runs") / (recipe.name or "run")))
 
 
-def start_run(recipe: Recipe, *, resume: bool, force: bool) -> RunDir:
-    """Train the recipe into its run directory; returns the run directory."""
+def start_run(recipe: Recipe, *, resume: bool, force: bool, machines: Machines | None = None) -> RunDir:
+    """Train the recipe into its run directory; returns the run directory.
+
+    When the recipe (or --nproc) asks for several processes and this is not already one of them, this
+    process launches them (torchrun's launcher) and waits; each of them comes back here as a worker.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
 
     from orpo_cli.adapters import build_adapter, count_parameters
     from orpo_cli.atomic import atomic_dir, atomic_write_text
@@ -55,10 +61,16 @@ def start_run(recipe: Recipe, *, resume: bool, force: bool) -> RunDir:
         _check_same_recipe(run, recipe)
     elif run.root.exists() and any(run.root.iterdir()) and not force:
         run.prepare(resume=False, force=False)  # raises the "exists" error
+    machines = machines or Machines()
+    procs = plan_processes(recipe, machines)
+    check_processes(recipe, procs, resume=resume, run=run)
     device = pick_device(recipe.model.device)
     check_quantization(recipe.quantization, device)
     check_model_source(recipe.model)
     check_source(recipe.data)
+    if procs.needs_launch:  # every check passed here once: now the workers, each back in this function
+        launch(recipe, procs, machines, resume=resume, force=force)
+        return run
 
     dtype = resolve_dtype(recipe.model.dtype, device)
     mixed = recipe.train.mixed_precision
@@ -71,9 +83,12 @@ def start_run(recipe: Recipe, *, resume: bool, force: bool) -> RunDir:
     accelerator = Accelerator(
         cpu=device.type == "cpu",
         mixed_precision=mixed,
+        gradient_accumulation_steps=recipe.train.gradient_accumulation,
         log_with="tensorboard" if recipe.train.tensorboard else None,
         project_dir=str(run.root),
+        **_strategy_plugins(recipe),
     )
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
     reporter = Reporter(enabled=accelerator.is_main_process)
     set_seed(recipe.seed)
 
@@ -83,13 +98,19 @@ def start_run(recipe: Recipe, *, resume: bool, force: bool) -> RunDir:
     data = prepare_data(recipe.data, recipe.orpo, tokenizer)
     reporter.note(data.stats.summary())
 
-    model = load_model(recipe.model, recipe.quantization, device, dtype)
+    # FSDP flattens each unit's weights into one tensor of one dtype: 4-bit weights are stored in the model's
+    # dtype, and the base is not prepared for k-bit training (that would upcast its norms to fp32).
+    model = load_model(
+        recipe.model, recipe.quantization, device, dtype, quant_storage=dtype if fsdp else None
+    )
     adapter = build_adapter(recipe.adapter)
     model = adapter.attach(
         model,
-        quantized=recipe.quantization.mode != "none",
+        quantized=recipe.quantization.mode != "none" and not fsdp,
         gradient_checkpointing=recipe.train.gradient_checkpointing,
     )
+    if fsdp:
+        _shape_fsdp_units(accelerator, model, by_layer=recipe.distributed.fsdp.auto_wrap == "decoder_layers")
     trainable, total = count_parameters(model)
     reporter.note(
         f"model: {recipe.model.name_or_path} on {device} ({str(dtype).removeprefix('torch.')}, "
@@ -108,24 +129,27 @@ def start_run(recipe: Recipe, *, resume: bool, force: bool) -> RunDir:
     if recipe.train.tensorboard:
         accelerator.init_trackers("tensorboard", config=_flat_config(recipe.resolved()))
 
-    result = fit(
-        model=model,
-        adapter=adapter,
-        train_pairs=data.train,
-        eval_pairs=data.eval,
-        train=recipe.train,
-        orpo=recipe.orpo,
-        run=run,
-        accelerator=accelerator,
-        pad_token_id=tokenizer.pad_token_id,
-        seed=recipe.seed,
-        resume=resume,
-        reporter=reporter,
-    )
-    if accelerator.is_main_process:
-        with atomic_dir(run.adapter, replace=True) as tmp:
-            adapter.save(accelerator.unwrap_model(model), tmp)
-    accelerator.wait_for_everyone()
+    trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]  # before any wrapping
+    try:
+        result = fit(
+            model=model,
+            adapter=adapter,
+            train_pairs=data.train,
+            eval_pairs=data.eval,
+            train=recipe.train,
+            orpo=recipe.orpo,
+            run=run,
+            accelerator=accelerator,
+            pad_token_id=tokenizer.pad_token_id,
+            seed=recipe.seed,
+            resume=resume,
+            reporter=reporter,
+        )
+    except (Interrupted, RunFailed) as err:
+        if not accelerator.is_main_process:  # every rank stops alike; rank 0 says why
+            raise QuietExit(130 if isinstance(err, Interrupted) else 1) from None
+        raise
+    _save_adapter(recipe, adapter, result.model or model, trainable_names, accelerator, run)
     accelerator.end_training()
 
     if result.first_eval or result.last_eval:
@@ -143,6 +167,146 @@ def start_run(recipe: Recipe, *, resume: bool, force: bool) -> RunDir:
         )
     reporter.note(f"run directory: {run.root}  (adapter in {run.adapter})")
     return run
+
+
+def _strategy_plugins(recipe: Recipe) -> dict[str, Any]:
+    """accelerate's plugin for distributed.strategy fsdp or deepspeed; ddp and auto need none."""
+    dist, train = recipe.distributed, recipe.train
+    if dist.strategy == "fsdp":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        fsdp = dist.fsdp
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=1,
+            reshard_after_forward=fsdp.sharding_strategy.upper(),
+            auto_wrap_policy="transformer_based_wrap" if fsdp.auto_wrap == "decoder_layers" else "no_wrap",
+            cpu_offload=fsdp.cpu_offload,
+            use_orig_params=True,  # frozen and trainable weights may share a unit (adapters)
+            sync_module_states=False,  # every rank loaded the same weights
+            state_dict_type="FULL_STATE_DICT",
+        )
+        # accelerate's FSDP1 wrapper reads the deprecated `sharding_strategy` first, whose default would win.
+        plugin.sharding_strategy = plugin.reshard_after_forward
+        return {"fsdp_plugin": plugin}
+    if dist.strategy == "deepspeed":
+        from accelerate.utils import DeepSpeedPlugin
+
+        ds = dist.deepspeed
+        plugin = DeepSpeedPlugin(
+            zero_stage=ds.zero_stage,
+            gradient_accumulation_steps=train.gradient_accumulation,
+            gradient_clipping=train.max_grad_norm or 0.0,
+            offload_optimizer_device="cpu" if ds.offload_optimizer else "none",
+            zero3_save_16bit_model=ds.zero_stage == 3,
+        )
+        # No dataloader goes through accelerate, so deepspeed is told the micro batch here; and it may step
+        # a torch optimizer on the CPU when offloading (its own CPUAdam is faster but compiles at start).
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = train.micro_batch_size
+        plugin.deepspeed_config["zero_force_ds_cpu_optimizer"] = False
+        return {"deepspeed_plugin": plugin}
+    return {}
+
+
+def _shape_fsdp_units(accelerator: Any, model: Any, *, by_layer: bool) -> None:
+    """How FSDP cuts the model into units, set on accelerate's plugin before `prepare`.
+
+    The output layer stays whole on every rank (an FSDP-ignored module, as under DDP): the loss projects
+    hidden states through it after the model's forward, when FSDP has put its weights back into shards.
+    By layer: each decoder layer is a unit and, apart from them, each module with trainable weights, so
+    frozen low-precision weights and trainable fp32 ones never share one flat tensor (FSDP needs one dtype).
+    """
+    head = model.get_output_embeddings()
+    if any(p.requires_grad for p in head.parameters()):
+        raise UserError(
+            "distributed.strategy: fsdp cannot train the output layer (lm_head): the loss uses it outside the "
+            "model's forward, so it stays unsharded and its gradients would not be combined across ranks; "
+            "leave lm_head out of adapter.target_modules, or use strategy ddp or deepspeed"
+        )
+    plugin = accelerator.state.fsdp_plugin
+    plugin.ignored_modules = [head]
+    if by_layer:
+        plugin.auto_wrap_policy = fsdp_units(model)
+    return_decoder_output(model)
+
+
+def return_decoder_output(model: Any) -> None:
+    """Make `model`'s forward also return its decoder's last hidden state (as `hidden_states`).
+
+    FSDP starts its backward bookkeeping (the callback that waits for every gradient reduce-scatter) from
+    hooks on the tensors its root module returns. The loss does not use the returned logits: it projects
+    the decoder's hidden state itself (loss.py), so that is the tensor the root must return.
+    """
+    seen: dict[str, Any] = {}
+
+    def keep(_module: Any, _inputs: Any, output: Any) -> None:
+        seen["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    def expose(_module: Any, _inputs: Any, output: Any) -> None:
+        hidden = seen.pop("hidden", None)
+        if hidden is not None and getattr(output, "hidden_states", None) is None:
+            output.hidden_states = (hidden,)
+
+    model.get_decoder().register_forward_hook(keep)
+    model.register_forward_hook(expose)
+
+
+def fsdp_units(model: Any) -> Any:
+    """FSDP's wrap policy: each decoder layer (the model's `_no_split_modules`) is a unit, and so is each
+    module that owns trainable parameters (LoRA's A/B, ReFT's interventions), whatever the adapter."""
+    from torch.distributed.fsdp.wrap import CustomPolicy
+
+    layer_names = set(getattr(model, "_no_split_modules", None) or [])
+
+    def is_unit(module: Any) -> bool:
+        return type(module).__name__ in layer_names or any(
+            p.requires_grad for p in module.parameters(recurse=False)
+        )
+
+    return CustomPolicy(is_unit)
+
+
+def _save_adapter(
+    recipe: Recipe, adapter: Any, model: Any, trainable: list[str], accelerator: Any, run: RunDir
+) -> None:
+    """Rank 0 writes the adapter; where the weights are sharded (FSDP, ZeRO-3) they are gathered first and
+    put into a weightless copy of the model (meta tensors but for the trainable weights) to save from."""
+    from orpo_cli.atomic import atomic_dir
+    from orpo_cli.engine import gathered_trainable_weights, shards_weights
+
+    source = accelerator.unwrap_model(model)
+    if shards_weights(accelerator):
+        weights = gathered_trainable_weights(model, accelerator, trainable)
+        source = weightless_replica(recipe, adapter, weights) if accelerator.is_main_process else None
+    if accelerator.is_main_process:
+        with atomic_dir(run.adapter, replace=True) as tmp:
+            adapter.save(source, tmp)
+    accelerator.wait_for_everyone()
+
+
+def weightless_replica(recipe: Recipe, adapter: Any, weights: dict[str, Any]) -> Any:
+    """The recipe's model with its adapter attached, all on the meta device but for `weights` (by name).
+
+    Enough to save an adapter from trainable weights gathered off a sharded model, without the memory
+    or the time of a second real copy of the base.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from orpo_cli.builtin import resolve_model_path
+
+    settings = recipe.model
+    path = resolve_model_path(settings.name_or_path)
+    config = AutoConfig.from_pretrained(
+        path, revision=settings.revision, trust_remote_code=settings.trust_remote_code
+    )
+    with init_empty_weights():
+        base = AutoModelForCausalLM.from_config(config, trust_remote_code=settings.trust_remote_code)
+    replica = adapter.attach(base, quantized=False, gradient_checkpointing=False)
+    missing = sorted(set(weights) - set(replica.state_dict()))
+    if missing:
+        raise RunFailed(f"cannot save the adapter: gathered weights {missing[:3]} are not in the model")
+    replica.load_state_dict(weights, strict=False, assign=True)
+    return replica
 
 
 def _check_same_recipe(run: RunDir, recipe: Recipe) -> None:

@@ -12,8 +12,9 @@ from types import FrameType, TracebackType
 class StopRequests:
     """Context manager that turns the first SIGINT/SIGTERM into a flag the loop polls (`requested`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.requested = False
+        self.announce = announce  # print what happens (one process of several stays quiet)
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequests:
@@ -30,6 +31,8 @@ class StopRequests:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: stop now
         self.requested = True
+        if not self.announce:
+            return
         name = signal.Signals(signum).name
         print(
             f"\n{name}: stopping after this step and saving a checkpoint (Ctrl-C again to quit at once)",

@@ -410,3 +410,108 @@ def test_rejects_bad_layout() -> None:
         orpo_loss_from_hidden(
             torch.zeros(*batch["input_ids"].shape, 4), nn.Linear(4, VOCAB), batch, chunk_size=0
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# Precomputed targets, the fused frozen head, no data-dependent shapes
+# --------------------------------------------------------------------------------------------------
+
+
+def _tokenized(pairs):
+    from orpo_cli.data import TokenizedPair
+
+    return [TokenizedPair(p, c, r) for p, c, r in pairs]
+
+
+@pytest.mark.parametrize("nll_on_prompt", [False, True])
+def test_precomputed_targets_match_targets_from_labels(nll_on_prompt: bool) -> None:
+    from orpo_cli.batching import collate_pairs
+
+    torch.manual_seed(7)
+    pairs = _pairs(PAIR_LENGTHS, seed=7)
+    collated = collate_pairs(_tokenized(pairs), PAD, layout="padded")
+    hand = _our_batch(pairs)  # no precomputed targets: derived from labels
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(collated[key], hand[key]), key
+    hidden = torch.randn(*hand["input_ids"].shape, 8)
+    head = nn.Linear(8, VOCAB)
+    a = orpo_loss_from_hidden(hidden, head, collated, nll_on_prompt=nll_on_prompt)
+    b = orpo_loss_from_hidden(hidden, head, hand, nll_on_prompt=nll_on_prompt)
+    torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=1e-6)
+    counts = count_normalizers(collated, nll_on_prompt)
+    assert [c.item() for c in counts] == [c.item() for c in count_normalizers(hand, nll_on_prompt)]
+    prefix = collate_pairs(_tokenized(pairs), PAD, layout="prefix")
+    assert [c.item() for c in count_normalizers(prefix, nll_on_prompt)] == [c.item() for c in counts]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("nll_on_prompt", [False, True])
+def test_frozen_linear_head_is_fused_exact_and_never_recomputed(bias: bool, nll_on_prompt: bool, monkeypatch) -> None:
+    torch.manual_seed(8)
+    batch = _our_batch(_pairs(PAIR_LENGTHS, seed=8))
+    head = nn.Linear(16, VOCAB, bias=bias).requires_grad_(False)
+    if bias:
+        with torch.no_grad():
+            head.bias.normal_()
+    hidden = torch.randn(*batch["input_ids"].shape, 16, requires_grad=True)
+
+    ref = orpo_loss(head(hidden), batch, lam=0.1, nll_on_prompt=nll_on_prompt)
+    (ref_grad,) = torch.autograd.grad(ref.loss, hidden)
+
+    rows: list[int] = []
+    real_linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: rows.append(x.shape[0]) or real_linear(x, w, b))
+    lean = orpo_loss_from_hidden(hidden, head, batch, lam=0.1, nll_on_prompt=nll_on_prompt, chunk_size=5)
+    (lean_grad,) = torch.autograd.grad(lean.loss, hidden)
+    monkeypatch.setattr(F, "linear", real_linear)
+
+    for name in ("loss", "nll", "or_loss", "chosen_logps", "rejected_logps", "log_odds"):
+        torch.testing.assert_close(getattr(lean, name), getattr(ref, name), rtol=0, atol=1e-5)
+    torch.testing.assert_close(lean_grad, ref_grad, rtol=0, atol=1e-6)
+    assert ref_grad.abs().max() > 1e-3
+    # Each target row is projected once, forward only (the backward reuses the row gradients), in chunks.
+    labels, mask = batch["labels"][:, 1:], batch["attention_mask"][:, 1:]
+    b = labels.shape[0] // 2
+    n_targets = (labels != -100).sum().item()
+    if nll_on_prompt:
+        n_targets += ((mask[:b] == 1) & (labels[:b] == -100)).sum().item()
+    assert sum(rows) == n_targets and max(rows) <= 5
+
+
+def test_trainable_head_takes_the_checkpointed_path_and_gets_gradients() -> None:
+    torch.manual_seed(9)
+    batch = _our_batch(_pairs(PAIR_LENGTHS, seed=9))
+    head = nn.Linear(8, VOCAB)
+    hidden = torch.randn(*batch["input_ids"].shape, 8, requires_grad=True)
+    ref = orpo_loss(head(hidden), batch, nll_on_prompt=True)
+    ref_grads = torch.autograd.grad(ref.loss, [hidden, head.weight, head.bias])
+    lean = orpo_loss_from_hidden(hidden, head, batch, nll_on_prompt=True, chunk_size=4)
+    lean_grads = torch.autograd.grad(lean.loss, [hidden, head.weight, head.bias])
+    assert _max_diff(list(lean_grads), list(ref_grads)) <= 1e-5
+
+
+@pytest.mark.parametrize("layout", ["padded", "prefix"])
+def test_collated_batches_need_no_data_dependent_shapes(layout: str) -> None:
+    """Under FakeTensorMode an op whose output size depends on tensor values (a boolean gather, nonzero,
+    .item()) raises: the loss of a collated batch runs without one, so it never waits for the device."""
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode
+
+    from orpo_cli.batching import collate_pairs
+
+    batch = collate_pairs(_tokenized(_pairs(PAIR_LENGTHS, seed=10)), PAD, layout=layout)
+    real_hidden = torch.randn(*batch["input_ids"].shape, 8)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        hidden = mode.from_tensor(real_hidden).requires_grad_(True)
+        head = nn.Linear(8, VOCAB).requires_grad_(False)
+        terms = orpo_loss_from_hidden(hidden, head, fake, nll_on_prompt=True)
+        nll_tokens, pairs = count_normalizers(fake, nll_on_prompt=True)
+        terms = orpo_loss_from_hidden(hidden, head, fake, nll_on_prompt=True, num_nll_tokens=nll_tokens, num_pairs=pairs)
+        terms.loss.backward()
+        assert hidden.grad.shape == hidden.shape
+    # ... whereas a hand-made batch without targets needs one (the check is not vacuous).
+    hand = _our_batch(_pairs(PAIR_LENGTHS, seed=10))
+    hand_hidden = torch.randn(*hand["input_ids"].shape, 8)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, pytest.raises(DynamicOutputShapeException):
+        fake = {k: mode.from_tensor(v) for k, v in hand.items()}
+        orpo_loss_from_hidden(mode.from_tensor(hand_hidden), nn.Linear(8, VOCAB), fake)

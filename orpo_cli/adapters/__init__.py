@@ -5,6 +5,7 @@ from __future__ import annotations
 from orpo_cli.adapters.base import Adapter, count_parameters, trainable_state
 from orpo_cli.adapters.full import FullAdapter
 from orpo_cli.adapters.lora import LoraAdapter
+from orpo_cli.adapters.reft import ReftAdapter
 from orpo_cli.recipe import FullSettings, LoraSettings, ReftSettings
 
 
@@ -12,6 +13,8 @@ def build_adapter(settings: LoraSettings | ReftSettings | FullSettings) -> Adapt
     """The adapter a recipe's `adapter:` section asks for."""
     if isinstance(settings, LoraSettings):
         return LoraAdapter(settings)
+    if isinstance(settings, ReftSettings):
+        return ReftAdapter(settings)
     if isinstance(settings, FullSettings):
         return FullAdapter()
     from orpo_cli.errors import UserError

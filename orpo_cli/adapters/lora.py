@@ -56,3 +56,7 @@ class LoraAdapter:
         from peft import PeftModel
 
         return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        # W + (alpha/r)·BA into each adapted Linear, then drop the PEFT wrapper: a plain transformers model.
+        return model.merge_and_unload(safe_merge=True)

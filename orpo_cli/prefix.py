@@ -1,0 +1,330 @@
+"""Prefix sharing: each pair's prompt runs through the model once, chosen and rejected both attend to it.
+
+One row per pair holds ``[prompt | chosen | rejected]``, right-padded::
+
+    columns    0 .. P-1     P .. P+C-1      P+C .. P+C+R-1     padding
+    positions  0 .. P-1     P .. P+C-1      P .. P+R-1         P+R, P+R+1, ...
+
+Chosen positions continue after the prompt; rejected positions restart at the same place, so each
+response sees exactly the rotary/absolute positions it would see in its own ``prompt + response`` row.
+The 4-D attention mask (built on the device by :func:`attention_mask_4d`, from the three lengths) lets a
+token see the prompt and the earlier tokens of its own segment, never the other response: a rejected
+token does not see the chosen one. Padding columns see only themselves (no row of the mask is empty,
+so no NaN), and their positions continue past the rejected response so that no padding column ever
+carries a prompt position (the ReFT adapter reads prompt positions from ``position_ids`` when the mask
+is 4-D).
+
+Compared with the ``[2B, L]`` chosen-then-rejected layout this computes the prompt once instead of twice
+and pads each pair once instead of padding both rows to the longest sequence of the batch.
+
+The prefix batch also carries what adapters read in the padded layout: a 2-D ``attention_mask``
+(1 on real tokens) and ``prompt_lengths`` ``[B]``, one row per pair. The loss targets are precomputed
+here too (see :func:`orpo_cli.batching.loss_targets`): which hidden row predicts which token.
+
+Attention. A dense ``[B, W, W]`` mask makes the kernel score every query against every key of its row,
+the chosen-rejected block and the padding included. With ``sdpa`` the forward therefore also passes the
+host-side :class:`Segments` (per-pair lengths as Python ints) under the keyword ``orpo_prefix``, which
+transformers hands down to the attention function; :func:`install_block_attention` wraps the registered
+``sdpa`` function so that, given it, each pair's attention runs as two exact blocks: prompt + chosen
+causally (``is_causal``, no mask), and rejected against ``[prompt | rejected]`` with a small
+lower-right causal mask. Without the keyword the wrapper is the plain ``sdpa`` function, and the dense
+mask passed alongside stays correct for any kernel that does not know the keyword.
+
+Custom 4-D masks reach the attention kernels as-is in transformers 5 (``masking_utils`` returns a 4-D
+mask untouched) for the ``sdpa`` and ``eager`` implementations: ``sdpa`` takes the boolean mask (True =
+attend), ``eager`` adds it to the scores, so it gets the additive float form (0 / dtype minimum). Other
+kernels (flash-attention, flex) drop or reject such masks: :func:`supports_prefix` says whether a model
+can take this layout, and :func:`to_padded` turns a prefix batch back into the padded layout for the
+ones that cannot (on the device, without a host sync). No flash-attention varlen path is implemented:
+varlen kernels cannot express "rejected sees the prompt but not chosen" in one call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from orpo_cli.data import TokenizedPair
+
+IGNORE_INDEX = -100
+
+# Attention implementations that apply a custom 4-D mask exactly.
+MASKED_ATTENTION = ("sdpa", "eager")
+
+# The keyword under which the forward hands the per-pair lengths to the attention function.
+PREFIX_KWARG = "orpo_prefix"
+
+# Segment codes of a column, in column order: prompt 0, chosen 1, rejected 2, padding 3.
+_PROMPT, _PAD = 0, 3
+
+
+class Segments:
+    """Each pair's (prompt, chosen, rejected) lengths as Python ints: a batch entry that stays on the host.
+
+    The block attention needs the lengths as numbers to slice with; reading them from a device tensor
+    would sync. ``.to(...)`` returns the object itself, so code that moves a whole batch to the device
+    (``{k: v.to(device) for k, v in batch.items()}``) leaves it where it is.
+    """
+
+    def __init__(self, lengths: Sequence[tuple[int, int, int]]):
+        self.lengths = tuple((int(p), int(c), int(r)) for p, c, r in lengths)
+        self._masks: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def to(self, *_args: Any, **_kwargs: Any) -> Segments:
+        return self
+
+    def __repr__(self) -> str:
+        return f"Segments({list(self.lengths)})"
+
+    def rejected_mask(self, pair: int, device: torch.device) -> torch.Tensor:
+        """``[R, P + R]`` bool: rejected token j sees the whole prompt and rejected tokens ``<= j``."""
+        key = (pair, device)
+        if key not in self._masks:
+            p, _, r = self.lengths[pair]
+            self._masks[key] = torch.ones(r, p + r, dtype=torch.bool, device=device).tril(diagonal=p)
+        return self._masks[key]
+
+
+def collate_prefix(
+    pairs: Sequence[TokenizedPair], pad_token_id: int, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor]:
+    """One ``[prompt | chosen | rejected]`` row per pair (see the module docstring), with loss targets.
+
+    Keys: ``input_ids``, ``attention_mask`` (2-D, 1 on real tokens), ``position_ids``,
+    ``prompt_lengths``, ``chosen_lengths``, ``rejected_lengths`` (each ``[B]``), ``segments`` (the same
+    lengths on the host, see :class:`Segments`) and the loss targets of
+    :func:`orpo_cli.batching.loss_targets`.
+    """
+    from orpo_cli.batching import loss_targets
+
+    if not pairs:
+        raise ValueError("collate_prefix needs at least one pair")
+    lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+    width = max(lengths)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+
+    rows = len(pairs)
+    input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((rows, width), dtype=torch.long)
+    position_ids = torch.empty((rows, width), dtype=torch.long)
+    for i, pair in enumerate(pairs):
+        p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+        n = p + c + r
+        input_ids[i, :n] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids, dtype=torch.long)
+        attention_mask[i, :n] = 1
+        position_ids[i, : p + c] = torch.arange(p + c)
+        position_ids[i, p + c :] = torch.arange(p, p + r + width - n)  # rejected restarts after the prompt
+    prompt_lengths, chosen_lengths, rejected_lengths = (
+        torch.tensor([len(getattr(p, key)) for p in pairs], dtype=torch.long)
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids")
+    )
+    row_index = torch.arange(rows)
+    batch: dict[str, Any] = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "prompt_lengths": prompt_lengths,
+        "chosen_lengths": chosen_lengths,
+        "rejected_lengths": rejected_lengths,
+        "segments": Segments([(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]),
+    }
+    batch.update(
+        loss_targets(
+            pairs,
+            width=width,
+            chosen_rows=row_index,
+            chosen_starts=prompt_lengths,
+            rejected_rows=row_index,
+            rejected_starts=prompt_lengths + chosen_lengths,
+        )
+    )
+    return batch
+
+
+def is_prefix_batch(batch: Mapping[str, torch.Tensor]) -> bool:
+    """Whether `batch` is in the prefix-shared layout (one row per pair)."""
+    return "position_ids" in batch and "chosen_lengths" in batch
+
+
+def attention_mask_4d(batch: Mapping[str, torch.Tensor], additive_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The ``[B, 1, W, W]`` mask of a prefix batch, built on the batch's device (no host sync).
+
+    Boolean (True = attend) by default, the form ``sdpa`` takes; with `additive_dtype`, 0 where a token
+    may attend and that dtype's minimum elsewhere, the form ``eager`` attention adds to its scores.
+    """
+    ids = batch["input_ids"]
+    width = ids.shape[1]
+    prompt = batch["prompt_lengths"].to(ids.device).unsqueeze(1)
+    chosen_end = prompt + batch["chosen_lengths"].to(ids.device).unsqueeze(1)
+    rejected_end = chosen_end + batch["rejected_lengths"].to(ids.device).unsqueeze(1)
+    column = torch.arange(width, device=ids.device).unsqueeze(0)  # [1, W]
+    segment = (column >= prompt).long() + (column >= chosen_end).long() + (column >= rejected_end).long()
+    query, key = segment.unsqueeze(2), segment.unsqueeze(1)  # [B, W, 1], [B, 1, W]
+    causal = column.unsqueeze(2) >= column.unsqueeze(1)  # [1, W, W]
+    diagonal = column.unsqueeze(2) == column.unsqueeze(1)
+    allowed = causal & ((key == _PROMPT) | ((key == query) & (key != _PAD)) | diagonal)
+    allowed = allowed.unsqueeze(1)
+    if additive_dtype is None:
+        return allowed
+    zero = torch.zeros((), dtype=additive_dtype, device=ids.device)
+    return torch.where(allowed, zero, torch.finfo(additive_dtype).min)
+
+
+def attention_implementation(model: nn.Module) -> str:
+    """The model's attention implementation name (``sdpa``, ``eager``, ``flash_attention_2``, ...)."""
+    config = getattr(model, "config", None)
+    name = getattr(config, "_attn_implementation", None) or "eager"
+    return str(name)
+
+
+def supports_prefix(model: nn.Module, batch: Mapping[str, Any] | None = None) -> bool:
+    """Whether `model` can run prefix batches exactly (`batch`'s, when given).
+
+    It must apply custom 4-D masks (``sdpa``, ``eager``), and a sliding attention window, if the model has
+    one, must cover every sequence of the batch: transformers leaves custom 4-D masks as they are, so a
+    window would not be applied. The padded layout (2-D masks) applies it.
+    """
+    if attention_implementation(model) not in MASKED_ATTENTION:
+        return False
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return True
+    if batch is None or "segments" not in batch:
+        return False
+    return all(p + max(c, r) <= window for p, c, r in batch["segments"].lengths)
+
+
+def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of `model`'s forward for a prefix batch.
+
+    ``input_ids``, ``position_ids`` and the 4-D ``attention_mask`` in the form the model's attention takes
+    (boolean for ``sdpa``, additive for ``eager``); for ``sdpa`` also the host-side segments under
+    :data:`PREFIX_KWARG`, which the wrapped ``sdpa`` turns into exact per-pair block attention.
+    """
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    if attention_implementation(model) == "eager":
+        dtype = model.get_input_embeddings().weight.dtype
+        inputs["attention_mask"] = attention_mask_4d(batch, dtype if dtype.is_floating_point else torch.float32)
+        return inputs
+    inputs["attention_mask"] = attention_mask_4d(batch)
+    if "segments" in batch:
+        install_block_attention()
+        inputs[PREFIX_KWARG] = batch["segments"]
+    return inputs
+
+
+def block_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    segments: Segments,
+    *,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+) -> torch.Tensor:
+    """Attention of a prefix batch, pair by pair, on exactly the blocks the 4-D mask allows.
+
+    `query` is ``[B, Hq, W, d]``, `key` and `value` ``[B, Hkv, W, d]`` (``Hq`` a multiple of ``Hkv``).
+    Pair i's prompt + chosen columns attend causally among themselves; its rejected columns attend to
+    ``[prompt | rejected]`` under :meth:`Segments.rejected_mask`; padding columns get zeros. Returns
+    ``[B, W, Hq, d]``, the layout transformers' attention functions return. The loop is over pairs (a
+    handful per micro-batch), never over tokens; the splits are views, so the backward pass stitches the
+    gradients together without scattering into zero-filled copies.
+    """
+    width, heads, dim = query.shape[2], query.shape[1], query.shape[3]
+    gqa = key.shape[1] != heads
+    masked_gqa = gqa and query.device.type == "cpu"  # elsewhere masked GQA falls back to the math kernel
+    rows = []
+    for (p, c, r), q, k, v in zip(segments.lengths, query.unbind(0), key.unbind(0), value.unbind(0), strict=True):
+        pad = width - p - c - r
+        q_pc, q_r, _ = q.unsqueeze(0).split([p + c, r, pad], dim=2)
+        k_pc, k_r, _ = k.unsqueeze(0).split([p + c, r, pad], dim=2)
+        v_pc, v_r, _ = v.unsqueeze(0).split([p + c, r, pad], dim=2)
+        chosen = F.scaled_dot_product_attention(
+            q_pc, k_pc, v_pc, is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa
+        )
+        k_pr, v_pr = torch.cat([k_pc[:, :, :p], k_r], dim=2), torch.cat([v_pc[:, :, :p], v_r], dim=2)
+        if gqa and not masked_gqa:
+            k_pr = k_pr.repeat_interleave(heads // k_pr.shape[1], dim=1)
+            v_pr = v_pr.repeat_interleave(heads // v_pr.shape[1], dim=1)
+        rejected = F.scaled_dot_product_attention(
+            q_r, k_pr, v_pr, attn_mask=segments.rejected_mask(len(rows), query.device),
+            dropout_p=dropout, scale=scaling, enable_gqa=masked_gqa,
+        )
+        parts = [chosen, rejected] + ([query.new_zeros(1, heads, pad, dim)] if pad else [])
+        rows.append(torch.cat(parts, dim=2))
+    return torch.cat(rows, dim=0).transpose(1, 2).contiguous()
+
+
+_BASE_SDPA: Any = None
+
+
+def install_block_attention() -> None:
+    """Wrap transformers' registered ``sdpa`` attention so that it honours :data:`PREFIX_KWARG` (idempotent).
+
+    The wrapper calls :func:`block_attention` when a forward passes segments (and no KV cache or logit
+    soft-capping is in use), and the original function, untouched, otherwise, with the dense 4-D mask the
+    forward passed too: models that never see the keyword behave as before. Registered once per process,
+    globally, through transformers' ``AttentionInterface``, so that activation checkpointing, which re-runs
+    a layer after the forward call has returned, finds it too.
+    """
+    global _BASE_SDPA
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    current = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if getattr(current, "_orpo_prefix", False):
+        return
+    _BASE_SDPA = current
+
+    def sdpa_with_prefix(module, query, key, value, attention_mask, *args, **kwargs):
+        segments = kwargs.pop(PREFIX_KWARG, None)
+        if segments is None or query.shape[2] != key.shape[2] or kwargs.get("softcap") is not None:
+            return _BASE_SDPA(module, query, key, value, attention_mask, *args, **kwargs)
+        dropout = kwargs.get("dropout", args[0] if args else 0.0)
+        scaling = kwargs.get("scaling", args[1] if len(args) > 1 else None)
+        return block_attention(query, key, value, segments, dropout=dropout, scaling=scaling), None
+
+    sdpa_with_prefix._orpo_prefix = True  # type: ignore[attr-defined]
+    AttentionInterface.register("sdpa", sdpa_with_prefix)
+
+
+def to_padded(batch: Mapping[str, Any], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """The same pairs in the padded ``[2B, L]`` layout of :func:`orpo_cli.batching.collate_pairs`.
+
+    For models that cannot run a prefix batch. No host sync: the padded layout is collated on the host
+    from the segments with each token's *flat index* in the prefix batch standing in for its id, and
+    the ids are then gathered on the device through those indices.
+    """
+    from orpo_cli.batching import TARGET_KEYS, collate_pairs
+
+    ids = batch["input_ids"]
+    width = ids.shape[1]
+    stand_ins = []
+    for i, (p, c, r) in enumerate(batch["segments"].lengths):
+        flat = list(range(i * width, i * width + p + c + r))
+        stand_ins.append(TokenizedPair(flat[:p], flat[p : p + c], flat[p + c :]))
+    index = collate_pairs(stand_ins, pad_token_id=-1, layout="padded")
+    index = {k: v.to(ids.device) for k, v in index.items()}
+    source = ids.reshape(-1)
+
+    def gathered(where: torch.Tensor, fill: int) -> torch.Tensor:
+        return torch.where(where >= 0, source[where.clamp(min=0)], torch.full_like(where, fill))
+
+    padded = {
+        "input_ids": gathered(index["input_ids"], pad_token_id),
+        "attention_mask": index["attention_mask"],
+        "labels": gathered(index["labels"], IGNORE_INDEX),
+        "prompt_lengths": index["prompt_lengths"],
+    }
+    for key in TARGET_KEYS:
+        targets = index[key].clone()
+        targets[1] = source[targets[1]]
+        padded[key] = targets
+    return padded

@@ -1,0 +1,104 @@
+"""Shared fixtures: a private cache for the whole session, and tiny trained runs built once and reused.
+
+The runs are real `orpo-tune train` runs (recipes/tiny-*.yaml through `start_run`), short and without
+TensorBoard. They are shared by every test file: a test that writes into a run directory (eval.json,
+samples.jsonl, a deleted adapter) should work on a copy from the `copy_run` fixture instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+# One CPU thread per process, for this process and every subprocess a test starts (they inherit it): the
+# built-in models are so small that OpenMP's thread handoffs cost more than the work, and under any other
+# load on the machine (a 2-core CI runner, torchrun ranks, a second test process) two spinning threads per
+# process make CPU tests ~10x slower. Set OMP_NUM_THREADS yourself to override.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from orpo_cli.rundir import RunDir  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+ROOT = Path(__file__).parents[1]
+RUN_STEPS = 40  # enough for the tiny demo to reach eval accuracy >= 0.9 (≈0.3 s a step on a CPU)
+# Runs that only need a trained adapter: fewer steps, and a 24-pair eval split (evaluated at both ends).
+_SHORT = ("train.max_steps=10", "train.eval_every=10", "train.save_every=10", "data.eval_ratio=0.02")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def orpo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ORPO_TUNE_CACHE (built-in models, prepared data) in a session temporary directory, never ~/.cache.
+
+    Subprocesses started by tests inherit it through the environment.
+    """
+    cache = tmp_path_factory.mktemp("orpo-tune-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ORPO_TUNE_CACHE", str(cache))
+        yield cache
+
+
+def train_tiny_run(out: Path, recipe: str, *overrides: str) -> RunDir:
+    """Train recipes/`recipe` into `out`: RUN_STEPS steps, evaluated at step 0 and at the end, no TensorBoard."""
+    from orpo_cli.recipe import load_recipe
+    from orpo_cli.run import start_run
+
+    settings = [
+        f"train.max_steps={RUN_STEPS}",
+        f"train.eval_every={RUN_STEPS}",
+        f"train.save_every={RUN_STEPS}",
+        "train.tensorboard=false",
+        f"output_dir={out}",
+        *overrides,
+    ]
+    return start_run(load_recipe(ROOT / "recipes" / recipe, settings), resume=False, force=False)
+
+
+def _copy_run(run: RunDir, dest: Path) -> RunDir:
+    target = Path(dest) / run.root.name
+    shutil.copytree(run.root, target, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+    return RunDir(target)
+
+
+@pytest.fixture
+def copy_run(tmp_path: Path):
+    """`copy_run(run)`: a private copy (without checkpoints) of a shared run, in this test's tmp_path."""
+    return lambda run: _copy_run(run, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_run(tmp_path_factory: pytest.TempPathFactory, orpo_cache: Path) -> RunDir:
+    """recipes/tiny-lora.yaml trained for RUN_STEPS steps: eval accuracy >= 0.9, base near chance."""
+    return train_tiny_run(tmp_path_factory.mktemp("tiny-lora") / "run", "tiny-lora.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_qlora_run(tmp_path_factory: pytest.TempPathFactory, orpo_cache: Path) -> RunDir:
+    """recipes/tiny-qlora.yaml (LoRA on a 4-bit NF4 base), 10 steps, a 2% eval split (4-bit is slow on a CPU)."""
+    return train_tiny_run(tmp_path_factory.mktemp("tiny-qlora") / "run", "tiny-qlora.yaml", *_SHORT)
+
+
+@pytest.fixture(scope="session")
+def tiny_reft_run(tmp_path_factory: pytest.TempPathFactory, orpo_cache: Path) -> RunDir:
+    """recipes/tiny-reft.yaml, 10 steps (enough to move the interventions off their init), a 2% eval split."""
+    pytest.importorskip("orpo_cli.adapters.reft", reason="the ReFT adapter is not in this tree")
+    return train_tiny_run(tmp_path_factory.mktemp("tiny-reft") / "run", "tiny-reft.yaml", *_SHORT)
+
+
+@pytest.fixture(scope="session")
+def tiny_full_run(tmp_path_factory: pytest.TempPathFactory, orpo_cache: Path) -> RunDir:
+    """recipes/tiny-lora.yaml with `adapter: {kind: none}` (full fine-tuning), 3 steps, a 2% eval split."""
+    return train_tiny_run(
+        tmp_path_factory.mktemp("tiny-full") / "run",
+        "tiny-lora.yaml",
+        "adapter={kind: none}",
+        "train.lr=1e-3",
+        *_SHORT,
+        "train.max_steps=3",
+        "train.eval_every=3",
+        "train.save_every=3",
+    )

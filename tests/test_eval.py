@@ -1,0 +1,154 @@
+"""`orpo-tune eval`: held-out numbers of a trained run, base vs tuned, eval.json, samples, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from orpo_cli.cli import app
+from orpo_cli.evaluate import EVAL_METRICS
+
+runner = CliRunner()
+KEYS = {"accuracy", "log_odds_ratio", "margin", "nll", "perplexity", "num_pairs"}
+
+
+def _eval(*args):
+    return runner.invoke(app, ["eval", *[str(a) for a in args]])
+
+
+def _small_data(path: Path, rows: int = 3) -> Path:
+    from orpo_cli.demo_data import demo_rows
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in demo_rows()[:rows]), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def lora_eval(tiny_lora_run, tmp_path_factory):
+    """`eval --base --json` on a copy of the tiny LoRA run: (run, parsed stdout)."""
+    import shutil
+
+    from orpo_cli.rundir import RunDir
+
+    run = RunDir(tmp_path_factory.mktemp("eval") / "run")
+    shutil.copytree(tiny_lora_run.root, run.root, ignore=shutil.ignore_patterns("checkpoints"))
+    result = _eval(run.root, "--base", "--json")
+    assert result.exit_code == 0, result.output
+    return run, json.loads(result.stdout)
+
+
+def test_orpo_helped_tuned_beats_base(lora_eval):
+    _, out = lora_eval
+    assert KEYS | {"base"} <= set(out)
+    assert KEYS <= set(out["base"])
+    assert out["accuracy"] >= 0.9
+    assert abs(out["base"]["accuracy"] - 0.5) < 0.2  # a random-init model: near chance
+    assert out["num_pairs"] == out["base"]["num_pairs"] == 125  # the demo's 10% held-out split
+    assert out["margin"] > 0 > out["base"]["margin"] - 0.05
+    assert out["log_odds_ratio"] > out["base"]["log_odds_ratio"]
+    assert out["nll"] < out["base"]["nll"]  # SFT term: the chosen answers got likelier
+    for side in (out, out["base"]):
+        assert side["perplexity"] == pytest.approx(math.exp(side["nll"]))
+    assert out["diff"]["accuracy"] == pytest.approx(out["accuracy"] - out["base"]["accuracy"])
+
+
+def test_numbers_match_the_training_eval_of_the_same_split(lora_eval):
+    """eval rebuilt the run's eval split from recipe.yaml and loaded the adapter the run trained: the numbers
+    equal the engine's own last eval (tiny-lora: NLL on the response only) and, for the base, its step-0 eval
+    (LoRA starts as the identity)."""
+    run, out = lora_eval
+    evals = [r for r in run.read_metrics() if "eval_loss" in r]
+    first, last = evals[0], evals[-1]
+    # fp32 on a CPU: equal up to summation order; bf16 on a GPU: batches padded differently round differently.
+    rel, acc = (1e-4, 1e-6) if not torch.cuda.is_available() else (5e-3, 0.03)
+    assert out["accuracy"] == pytest.approx(last["eval_rewards/accuracies"], abs=acc)
+    assert out["nll"] == pytest.approx(last["eval_nll_loss"], rel=rel)
+    assert out["log_odds_ratio"] == pytest.approx(last["eval_log_odds_chosen"], rel=rel * 10, abs=1e-5)
+    assert out["or_loss"] == pytest.approx(-last["eval_log_odds_ratio"], rel=rel)
+    assert out["base"]["accuracy"] == pytest.approx(first["eval_rewards/accuracies"], abs=acc)
+    assert out["base"]["nll"] == pytest.approx(first["eval_nll_loss"], rel=rel)
+
+
+def test_eval_json_written_and_equal_to_stdout(lora_eval):
+    run, out = lora_eval
+    saved = json.loads((run.root / "eval.json").read_text())
+    assert saved == out
+    assert not list(run.root.glob(".eval.json*"))  # the atomic write left no temporary behind
+
+
+def test_table_data_file_and_samples(tiny_lora_run, copy_run, tmp_path):
+    run = copy_run(tiny_lora_run)
+    data = _small_data(tmp_path / "held.jsonl", rows=3)
+    result = _eval(run.root, "--data", data, "--samples", 2, "--max-new-tokens", 6, "--base")
+    assert result.exit_code == 0, result.output
+    for label in ("preference accuracy", "chosen perplexity", "tuned - base", str(data)):
+        assert label in result.stdout
+    saved = json.loads((run.root / "eval.json").read_text())
+    assert saved["num_pairs"] == 3 and saved["data"] == str(data)
+    lines = (run.root / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        sample = json.loads(line)
+        assert set(sample) == {"prompt", "chosen", "rejected", "base", "tuned"}
+        assert sample["prompt"].startswith("<|bos|><|user|>") and sample["prompt"].endswith("<|assistant|>\n")
+
+
+def test_eval_on_a_4bit_run(tiny_qlora_run, copy_run, tmp_path):
+    run = copy_run(tiny_qlora_run)
+    data = _small_data(tmp_path / "held.jsonl", rows=4)
+    result = _eval(run.root, "--data", data, "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["num_pairs"] == 4 and "base" not in out
+    assert "quantization 4bit" in result.stderr
+
+
+def test_eval_reft_run_base_is_adapter_off(tiny_reft_run, copy_run, tmp_path):
+    run = copy_run(tiny_reft_run)
+    result = _eval(run.root, "--data", _small_data(tmp_path / "held.jsonl", rows=4), "--base", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["adapter"] == "reft"
+    assert out["nll"] != out["base"]["nll"]  # the interventions are on for tuned, off for base
+
+
+def test_eval_full_finetune_base_is_the_base_model_loaded_again(tiny_full_run, copy_run, tmp_path):
+    run = copy_run(tiny_full_run)
+    result = _eval(run.root, "--data", _small_data(tmp_path / "held.jsonl", rows=4), "--base", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["adapter"] == "none"
+    assert out["nll"] != out["base"]["nll"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["{tmp}"], "not a run directory"),
+        (["{run}", "--data", "{tmp}/missing.jsonl"], "--data: no such file"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2(tiny_lora_run, copy_run, tmp_path, args, message):
+    run = copy_run(tiny_lora_run)
+    result = _eval(*[a.format(tmp=tmp_path / "nothing-here", run=run.root) for a in args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_unfinished_run_is_a_user_error(tiny_lora_run, copy_run):
+    import shutil
+
+    run = copy_run(tiny_lora_run)
+    shutil.rmtree(run.adapter)
+    result = _eval(run.root)
+    assert result.exit_code == 2 and "no trained adapter yet" in result.output
+
+
+def test_metric_labels_cover_the_required_keys():
+    assert KEYS <= set(EVAL_METRICS)
