@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(VENV)/bin/orpo-tune train recipes/tiny-lora.yaml --force
+	$(VENV)/bin/orpo-tune eval $(DEMO) --base
+	$(VENV)/bin/orpo-tune export $(DEMO) --out exports/tiny-lora --force
+	$(VENV)/bin/orpo-tune generate exports/tiny-lora --prompt "What colour is a banana?" --max-new-tokens 32
 
 test: install
 	$(PY) -m pytest -q

@@ -165,6 +165,8 @@ def start_run(recipe: Recipe, *, resume: bool, force: bool, machines: Machines |
         reporter.table(
             f"eval: step 0 vs step {result.steps}", ["metric", "step 0", f"step {result.steps}"], rows
         )
+    if accelerator.is_main_process:
+        _plot_if_possible(run, reporter)
     reporter.note(f"run directory: {run.root}  (adapter in {run.adapter})")
     return run
 
@@ -341,3 +343,15 @@ def _flat_config(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
     return flat
+
+
+def _plot_if_possible(run: RunDir, reporter: Any) -> None:
+    """Training curves into the run directory when matplotlib is installed (it is an optional extra)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        reporter.note("no training-curves.png: pip install 'orpo-tune[plot]' for it, then `orpo-tune plot RUN_DIR`")
+        return
+    from orpo_cli.plots import plot_run
+
+    reporter.note(f"training curves: {plot_run(run)}")

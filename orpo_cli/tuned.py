@@ -165,7 +165,9 @@ def load_merged(path: Path, *, device: torch.device | None = None) -> Tuned:
     from transformers import AutoModelForCausalLM
 
     from orpo_cli.adapters.full import FullAdapter
+    from orpo_cli.modeling import quiet_libraries
 
+    quiet_libraries()
     path = Path(path)
     recipe = read_recipe(path / EXPORT_RECIPE) if (path / EXPORT_RECIPE).is_file() else None
     device = device or inference_device(recipe)
