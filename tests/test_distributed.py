@@ -111,6 +111,7 @@ def test_two_processes_agree_with_one_process_on_the_same_global_batch(tmp_path)
         "metrics.jsonl",
         "recipe.yaml",
         "tokenizer",
+        "training-curves.png",
     ]
     a, b = _records(one), _records(two)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 2, 3, 4, 4]  # eval at 0, 2, 4
