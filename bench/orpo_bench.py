@@ -1,4 +1,4 @@
-"""One ORPO step, TRL's ORPOTrainer against orpo-tune's engine, side by side, each in a fresh process.
+"""ORPO training steps, TRL's ORPOTrainer against orpo-tune's engine, side by side, each in a fresh process.
 
     make bench                                   # the reference configuration, both objectives
     .venv/bin/python bench/orpo_bench.py --steps 6 --nll-on-prompt true
