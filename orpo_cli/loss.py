@@ -413,8 +413,9 @@ class _FrozenHeadLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target_ids, chunk_size):  # type: ignore[override]
-        need_grad = ctx.needs_input_grad[0]
+    def forward(ctx, hidden, weight, bias, target_ids, chunk_size, need_grad):  # type: ignore[override]
+        # need_grad comes from the caller: inside forward grad mode is off, and ctx.needs_input_grad says
+        # True under torch.no_grad() too, where no backward will ever come.
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         row_grads = torch.empty_like(hidden) if need_grad else None
         for start in range(0, hidden.shape[0], chunk_size):
@@ -437,7 +438,7 @@ class _FrozenHeadLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         (row_grads,) = ctx.saved_tensors
-        return grad_out.unsqueeze(-1).to(row_grads.dtype) * row_grads, None, None, None, None
+        return grad_out.unsqueeze(-1).to(row_grads.dtype) * row_grads, None, None, None, None, None
 
 
 def _frozen_linear(lm_head: Callable[[torch.Tensor], torch.Tensor]) -> nn.Linear | None:
@@ -472,7 +473,8 @@ def target_logps(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     head = _frozen_linear(lm_head)
     if head is not None:
-        return _FrozenHeadLogProbs.apply(hidden_rows, head.weight, head.bias, target_ids, chunk_size)
+        need_grad = torch.is_grad_enabled() and hidden_rows.requires_grad
+        return _FrozenHeadLogProbs.apply(hidden_rows, head.weight, head.bias, target_ids, chunk_size, need_grad)
     use_checkpoint = torch.is_grad_enabled()
     pieces = []
     for start in range(0, hidden_rows.shape[0], chunk_size):

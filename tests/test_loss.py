@@ -515,3 +515,29 @@ def test_collated_batches_need_no_data_dependent_shapes(layout: str) -> None:
     with FakeTensorMode(allow_non_fake_inputs=True) as mode, pytest.raises(DynamicOutputShapeException):
         fake = {k: mode.from_tensor(v) for k, v in hand.items()}
         orpo_loss_from_hidden(mode.from_tensor(hand_hidden), nn.Linear(8, VOCAB), fake)
+
+
+def test_frozen_head_skips_the_gradient_product_without_grad() -> None:
+    """Evaluation (no_grad) pays one matmul per chunk, training two."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _CountMatmuls(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(11)
+    batch = _our_batch(_pairs(PAIR_LENGTHS, seed=11))
+    head = nn.Linear(8, VOCAB).requires_grad_(False)
+    hidden = torch.randn(*batch["input_ids"].shape, 8, requires_grad=True)
+    counts = []
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), _CountMatmuls() as mode:
+            orpo_loss_from_hidden(hidden, head, batch, chunk_size=4)
+        counts.append(mode.count)
+    assert counts[1] > 0 and counts[0] == 2 * counts[1]
