@@ -277,23 +277,13 @@ def _reduce(
     or_logps = torch.where(targets.or_mask, token_logps, zero)
     mean_logps = or_logps.sum(-1) / targets.or_mask.sum(-1)  # rows without a response token give NaN
     chosen_logps, rejected_logps = mean_logps[:b], mean_logps[b:]
-    l_or, log_odds = odds_ratio(chosen_logps, rejected_logps)
 
     nll_sum = -torch.where(targets.nll_mask, token_logps, zero).sum()
     if num_nll_tokens is None:
         num_nll_tokens = targets.nll_mask.sum()
     if num_pairs is None:
         num_pairs = b
-    nll = nll_sum / num_nll_tokens
-    or_loss = l_or.sum() / num_pairs
-    return ORPOTerms(
-        loss=nll + lam * or_loss,
-        nll=nll,
-        or_loss=or_loss,
-        chosen_logps=chosen_logps,
-        rejected_logps=rejected_logps,
-        log_odds=log_odds,
-    )
+    return _assemble(chosen_logps, rejected_logps, nll_sum, lam, num_nll_tokens, num_pairs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -540,13 +530,25 @@ def orpo_loss_from_hidden(
     n_chosen, n_rejected = t.chosen.shape[1], t.rejected.shape[1]
     chosen_logps = _pair_mean(picked[:n_chosen], t.chosen[2], t.num_pairs)
     rejected_logps = _pair_mean(picked[n_chosen : n_chosen + n_rejected], t.rejected[2], t.num_pairs)
-    l_or, log_odds = odds_ratio(chosen_logps, rejected_logps)
     # NLL targets: the chosen responses, plus (nll_on_prompt) the chosen side's prompt tokens.
     nll_sum = -(picked[:n_chosen].sum() + picked[n_chosen + n_rejected :].sum())
     if num_nll_tokens is None:
         num_nll_tokens = n_chosen + (t.prompt.shape[1] if nll_on_prompt else 0)
     if num_pairs is None:
         num_pairs = t.num_pairs
+    return _assemble(chosen_logps, rejected_logps, nll_sum, lam, num_nll_tokens, num_pairs)
+
+
+def _assemble(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    nll_sum: torch.Tensor,
+    lam: float,
+    num_nll_tokens: Normalizer,
+    num_pairs: Normalizer,
+) -> ORPOTerms:
+    """The ORPO terms from mean response log-probs and the summed NLL, divided by the given normalisers."""
+    l_or, log_odds = odds_ratio(chosen_logps, rejected_logps)
     nll = nll_sum / num_nll_tokens
     or_loss = l_or.sum() / num_pairs
     return ORPOTerms(
