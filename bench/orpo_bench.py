@@ -82,7 +82,8 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="orpo-tune's objective: true = TRL's (NLL on prompt too), false = the paper's, both (default)",
     )
     p.add_argument("--impl", default="trl,ours", help="comma-separated: trl, ours (default both)")
-    p.add_argument("--layout", default=None, choices=["prefix", "padded"], help="orpo-tune's batch layout (default: its default)")
+    p.add_argument("--layout", default=None, choices=["packed", "prefix", "padded"],
+                   help="orpo-tune's batch layout (default: the engine's choice for LoRA, packed)")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank, alpha = 2r, on all linear layers (default 16)")
     p.add_argument(
         "--threads", type=int, default=0,
@@ -374,9 +375,9 @@ def _run_ours(args: argparse.Namespace, work: Path, nll_on_prompt: bool) -> dict
     from orpo_cli.rundir import RunDir
 
     if args.layout:
-        import orpo_cli.batching
+        import orpo_cli.engine
 
-        orpo_cli.batching.DEFAULT_LAYOUT = args.layout  # an ablation knob of this benchmark only
+        orpo_cli.engine.batch_layout = lambda _adapter: args.layout  # an ablation knob of this benchmark only
     device = _device(args)
     ordered, _pad = _ordered_pairs(args, work)
     tokens = _step_tokens(args, ordered)

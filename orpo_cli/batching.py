@@ -3,8 +3,13 @@
 `collate_pairs(pairs, pad_token_id, layout=...)` builds one of two layouts:
 
 * ``"prefix"`` (the default): one ``[prompt | chosen | rejected]`` row per pair, the prompt computed once;
-  see :mod:`orpo_cli.prefix`. Keys ``input_ids``, ``attention_mask`` ``[B, W]``, ``position_ids``,
-  ``prompt_lengths``, ``chosen_lengths``, ``rejected_lengths`` ``[B]``, and the loss targets below.
+  see :mod:`orpo_cli.prefix`. Keys ``input_ids``, ``attention_mask``, ``position_ids``, ``segment_ids``,
+  ``pair_ids`` ``[B, W]``, ``prompt_lengths``, ``chosen_lengths``, ``rejected_lengths`` ``[B]``, the host-side
+  ``segments``, and the loss targets below.
+* ``"packed"``: the same, padding-free: several pairs one after another in each row (rows of about
+  :data:`orpo_cli.prefix.PACK_WIDTH` columns), so that padding is left only at the end of each row. The
+  keys are the prefix layout's, with fewer rows than pairs. For adapters that read nothing per row
+  (`Adapter.packs_pairs`): LoRA and full fine-tuning, not ReFT.
 * ``"padded"``: the straightforward layout, as TRL's; for B pairs
 
   * ``input_ids`` [2B, L]: rows 0..B-1 are prompt + chosen response, rows B..2B-1 prompt + rejected
@@ -42,8 +47,8 @@ from orpo_cli.data import TokenizedPair
 
 IGNORE_INDEX = -100
 
-Layout = Literal["prefix", "padded"]
-LAYOUTS: tuple[str, ...] = ("prefix", "padded")
+Layout = Literal["packed", "prefix", "padded"]
+LAYOUTS: tuple[str, ...] = ("packed", "prefix", "padded")
 DEFAULT_LAYOUT: Layout = "prefix"
 """What `collate_pairs` builds when no layout is given: the fastest one whose loss and gradients are
 tested equal to the padded layout's (tests/test_prefix.py)."""
@@ -59,10 +64,10 @@ def collate_pairs(
 ) -> dict[str, torch.Tensor]:
     """Collate B pairs in `layout` (default :data:`DEFAULT_LAYOUT`); see the module docstring."""
     layout = layout or DEFAULT_LAYOUT
-    if layout == "prefix":
+    if layout in ("prefix", "packed"):
         from orpo_cli.prefix import collate_prefix
 
-        return collate_prefix(pairs, pad_token_id, pad_to_multiple_of)
+        return collate_prefix(pairs, pad_token_id, pad_to_multiple_of, pack=layout == "packed")
     if layout != "padded":
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     return _collate_padded(pairs, pad_token_id, pad_to_multiple_of)
@@ -117,17 +122,20 @@ def loss_targets(
     chosen_starts: torch.Tensor,
     rejected_rows: torch.Tensor,
     rejected_starts: torch.Tensor,
+    prompt_starts: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The precomputed loss targets of a layout (see the module docstring).
 
     Pair i's chosen response occupies columns ``chosen_starts[i] ...`` of row ``chosen_rows[i]``, its
     rejected response ``rejected_starts[i] ...`` of row ``rejected_rows[i]``, and its prompt columns
-    ``0 .. P-1`` of both rows. Response token j is predicted by the column before it, except the first
-    token of each response, which is predicted by the last prompt column ``P - 1`` of its row.
+    ``S .. S+P-1`` of both rows, ``S = prompt_starts[i]`` (0 unless several pairs share a row). Response
+    token j is predicted by the column before it, except the first token of each response, which is
+    predicted by the last prompt column ``S + P - 1`` of its row.
     """
     chosen, rejected, prompt = [], [], []
     for i, pair in enumerate(pairs):
         n_prompt = len(pair.prompt_ids)
+        base = 0 if prompt_starts is None else int(prompt_starts[i])
         if n_prompt == 0 or not pair.chosen_ids or not pair.rejected_ids:
             raise ValueError(f"pair {i} has an empty prompt or response; every part needs at least one token")
         for ids, row, start, out in (
@@ -135,11 +143,11 @@ def loss_targets(
             (pair.rejected_ids, int(rejected_rows[i]), int(rejected_starts[i]), rejected),
         ):
             columns = torch.arange(start - 1, start - 1 + len(ids))
-            columns[0] = n_prompt - 1
+            columns[0] = base + n_prompt - 1
             out.append(torch.stack([row * width + columns, torch.tensor(ids, dtype=torch.long), torch.full_like(columns, i)]))
         row = int(chosen_rows[i])
         prompt_ids = torch.tensor(pair.prompt_ids[1:], dtype=torch.long)
-        prompt.append(torch.stack([row * width + torch.arange(n_prompt - 1), prompt_ids]))
+        prompt.append(torch.stack([row * width + base + torch.arange(n_prompt - 1), prompt_ids]))
     return {
         "targets_chosen": torch.cat(chosen, dim=1).long(),
         "targets_rejected": torch.cat(rejected, dim=1).long(),

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from orpo_cli.adapters import Adapter
+from orpo_cli.adapters import Adapter, batch_layout
 from orpo_cli.batching import collate_pairs, count_tokens
 from orpo_cli.checkpoint import (
     latest_checkpoint,
@@ -113,6 +113,7 @@ def fit(
     world, rank = accelerator.num_processes, accelerator.process_index
     per_epoch, total_steps = plan_steps(len(train_pairs), train, world)
     accum = train.gradient_accumulation
+    layout = batch_layout(adapter)  # padding-free rows where the adapter allows them
     global_batch = train.micro_batch_size * accum * world
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]  # the optimizer's order
@@ -208,7 +209,7 @@ def fit(
             step += 1
             # ---- one optimizer step: `accum` micro-batches, normalised over the whole window
             chunks = [next(stream) for _ in range(accum)]
-            window = [_to_device(collate_pairs(chunk, pad_token_id), device) for chunk in chunks]
+            window = [_to_device(collate_pairs(chunk, pad_token_id, layout=layout), device) for chunk in chunks]
             tokens_since_log += sum(count_tokens(chunk) for chunk in chunks)
             num_tokens, num_pairs = _window_normalizers(window, orpo.nll_on_prompt, accelerator)
             step_loss = torch.zeros((), device=device)

@@ -18,7 +18,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from orpo_cli.adapters import Adapter
+from orpo_cli.adapters import Adapter, batch_layout
 from orpo_cli.adapters.full import FullAdapter
 from orpo_cli.atomic import atomic_write_text
 from orpo_cli.batching import collate_pairs
@@ -60,8 +60,9 @@ def preference_metrics(
     """
     was_training = model.training
     model.eval()
+    layout = batch_layout(adapter)
     batches = [
-        {k: v.to(device) for k, v in collate_pairs(pairs[i : i + batch_size], pad_token_id).items()}
+        {k: v.to(device) for k, v in collate_pairs(pairs[i : i + batch_size], pad_token_id, layout=layout).items()}
         for i in range(0, len(pairs), batch_size)
     ]
     # Normalise by the whole set so that summing the batches gives the exact set-level loss and NLL.

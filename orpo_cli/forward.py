@@ -4,13 +4,14 @@ The top-level model is called (so DDP/FSDP wrappers and adapter hooks run as usu
 `logits_to_keep=1`, which skips the full-vocabulary projection; the decoder's last hidden state is
 captured by a hook and the loss projects only the rows it needs, in chunks (see loss.py).
 
-Two batch layouts (see batching.py), chosen by the `layout` argument or, by default, by the batch itself:
+The batch layouts (see batching.py), chosen by the `layout` argument or, by default, by the batch itself:
 
 * ``prefix``: one ``[prompt | chosen | rejected]`` row per pair, the model called with a 4-D attention
   mask and position ids (prefix.py), so each prompt runs once; with ``sdpa``, each pair's attention runs
   on exactly the blocks the mask allows. Needs an attention implementation that applies custom 4-D
   masks (``sdpa``, ``eager``) and no sliding window shorter than the sequences; for any other model the
   batch is turned into the padded layout on the device first (`prefix.to_padded`, no host sync).
+  The ``packed`` layout is the same with several pairs per row (padding-free); it runs the same way.
 * ``padded``: ``[2B, L]`` chosen-then-rejected rows with a 2-D padding mask, as TRL does: the
   straightforward computation, kept for parity tests and as the fallback.
 
@@ -49,7 +50,7 @@ def orpo_forward(
 
     `layout`: None runs the batch in the layout it was collated in (prefix batches fall back to padded
     on models that cannot take a 4-D mask); ``"padded"`` runs it padded, turning a prefix batch into
-    that layout; ``"prefix"`` insists on prefix sharing and raises where it cannot run.
+    that layout; ``"prefix"`` (or ``"packed"``) insists on prefix sharing and raises where it cannot run.
     """
     inner = _unwrap(model)
     batch = _in_layout(inner, batch, layout)
@@ -74,12 +75,12 @@ def _in_layout(model: nn.Module, batch: Mapping[str, torch.Tensor], layout: Layo
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     prefix = is_prefix_batch(batch)
-    if layout == "prefix":
+    if layout in ("prefix", "packed"):
         if not prefix:
-            raise ValueError("layout='prefix' needs a batch collated with layout='prefix'")
+            raise ValueError(f"layout={layout!r} needs a batch collated with layout='prefix' or 'packed'")
         if not supports_prefix(model, batch):
             raise ValueError(
-                f"layout='prefix' needs sdpa or eager attention (custom 4-D masks) and no sliding window shorter "
+                f"layout={layout!r} needs sdpa or eager attention (custom 4-D masks) and no sliding window shorter "
                 f"than the sequences; this model uses {model.config._attn_implementation}"
             )
     if prefix and (layout == "padded" or not supports_prefix(model, batch)):

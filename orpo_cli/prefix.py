@@ -63,22 +63,36 @@ _PROMPT, _PAD = 0, 3
 
 
 class Segments:
-    """Each pair's (prompt, chosen, rejected) lengths as Python ints: a batch entry that stays on the host.
+    """Each pair's (prompt, chosen, rejected) lengths and place as Python ints: a batch entry that stays on the host.
 
-    The block attention needs the lengths as numbers to slice with; reading them from a device tensor
-    would sync. ``.to(...)`` returns the object itself, so code that moves a whole batch to the device
+    ``lengths[i]`` is pair i's (prompt, chosen, rejected) token counts; ``starts[i]`` its (row, first
+    column): ``(i, 0)`` in the one-row-per-pair layout, several pairs one after another in a packed row.
+    The block attention needs these as numbers to slice with; reading them from a device tensor would
+    sync. ``.to(...)`` returns the object itself, so code that moves a whole batch to the device
     (``{k: v.to(device) for k, v in batch.items()}``) leaves it where it is.
     """
 
-    def __init__(self, lengths: Sequence[tuple[int, int, int]]):
+    def __init__(self, lengths: Sequence[tuple[int, int, int]], starts: Sequence[tuple[int, int]] | None = None):
         self.lengths = tuple((int(p), int(c), int(r)) for p, c, r in lengths)
+        if starts is None:
+            starts = [(i, 0) for i in range(len(self.lengths))]
+        self.starts = tuple((int(row), int(column)) for row, column in starts)
+        if len(self.starts) != len(self.lengths):
+            raise ValueError(f"{len(self.lengths)} pairs but {len(self.starts)} starts")
         self._masks: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def to(self, *_args: Any, **_kwargs: Any) -> Segments:
         return self
 
     def __repr__(self) -> str:
-        return f"Segments({list(self.lengths)})"
+        return f"Segments({list(self.lengths)}, starts={list(self.starts)})"
+
+    def by_row(self, rows: int) -> list[list[int]]:
+        """The pairs of each of `rows` rows, in column order."""
+        out: list[list[int]] = [[] for _ in range(rows)]
+        for i in sorted(range(len(self.starts)), key=lambda i: self.starts[i]):
+            out[self.starts[i][0]].append(i)
+        return out
 
     def rejected_mask(self, pair: int, device: torch.device) -> torch.Tensor:
         """``[R, P + R]`` bool: rejected token j sees the whole prompt and rejected tokens ``<= j``."""
@@ -89,58 +103,102 @@ class Segments:
         return self._masks[key]
 
 
-def collate_prefix(
-    pairs: Sequence[TokenizedPair], pad_token_id: int, pad_to_multiple_of: int | None = None
-) -> dict[str, torch.Tensor]:
-    """One ``[prompt | chosen | rejected]`` row per pair (see the module docstring), with loss targets.
+PACK_WIDTH = 4096
+"""Columns a packed row holds (more when one pair alone is longer): the dense 4-D mask that goes with the
+batch is ``rows x W x W`` booleans, so rows are kept to about this width (16 MB of mask each)."""
 
-    Keys: ``input_ids``, ``attention_mask`` (2-D, 1 on real tokens), ``position_ids``,
-    ``prompt_lengths``, ``chosen_lengths``, ``rejected_lengths`` (each ``[B]``), ``segments`` (the same
-    lengths on the host, see :class:`Segments`) and the loss targets of
+
+def pack_rows(sizes: Sequence[int], width: int = PACK_WIDTH) -> list[tuple[int, int]]:
+    """(row, first column) of each sequence, filled into rows of `width` columns in order (next fit).
+
+    A sequence longer than `width` gets a row of its own. The order of the pairs is kept, so a batch's
+    pairs are still numbered as they were given.
+    """
+    starts: list[tuple[int, int]] = []
+    row, used = 0, 0
+    for size in sizes:
+        if used and used + size > width:
+            row, used = row + 1, 0
+        starts.append((row, used))
+        used += size
+    return starts
+
+
+def collate_prefix(
+    pairs: Sequence[TokenizedPair],
+    pad_token_id: int,
+    pad_to_multiple_of: int | None = None,
+    *,
+    pack: bool = False,
+    pack_width: int = PACK_WIDTH,
+) -> dict[str, torch.Tensor]:
+    """``[prompt | chosen | rejected]`` pairs in rows (see the module docstring), with loss targets.
+
+    One row per pair, or with `pack` several pairs one after another in each row of about `pack_width`
+    columns (:func:`pack_rows`), so that only the last columns of a row are padding.
+
+    Keys: ``input_ids``, ``attention_mask`` (2-D, 1 on real tokens), ``position_ids``, ``segment_ids``
+    (each column's part: prompt 0, chosen 1, rejected 2, padding 3), ``pair_ids`` (each column's pair,
+    -1 on padding), ``prompt_lengths``, ``chosen_lengths``, ``rejected_lengths`` (each ``[B]``),
+    ``segments`` (lengths and places on the host, see :class:`Segments`) and the loss targets of
     :func:`orpo_cli.batching.loss_targets`.
     """
     from orpo_cli.batching import loss_targets
 
     if not pairs:
         raise ValueError("collate_prefix needs at least one pair")
-    lengths = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
-    width = max(lengths)
+    lengths = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+    sizes = [sum(n) for n in lengths]
+    starts = pack_rows(sizes, pack_width) if pack else [(i, 0) for i in range(len(pairs))]
+    rows = starts[-1][0] + 1
+    width = max(column + size for (_, column), size in zip(starts, sizes, strict=True))
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
 
-    rows = len(pairs)
     input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((rows, width), dtype=torch.long)
     position_ids = torch.empty((rows, width), dtype=torch.long)
-    for i, pair in enumerate(pairs):
-        p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+    segment_ids = torch.full((rows, width), _PAD, dtype=torch.long)
+    pair_ids = torch.full((rows, width), -1, dtype=torch.long)
+    row_end = [0] * rows
+    next_position = [0] * rows
+    for i, (pair, (p, c, r), (row, s)) in enumerate(zip(pairs, lengths, starts, strict=True)):
         n = p + c + r
-        input_ids[i, :n] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids, dtype=torch.long)
-        attention_mask[i, :n] = 1
-        position_ids[i, : p + c] = torch.arange(p + c)
-        position_ids[i, p + c :] = torch.arange(p, p + r + width - n)  # rejected restarts after the prompt
+        input_ids[row, s : s + n] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids, dtype=torch.long)
+        attention_mask[row, s : s + n] = 1
+        position_ids[row, s : s + p + c] = torch.arange(p + c)
+        position_ids[row, s + p + c : s + n] = torch.arange(p, p + r)  # rejected restarts after the prompt
+        for code, begin, end in ((_PROMPT, s, s + p), (1, s + p, s + p + c), (2, s + p + c, s + n)):
+            segment_ids[row, begin:end] = code
+        pair_ids[row, s : s + n] = i
+        row_end[row], next_position[row] = s + n, p + r
+    for row in range(rows):  # padding positions continue past the row's last rejected response
+        position_ids[row, row_end[row] :] = torch.arange(next_position[row], next_position[row] + width - row_end[row])
     prompt_lengths, chosen_lengths, rejected_lengths = (
-        torch.tensor([len(getattr(p, key)) for p in pairs], dtype=torch.long)
-        for key in ("prompt_ids", "chosen_ids", "rejected_ids")
+        torch.tensor([n[k] for n in lengths], dtype=torch.long) for k in range(3)
     )
-    row_index = torch.arange(rows)
+    pair_rows = torch.tensor([row for row, _ in starts], dtype=torch.long)
+    pair_columns = torch.tensor([column for _, column in starts], dtype=torch.long)
     batch: dict[str, Any] = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "position_ids": position_ids,
+        "segment_ids": segment_ids,
+        "pair_ids": pair_ids,
         "prompt_lengths": prompt_lengths,
         "chosen_lengths": chosen_lengths,
         "rejected_lengths": rejected_lengths,
-        "segments": Segments([(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]),
+        "segments": Segments(lengths, starts),
     }
     batch.update(
         loss_targets(
             pairs,
             width=width,
-            chosen_rows=row_index,
-            chosen_starts=prompt_lengths,
-            rejected_rows=row_index,
-            rejected_starts=prompt_lengths + chosen_lengths,
+            chosen_rows=pair_rows,
+            chosen_starts=pair_columns + prompt_lengths,
+            rejected_rows=pair_rows,
+            rejected_starts=pair_columns + prompt_lengths + chosen_lengths,
+            prompt_starts=pair_columns,
         )
     )
     return batch
@@ -152,26 +210,26 @@ def is_prefix_batch(batch: Mapping[str, torch.Tensor]) -> bool:
 
 
 def attention_mask_4d(batch: Mapping[str, torch.Tensor], additive_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The ``[B, 1, W, W]`` mask of a prefix batch, built on the batch's device (no host sync).
+    """The ``[rows, 1, W, W]`` mask of a prefix batch, built on the batch's device (no host sync).
 
-    Boolean (True = attend) by default, the form ``sdpa`` takes; with `additive_dtype`, 0 where a token
-    may attend and that dtype's minimum elsewhere, the form ``eager`` attention adds to its scores.
+    A token attends causally within its own pair: to the prompt and to its own part (chosen or rejected),
+    never to the other response or to another pair packed in the same row; a padding column attends to
+    itself only (no row of the mask is empty, so no NaN). Boolean (True = attend) by default, the form
+    ``sdpa`` takes; with `additive_dtype`, 0 where a token may attend and that dtype's minimum elsewhere,
+    the form ``eager`` attention adds to its scores.
     """
-    ids = batch["input_ids"]
-    width = ids.shape[1]
-    prompt = batch["prompt_lengths"].to(ids.device).unsqueeze(1)
-    chosen_end = prompt + batch["chosen_lengths"].to(ids.device).unsqueeze(1)
-    rejected_end = chosen_end + batch["rejected_lengths"].to(ids.device).unsqueeze(1)
-    column = torch.arange(width, device=ids.device).unsqueeze(0)  # [1, W]
-    segment = (column >= prompt).long() + (column >= chosen_end).long() + (column >= rejected_end).long()
-    query, key = segment.unsqueeze(2), segment.unsqueeze(1)  # [B, W, 1], [B, 1, W]
-    causal = column.unsqueeze(2) >= column.unsqueeze(1)  # [1, W, W]
-    diagonal = column.unsqueeze(2) == column.unsqueeze(1)
-    allowed = causal & ((key == _PROMPT) | ((key == query) & (key != _PAD)) | diagonal)
-    allowed = allowed.unsqueeze(1)
+    segment, pair = batch["segment_ids"], batch["pair_ids"]
+    width = segment.shape[1]
+    column = torch.arange(width, device=segment.device)
+    causal = column.unsqueeze(1) >= column.unsqueeze(0)  # [W, W]
+    diagonal = column.unsqueeze(1) == column.unsqueeze(0)
+    query, key = segment.unsqueeze(2), segment.unsqueeze(1)  # [rows, W, 1], [rows, 1, W]
+    same_pair = pair.unsqueeze(2) == pair.unsqueeze(1)
+    visible = (key == _PROMPT) | ((key == query) & (key != _PAD))
+    allowed = ((causal & same_pair & visible) | diagonal).unsqueeze(1)
     if additive_dtype is None:
         return allowed
-    zero = torch.zeros((), dtype=additive_dtype, device=ids.device)
+    zero = torch.zeros((), dtype=additive_dtype, device=segment.device)
     return torch.where(allowed, zero, torch.finfo(additive_dtype).min)
 
 
@@ -231,36 +289,44 @@ def block_attention(
 ) -> torch.Tensor:
     """Attention of a prefix batch, pair by pair, on exactly the blocks the 4-D mask allows.
 
-    `query` is ``[B, Hq, W, d]``, `key` and `value` ``[B, Hkv, W, d]`` (``Hq`` a multiple of ``Hkv``).
+    `query` is ``[rows, Hq, W, d]``, `key` and `value` ``[rows, Hkv, W, d]`` (``Hq`` a multiple of ``Hkv``).
     Pair i's prompt + chosen columns attend causally among themselves; its rejected columns attend to
     ``[prompt | rejected]`` under :meth:`Segments.rejected_mask`; padding columns get zeros. Returns
-    ``[B, W, Hq, d]``, the layout transformers' attention functions return. The loop is over pairs (a
+    ``[rows, W, Hq, d]``, the layout transformers' attention functions return. The loop is over pairs (a
     handful per micro-batch), never over tokens; the splits are views, so the backward pass stitches the
     gradients together without scattering into zero-filled copies.
     """
     width, heads, dim = query.shape[2], query.shape[1], query.shape[3]
     gqa = key.shape[1] != heads
     masked_gqa = gqa and query.device.type == "cpu"  # elsewhere masked GQA falls back to the math kernel
-    rows = []
-    for (p, c, r), q, k, v in zip(segments.lengths, query.unbind(0), key.unbind(0), value.unbind(0), strict=True):
-        pad = width - p - c - r
-        q_pc, q_r, _ = q.unsqueeze(0).split([p + c, r, pad], dim=2)
-        k_pc, k_r, _ = k.unsqueeze(0).split([p + c, r, pad], dim=2)
-        v_pc, v_r, _ = v.unsqueeze(0).split([p + c, r, pad], dim=2)
-        chosen = F.scaled_dot_product_attention(
-            q_pc, k_pc, v_pc, is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa
-        )
-        k_pr, v_pr = torch.cat([k_pc[:, :, :p], k_r], dim=2), torch.cat([v_pc[:, :, :p], v_r], dim=2)
-        if gqa and not masked_gqa:
-            k_pr = k_pr.repeat_interleave(heads // k_pr.shape[1], dim=1)
-            v_pr = v_pr.repeat_interleave(heads // v_pr.shape[1], dim=1)
-        rejected = F.scaled_dot_product_attention(
-            q_r, k_pr, v_pr, attn_mask=segments.rejected_mask(len(rows), query.device),
-            dropout_p=dropout, scale=scaling, enable_gqa=masked_gqa,
-        )
-        parts = [chosen, rejected] + ([query.new_zeros(1, heads, pad, dim)] if pad else [])
-        rows.append(torch.cat(parts, dim=2))
-    return torch.cat(rows, dim=0).transpose(1, 2).contiguous()
+    out_rows = []
+    for members, q, k, v in zip(
+        segments.by_row(query.shape[0]), query.unbind(0), key.unbind(0), value.unbind(0), strict=True
+    ):
+        sizes = [n for i in members for n in (sum(segments.lengths[i][:2]), segments.lengths[i][2])]
+        pad = width - sum(sizes)
+        q_parts, k_parts, v_parts = (t.unsqueeze(0).split([*sizes, pad], dim=2) for t in (q, k, v))
+        pieces = []
+        for slot, pair in enumerate(members):
+            p = segments.lengths[pair][0]
+            q_pc, q_r = q_parts[2 * slot], q_parts[2 * slot + 1]
+            k_pc, k_r = k_parts[2 * slot], k_parts[2 * slot + 1]
+            v_pc, v_r = v_parts[2 * slot], v_parts[2 * slot + 1]
+            pieces.append(F.scaled_dot_product_attention(
+                q_pc, k_pc, v_pc, is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa
+            ))
+            k_pr, v_pr = torch.cat([k_pc[:, :, :p], k_r], dim=2), torch.cat([v_pc[:, :, :p], v_r], dim=2)
+            if gqa and not masked_gqa:
+                k_pr = k_pr.repeat_interleave(heads // k_pr.shape[1], dim=1)
+                v_pr = v_pr.repeat_interleave(heads // v_pr.shape[1], dim=1)
+            pieces.append(F.scaled_dot_product_attention(
+                q_r, k_pr, v_pr, attn_mask=segments.rejected_mask(pair, query.device),
+                dropout_p=dropout, scale=scaling, enable_gqa=masked_gqa,
+            ))
+        if pad:
+            pieces.append(query.new_zeros(1, heads, pad, dim))
+        out_rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(out_rows, dim=0).transpose(1, 2).contiguous()
 
 
 _BASE_SDPA: Any = None
@@ -307,8 +373,10 @@ def to_padded(batch: Mapping[str, Any], pad_token_id: int = 0) -> dict[str, torc
     ids = batch["input_ids"]
     width = ids.shape[1]
     stand_ins = []
-    for i, (p, c, r) in enumerate(batch["segments"].lengths):
-        flat = list(range(i * width, i * width + p + c + r))
+    segments = batch["segments"]
+    for (p, c, r), (row, column) in zip(segments.lengths, segments.starts, strict=True):
+        first = row * width + column
+        flat = list(range(first, first + p + c + r))
         stand_ins.append(TokenizedPair(flat[:p], flat[p : p + c], flat[p + c :]))
     index = collate_pairs(stand_ins, pad_token_id=-1, layout="padded")
     index = {k: v.to(ids.device) for k, v in index.items()}

@@ -102,10 +102,10 @@ def test_count_tokens_and_single_pair():
     one = collate_pairs(PAIRS[:1], pad_token_id=PAD, layout="padded")
     assert one["input_ids"].shape == (2, 6) and one["prompt_lengths"].tolist() == [3]
     assert collate_pairs(PAIRS[:1], pad_token_id=PAD)["input_ids"].shape == (1, 8)
-    for layout in ("padded", "prefix"):
+    for layout in ("padded", "prefix", "packed"):
         with pytest.raises(ValueError):
             collate_pairs([], pad_token_id=PAD, layout=layout)
         with pytest.raises(ValueError, match="empty"):
             collate_pairs([TokenizedPair([1], [], [2])], pad_token_id=PAD, layout=layout)
     with pytest.raises(ValueError, match="layout"):
-        collate_pairs(PAIRS, PAD, layout="packed")  # type: ignore[arg-type]
+        collate_pairs(PAIRS, PAD, layout="interleaved")  # type: ignore[arg-type]

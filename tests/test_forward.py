@@ -118,7 +118,7 @@ def test_layout_argument_and_what_the_adapter_sees() -> None:
     assert adapter.batches[0]["prompt_lengths"].tolist() == [p for p, _, _ in LENGTHS]
     assert adapter.batches[1]["attention_mask"].shape[0] == 2 * len(pairs)
     with pytest.raises(ValueError, match="layout"):
-        orpo_forward(model, adapter, prefix_batch, lam=0.1, nll_on_prompt=False, layout="packed")  # type: ignore[arg-type]
+        orpo_forward(model, adapter, prefix_batch, lam=0.1, nll_on_prompt=False, layout="interleaved")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="collated with layout='prefix'"):
         orpo_forward(model, adapter, collate_pairs(pairs, PAD, layout="padded"), lam=0.1, nll_on_prompt=False,
                      layout="prefix")

@@ -1,5 +1,5 @@
 """Prefix sharing (orpo_cli.prefix): the 4-D mask, the block attention, and loss/gradient parity with the
-padded layout on Llama and Qwen2, with LoRA and with ReFT."""
+padded layout on Llama and Qwen2, with LoRA and with ReFT, one pair per row and packed (padding-free)."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def test_mask_lets_each_response_see_the_prompt_and_itself_only():
         [1, 1, 0, 0, 1, 0, 0, 0],  # rejected: prompt + earlier rejected, never chosen
         [1, 1, 0, 0, 1, 1, 0, 0],
         [1, 1, 0, 0, 1, 1, 1, 0],
-        [1, 1, 0, 0, 0, 0, 0, 1],  # padding: the prompt and itself (no empty row, no NaN)
+        [0, 0, 0, 0, 0, 0, 0, 1],  # padding: itself only (no empty row, no NaN)
     ]
     assert mask[0, 0].int().tolist() == expected
     additive = attention_mask_4d(batch, additive_dtype=torch.float32)
@@ -97,9 +97,39 @@ def test_mask_lets_each_response_see_the_prompt_and_itself_only():
     assert additive.min().item() == torch.finfo(torch.float32).min
 
 
-def test_block_attention_equals_sdpa_under_the_dense_mask():
+def test_packed_mask_keeps_pairs_apart():
+    batch = collate_pairs([TokenizedPair([1], [2], [3, 4]), TokenizedPair([5, 6], [7], [8])], 0, layout="packed",
+                          pad_to_multiple_of=10)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 1, 2, 0, 1, 2, 2, 3, 4]]
+    # columns: P C R R | P P C R | pad pad
+    expected = [
+        [1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 0, 1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 0, 1, 1, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 1, 0, 0, 0, 0, 0],  # the second pair sees nothing of the first
+        [0, 0, 0, 0, 1, 1, 0, 0, 0, 0],
+        [0, 0, 0, 0, 1, 1, 1, 0, 0, 0],
+        [0, 0, 0, 0, 1, 1, 0, 1, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+    ]
+    assert attention_mask_4d(batch)[0, 0].int().tolist() == expected
+
+
+def test_pack_rows_fills_rows_in_order():
+    assert prefix.pack_rows([3, 4, 5, 2, 9], width=8) == [(0, 0), (0, 3), (1, 0), (1, 5), (2, 0)]
+    assert prefix.pack_rows([10, 1], width=8) == [(0, 0), (1, 0)]  # longer than a row: a row of its own
+
+
+@pytest.mark.parametrize("pack_width", [None, 20, 10_000])
+def test_block_attention_equals_sdpa_under_the_dense_mask(pack_width):
     torch.manual_seed(0)
-    batch = collate_pairs(_pairs(), 0, pad_to_multiple_of=4)
+    if pack_width is None:
+        batch = collate_pairs(_pairs(), 0, pad_to_multiple_of=4)
+    else:
+        batch = prefix.collate_prefix(_pairs(), 0, pad_to_multiple_of=4, pack=True, pack_width=pack_width)
     b, width = batch["input_ids"].shape
     q = torch.randn(b, 4, width, 8, requires_grad=True)
     k = torch.randn(b, 2, width, 8, requires_grad=True)
@@ -129,11 +159,15 @@ def test_prefix_layout_gives_the_padded_loss_and_gradients(family, attn, monkeyp
     monkeypatch.setattr(prefix, "block_attention", lambda *a, **k: calls.append(1) or real_block(*a, **k))
     for nll_on_prompt in (False, True):
         ref_terms, ref_grads = _reference(model, pairs, nll_on_prompt)
-        for layout in ("padded", "prefix"):
-            terms, grads = _run(model, collate_pairs(pairs, 0, layout=layout), nll_on_prompt)
+        batches = {layout: collate_pairs(pairs, 0, layout=layout) for layout in ("padded", "prefix", "packed")}
+        batches["packed, 3 rows"] = prefix.collate_prefix(pairs, 0, pack=True, pack_width=20)
+        for batch in batches.values():
+            terms, grads = _run(model, batch, nll_on_prompt)
             _assert_same(terms, grads, ref_terms, ref_grads)
+    assert batches["packed"]["input_ids"].shape == (1, sum(map(sum, LENGTHS)))  # one row, no padding at all
+    assert batches["packed, 3 rows"]["segments"].starts == ((0, 0), (1, 0), (2, 0), (2, 12))
     # sdpa runs the exact per-pair blocks (once per layer and prefix forward); eager the dense 4-D mask.
-    assert len(calls) == (2 * 2 if attn == "sdpa" else 0)
+    assert len(calls) == (2 * 3 * 2 if attn == "sdpa" else 0)
 
 
 def test_dense_mask_path_without_block_attention_gives_the_same_loss():
@@ -187,12 +221,19 @@ def test_reft_edits_the_shared_prompt_as_it_edits_both_padded_rows(tmp_path):
     with adapter.disabled(model):  # and the edits do change the loss
         off = orpo_forward(model, adapter, collate_pairs(pairs, 0), lam=0.1, nll_on_prompt=True)
     assert abs(off.loss.item() - results["prefix"][0].loss.item()) > 1e-3
+    # ReFT edits each row's prompt: it never gets packed rows, and refuses them if given.
+    from orpo_cli.adapters import batch_layout
+
+    assert batch_layout(adapter) == "prefix"
+    with pytest.raises(ValueError, match="rows but 3 prompt lengths"):
+        orpo_forward(model, adapter, collate_pairs(pairs, 0, layout="packed"), lam=0.1, nll_on_prompt=True)
 
 
 # ------------------------------------------------------------------------------------------ fallbacks
-def test_to_padded_rebuilds_the_padded_batch():
+@pytest.mark.parametrize("layout", ["prefix", "packed"])
+def test_to_padded_rebuilds_the_padded_batch(layout):
     pairs = _pairs(seed=5)
-    rebuilt = to_padded(collate_pairs(pairs, 0))
+    rebuilt = to_padded(collate_pairs(pairs, 0, layout=layout))
     padded = collate_pairs(pairs, 0, layout="padded")
     assert rebuilt.keys() == padded.keys()
     for key, value in padded.items():

@@ -10,12 +10,20 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from orpo_cli.batching import Layout
+
 
 class Adapter(Protocol):
     """What training, eval, export and generate need from an adapter."""
 
     kind: str
     mergeable: bool  # True when export can fold the adapter into the base weights (LoRA, full fine-tuning)
+    packs_pairs: bool  # True when several pairs may share a batch row (it reads nothing per row): LoRA, full
+
+
+def batch_layout(adapter: Adapter) -> Layout:
+    """The layout training and eval collate for `adapter`: padding-free rows where it allows them."""
+    return "packed" if adapter.packs_pairs else "prefix"
 
     def attach(self, model: nn.Module, *, quantized: bool, gradient_checkpointing: bool) -> nn.Module:
         """Freeze what must not train, add the trainable parts, and return the model to train."""

@@ -13,6 +13,7 @@ from torch import nn
 
 class FullAdapter:
     mergeable = True
+    packs_pairs = True
     kind = "none"
 
     def attach(self, model: nn.Module, *, quantized: bool, gradient_checkpointing: bool) -> nn.Module:

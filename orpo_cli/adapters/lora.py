@@ -15,6 +15,7 @@ from orpo_cli.recipe import LoraSettings
 
 class LoraAdapter:
     mergeable = True
+    packs_pairs = True
     kind = "lora"
 
     def __init__(self, settings: LoraSettings):

@@ -43,6 +43,7 @@ from orpo_cli.reft import (
 
 class ReftAdapter:
     mergeable = False
+    packs_pairs = False
     kind = "reft"
 
     def __init__(self, settings: ReftSettings):
