@@ -140,7 +140,7 @@ def test_accumulated_micro_batches_equal_the_whole_batch_in_eval_mode() -> None:
     torch.testing.assert_close(total, whole.loss, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["prefix", "padded"])
+@pytest.mark.parametrize("layout", ["packed", "prefix", "padded"])
 def test_forward_and_backward_need_no_data_dependent_shapes(layout: str) -> None:
     """Under FakeTensorMode an op whose output size or value must be read on the host (nonzero, a boolean
     gather, .item()) raises: the whole step (model, attention, loss, backward) runs without one, so on a
