@@ -81,6 +81,12 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--nll-on-prompt", default="both", choices=["true", "false", "both"],
         help="orpo-tune's objective: true = TRL's (NLL on prompt too), false = the paper's, both (default)",
     )
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="weights and compute dtype of both (default: fp32 on a CPU, bf16 on a GPU)")
+    p.add_argument("--quantize", default="none", choices=["none", "4bit"],
+                   help="4bit: the frozen base in bitsandbytes NF4 with double quantization, in both (QLoRA)")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="the GPU's dense bf16 peak, for model FLOPs utilisation (default: 989 for H100/H200)")
     p.add_argument("--impl", default="trl,ours", help="comma-separated: trl, ours (default both)")
     p.add_argument("--layout", default=None, choices=["packed", "prefix", "padded"],
                    help="orpo-tune's batch layout (default: the engine's choice for LoRA, packed)")
@@ -171,7 +177,9 @@ def _recipe_dict(args: argparse.Namespace, work: Path, nll_on_prompt: bool, out:
         "name": "bench",
         "seed": SEED,
         "output_dir": str(out),
-        "model": {"name_or_path": str(work / "model"), "dtype": "fp32", "device": args.device, "attn_implementation": "sdpa"},
+        "model": {"name_or_path": str(work / "model"), "dtype": _dtype_name(args), "device": args.device,
+                  "attn_implementation": "sdpa"},
+        "quantization": {"mode": args.quantize},
         "adapter": {"kind": "lora", "r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0, "target_modules": "all-linear"},
         "orpo": {"lambda": LAMBDA, "max_length": args.max_length, "max_prompt_length": args.max_length // 2,
                  "nll_on_prompt": nll_on_prompt},
@@ -212,6 +220,47 @@ def _device(args: argparse.Namespace) -> str:
     if args.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return args.device
+
+
+def _dtype_name(args: argparse.Namespace) -> str:
+    if args.dtype != "auto":
+        return args.dtype
+    return "bf16" if _device(args) == "cuda" else "fp32"
+
+
+def _torch_dtype(args: argparse.Namespace) -> Any:
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[_dtype_name(args)]
+
+
+def _mfu(args: argparse.Namespace, device: str, tokens_per_s: float, params: int) -> float | None:
+    """Model FLOPs utilisation: 4 N tokens/s over the GPU's dense bf16 peak (frozen base: forward 2N, backward
+    2N for the activations' gradients, none for the frozen weights'); None on a CPU."""
+    if device != "cuda":
+        return None
+    import torch
+
+    peak = args.peak_tflops
+    if not peak:
+        name = torch.cuda.get_device_name()
+        peak = 989.0 if ("H100" in name or "H200" in name) else 0.0
+    return round(4 * params * tokens_per_s / (peak * 1e12), 4) if peak else None
+
+
+def _matmul_params(work: Path) -> int:
+    """N for the FLOPs count: the parameters of the saved model that multiply activations (not the input
+    embedding, a lookup), counted from its config on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(work / "model"))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    return total - (embedding.numel() if embedding is not head else 0)
 
 
 def _peak_mem_mb(device: str) -> float:
@@ -268,6 +317,7 @@ def _result(impl: str, args: argparse.Namespace, nll_on_prompt: bool | None, tok
     if len(seconds) != args.steps:
         raise RuntimeError(f"{impl}: timed {len(seconds)} steps, expected {args.steps}")
     timed_tokens = sum(tokens[args.warmup :])
+    params = _matmul_params(Path(args.workdir))
     return {
         "impl": impl,
         "nll_on_prompt": nll_on_prompt,
@@ -282,13 +332,16 @@ def _result(impl: str, args: argparse.Namespace, nll_on_prompt: bool | None, tok
         "steps": len(seconds),
         "tokens_per_step": round(timed_tokens / len(seconds), 1),
         "device": clock.device,
+        "dtype": _dtype_name(args),
+        "quantize": args.quantize,
+        "model_params": params,
+        "mfu": _mfu(args, clock.device, timed_tokens / sum(seconds), params),
     }
 
 
 # -------------------------------------------------------------------------------------------------- TRL
 def _run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from torch.utils.data import SequentialSampler
@@ -330,7 +383,18 @@ def _run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             clock.tick()
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(str(work / "model"), dtype=torch.float32, attn_implementation="sdpa")
+    quantization = None
+    if args.quantize == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=_torch_dtype(args),
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        str(work / "model"), dtype=_torch_dtype(args), attn_implementation="sdpa", quantization_config=quantization,
+        device_map={"": device} if quantization is not None else None,
+    )
     dataset = Dataset.from_list(
         [{"index": i, "prompt": "p", "chosen": "c", "rejected": "r"} for i in range(len(ordered))]
     )
@@ -351,7 +415,7 @@ def _run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         use_cpu=device == "cpu",
         dataloader_num_workers=0,
         gradient_checkpointing=args.gradient_checkpointing,
-        bf16=False,
+        bf16=_dtype_name(args) == "bf16",
         fp16=False,
         seed=SEED,
         disable_tqdm=True,
@@ -429,7 +493,12 @@ def _prepare(args: argparse.Namespace, work: Path) -> None:
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    LlamaForCausalLM(config).save_pretrained(str(work / "model"))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(_torch_dtype(args))  # initialised in the benchmark's dtype: an 8B fp32 copy is 32 GB
+    try:
+        LlamaForCausalLM(config).save_pretrained(str(work / "model"))
+    finally:
+        torch.set_default_dtype(default)
     tokenizer.save_pretrained(str(work / "model"))  # the model directory is a complete local model
 
 
