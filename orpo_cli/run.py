@@ -21,6 +21,11 @@ _RESUMABLE_CHANGES = {
     "train.keep_checkpoints",
     "output_dir",
     "distributed.num_processes",  # the world size itself is checked against the checkpoint's
+    # the remedies for a run whose loss diverged: continue from the last good checkpoint with a smaller
+    # step. The schedule is rebuilt from the recipe and replayed to the checkpoint's step, so a new lr
+    # takes effect from there on (recipe.yaml records it; metrics.jsonl logs the lr of every step).
+    "train.lr",
+    "train.max_grad_norm",
 }
 
 
@@ -57,9 +62,8 @@ def start_run(recipe: Recipe, *, resume: bool, force: bool, machines: Machines |
     # ---- cheap checks first: errors in seconds, before anything is loaded or written
     if resume and force:
         raise UserError("--resume and --force contradict each other: pick one")
-    if resume:
-        _check_same_recipe(run, recipe)
-    elif run.root.exists() and any(run.root.iterdir()) and not force:
+    resumed_changes = _check_same_recipe(run, recipe) if resume else {}
+    if not resume and run.root.exists() and any(run.root.iterdir()) and not force:
         run.prepare(resume=False, force=False)  # raises the "exists" error
     machines = machines or Machines()
     procs = plan_processes(recipe, machines)
@@ -96,6 +100,8 @@ def start_run(recipe: Recipe, *, resume: bool, force: bool, machines: Machines |
         recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code
     )
     data = prepare_data(recipe.data, recipe.orpo, tokenizer)
+    for key, (was, now) in resumed_changes.items():
+        reporter.note(f"--resume: {key} changes from {was} to {now}")
     reporter.note(data.stats.summary())
 
     # FSDP flattens each unit's weights into one tensor of one dtype: 4-bit weights are stored in the model's
@@ -311,18 +317,29 @@ def weightless_replica(recipe: Recipe, adapter: Any, weights: dict[str, Any]) ->
     return replica
 
 
-def _check_same_recipe(run: RunDir, recipe: Recipe) -> None:
+def _check_same_recipe(run: RunDir, recipe: Recipe) -> dict[str, tuple[Any, Any]]:
+    """Refuse a --resume whose recipe differs from the run's beyond `_RESUMABLE_CHANGES`; return the
+    resumable settings that do change, as {key: (was, now)}."""
     import yaml
 
     if not run.recipe.is_file():
         raise UserError(f"--resume: {run.root} holds no run to resume (no recipe.yaml); drop --resume")
     saved = yaml.safe_load(run.recipe.read_text(encoding="utf-8"))
-    changed = sorted(k for k in _diff(saved, recipe.resolved()) if k not in _RESUMABLE_CHANGES)
+    now = recipe.resolved()
+    differ = _diff(saved, now)
+    changed = sorted(k for k in differ if k not in _RESUMABLE_CHANGES)
     if changed:
         raise UserError(
             f"--resume: the recipe differs from the run's {run.recipe} at {', '.join(changed)}; "
             "resume with the same settings, or start a new run"
         )
+    return {k: (_lookup(saved, k), _lookup(now, k)) for k in sorted(differ)}
+
+
+def _lookup(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -10,6 +10,7 @@ from orpo_cli.cli import app
 from orpo_cli.data import TokenizedPair
 from orpo_cli.engine import micro_batches, plan_steps
 from orpo_cli.recipe import TrainSettings
+from orpo_cli.rundir import RunDir
 
 runner = CliRunner()
 
@@ -140,8 +141,25 @@ def test_resume_with_a_changed_recipe_is_refused(tmp_path):
     args = ["train", str(RECIPE), "--output-dir", str(out), "--resume"] + [
         a for s in MICRO for a in ("--set", s)
     ]
-    result = runner.invoke(app, args + ["--set", "train.lr=5e-3"])
-    assert result.exit_code == 2 and "train.lr" in result.output
+    result = runner.invoke(app, args + ["--set", "orpo.lambda=0.5"])
+    assert result.exit_code == 2 and "orpo.lambda" in result.output
+
+
+def test_resume_may_lower_the_learning_rate(tmp_path):
+    """After a diverged run the remedy is a smaller step from the last good checkpoint: --resume takes a new
+    train.lr, says so, records it, and every step after the checkpoint uses it."""
+    import yaml
+
+    out = tmp_path / "run"
+    _train(out, "--max-steps", "3")
+    result = _train(out, "--max-steps", "5", "--resume", "--set", "train.lr=2.5e-4", "--set", "train.max_grad_norm=0.5")
+    assert "--resume: train.lr changes from 0.001 to 0.00025" in result.output
+    assert "--resume: train.max_grad_norm changes from 1.0 to 0.5" in result.output
+    lrs = {r["step"]: r["lr"] for r in RunDir(out).read_metrics() if "lr" in r}
+    assert [lrs[s] for s in (1, 2, 3)] == [1e-3] * 3
+    assert [lrs[s] for s in (4, 5)] == [2.5e-4] * 2  # constant schedule: the new lr from the first resumed step
+    saved = yaml.safe_load((out / "recipe.yaml").read_text(encoding="utf-8"))
+    assert saved["train"]["lr"] == 2.5e-4
 
 
 @pytest.mark.parametrize("option", [["--set", "model.device=cuda"]])
