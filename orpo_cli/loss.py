@@ -408,19 +408,16 @@ class _FrozenHeadLogProbs(torch.autograd.Function):
         # True under torch.no_grad() too, where no backward will ever come.
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         row_grads = torch.empty_like(hidden) if need_grad else None
-        for start in range(0, hidden.shape[0], chunk_size):
-            stop = start + chunk_size
-            ids = target_ids[start:stop]
-            logits = F.linear(hidden[start:stop], weight, bias).float()
-            picked = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-            # Three passes over the [chunk, V] logits (max, shifted exp in place, sum) instead of logsumexp's
-            # and a softmax's separate ones; the softmax's 1/sum is applied to the [chunk, H] product.
-            peak = logits.amax(dim=-1, keepdim=True)
-            exp = logits.sub_(peak).exp_()
-            total = exp.sum(dim=-1, keepdim=True)
-            out[start:stop] = picked - (peak + total.log()).squeeze(-1)
-            if need_grad:
-                row_grads[start:stop] = weight[ids] - (exp.to(weight.dtype) @ weight) / total
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Autocast keeps no cast copy of a frozen weight: left to it, every chunk's two matmuls would each
+            # make a fresh copy of the [V, H] head (1 GB in bf16 for Llama-3). Cast once per call instead.
+            dtype = torch.get_autocast_dtype(device_type)
+            weight = weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk_size):
+                _head_chunk(hidden, weight, bias, target_ids, start, start + chunk_size, out, row_grads)
         if need_grad:
             ctx.save_for_backward(row_grads)
         return out
@@ -429,6 +426,30 @@ class _FrozenHeadLogProbs(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         (row_grads,) = ctx.saved_tensors
         return grad_out.unsqueeze(-1).to(row_grads.dtype) * row_grads, None, None, None, None, None
+
+
+def _head_chunk(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target_ids: torch.Tensor,
+    start: int,
+    stop: int,
+    out: torch.Tensor,
+    row_grads: torch.Tensor | None,
+) -> None:
+    """Rows ``start:stop`` of :class:`_FrozenHeadLogProbs`: their log-probs into `out`, gradients into `row_grads`."""
+    ids = target_ids[start:stop]
+    logits = F.linear(hidden[start:stop].to(weight.dtype), weight, bias).float()
+    picked = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    # Three passes over the [chunk, V] logits (max, shifted exp in place, sum) instead of logsumexp's and a
+    # softmax's separate ones; the softmax's 1/sum is applied to the [chunk, H] product.
+    peak = logits.amax(dim=-1, keepdim=True)
+    exp = logits.sub_(peak).exp_()
+    total = exp.sum(dim=-1, keepdim=True)
+    out[start:stop] = picked - (peak + total.log()).squeeze(-1)
+    if row_grads is not None:
+        row_grads[start:stop] = weight[ids] - (exp.to(weight.dtype) @ weight) / total
 
 
 def _frozen_linear(lm_head: Callable[[torch.Tensor], torch.Tensor]) -> nn.Linear | None:

@@ -20,6 +20,7 @@ from orpo_cli.loss import (
     odds_ratio,
     orpo_loss,
     orpo_loss_from_hidden,
+    target_logps,
 )
 
 PAD = 0
@@ -541,3 +542,35 @@ def test_frozen_head_skips_the_gradient_product_without_grad() -> None:
             orpo_loss_from_hidden(hidden, head, batch, chunk_size=4)
         counts.append(mode.count)
     assert counts[1] > 0 and counts[0] == 2 * counts[1]
+
+
+def test_frozen_head_under_autocast_casts_the_weight_once_and_matches_bf16_autograd():
+    """Autocast caches no cast copy of a frozen weight, so left alone each chunk's matmuls would copy the whole
+    [V, H] head again (1 GB per chunk for Llama-3 in bf16); the fused head casts it once per call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=False).requires_grad_(False)
+    hidden = torch.randn(40, 16, requires_grad=True)
+    ids = torch.randint(0, 50, (40,))
+
+    class CountHeadCopies(TorchDispatchMode):
+        copies = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and tuple(out.shape) == tuple(head.weight.shape):
+                CountHeadCopies.copies += 1
+            return out
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), CountHeadCopies():
+        got = target_logps(hidden, ids, head, chunk_size=8)  # 5 chunks
+    assert CountHeadCopies.copies == 1
+    (grad,) = torch.autograd.grad(got.sum(), hidden)
+
+    logits = (hidden.to(torch.bfloat16) @ head.weight.to(torch.bfloat16).T).float()
+    ref = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), hidden)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=3e-2)  # bf16 products
+    assert ref_grad.abs().max() > 0.1
