@@ -51,8 +51,30 @@ def _user_errors(fn: F) -> F:
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except (MemoryError, RuntimeError) as err:
+            if not _out_of_memory(err):
+                raise
+            typer.echo(f"error: {_out_of_memory_advice(err)}", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA), a host MemoryError, or another backend's 'out of memory' RuntimeError."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    return "out of memory" in str(err).lower()
+
+
+def _out_of_memory_advice(err: BaseException) -> str:
+    what = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return (
+        f"out of memory ({what[:160]}). Lower train.micro_batch_size (raise train.gradient_accumulation to keep "
+        "the batch), set train.gradient_checkpointing: true, lower orpo.max_length, or load the base in 4 bits "
+        "(quantization.mode: 4bit); docs/qlora-memory.md says what fits. Checkpoints already written are kept, "
+        "and train.gradient_checkpointing may change on --resume"
+    )
 
 
 def _version(value: bool) -> None:

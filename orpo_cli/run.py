@@ -26,6 +26,8 @@ _RESUMABLE_CHANGES = {
     # takes effect from there on (recipe.yaml records it; metrics.jsonl logs the lr of every step).
     "train.lr",
     "train.max_grad_norm",
+    # the remedy for running out of memory that changes no number: activations recomputed, not kept
+    "train.gradient_checkpointing",
 }
 
 

@@ -125,3 +125,36 @@ def test_an_incomplete_checkpoint_is_skipped_and_temporaries_are_cleaned(tmp_pat
         found = latest_checkpoint(run)
     assert found is not None and found[0] == 2
     assert not stale.exists()
+
+
+@pytest.mark.parametrize(
+    "error", ["cuda", "host"], ids=["torch.OutOfMemoryError", "MemoryError"]
+)
+def test_out_of_memory_is_one_line_with_the_levers_and_keeps_the_checkpoints(tmp_path, monkeypatch, error):
+    import torch
+
+    import orpo_cli.engine as engine
+
+    real = engine.orpo_forward
+    calls = {"n": 0}
+
+    def exhausted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            if error == "cuda":
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
+            raise MemoryError()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "orpo_forward", exhausted)
+    out = tmp_path / "run"
+    result = runner.invoke(app, _args(out, 6))
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "out of memory" in lines[0]
+    assert "train.micro_batch_size" in lines[0] and "gradient_checkpointing" in lines[0]
+    if error == "cuda":
+        assert "Tried to allocate 2.00 GiB" in lines[0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+    assert not (out / "adapter").exists()
