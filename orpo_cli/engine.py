@@ -351,9 +351,9 @@ def _stop_if_diverged(first_bad_step: torch.Tensor, run: RunDir) -> None:
     if bad >= 0:
         raise RunFailed(
             f"the loss became NaN/inf at step {bad}; stopped without saving it. Likely causes: learning rate too "
-            "high (lower train.lr), fp16 overflow (use bf16 or fp32), or a broken data row. The last good "
-            f"checkpoint in {run.checkpoints} is kept; fix the cause and rerun with --resume (train.lr and "
-            "train.max_grad_norm may change on --resume)"
+            "high (lower train.lr), fp16 overflow (use bf16 or fp32), or a broken data row. The checkpoints "
+            f"before it in {run.checkpoints} are kept: --resume continues from the newest (train.lr and "
+            "train.max_grad_norm may change), or start again with --force if the loss had been climbing for a while"
         )
 
 

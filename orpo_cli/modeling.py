@@ -162,5 +162,5 @@ def _from_pretrained(loader: Any, name: str, path: str, **kwargs: Any) -> Any:
             raise UserError(f"model.name_or_path: could not load {name}: {first}") from None
         raise UserError(
             f"model.name_or_path: could not load '{name}' from the Hugging Face hub (offline, or no such model); "
-            "download it (e.g. `huggingface-cli download NAME --local-dir DIR`) and set model.name_or_path: DIR"
+            "download it (e.g. `hf download NAME --local-dir DIR`) and set model.name_or_path: DIR"
         ) from None
