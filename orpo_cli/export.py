@@ -361,13 +361,7 @@ def _model_card(run: RunDir, recipe: Recipe, result: ExportResult) -> str:
         "```",
         "",
         'or `orpo-tune generate PATH --prompt "..."`.',
-        "",
-        "## Recipe",
-        "",
-        "```yaml",
-        run.recipe.read_text(encoding="utf-8").rstrip(),
-        "```",
-        "",
+        *_recipe_section(run),
     ]
     return front + "\n".join(lines)
 
@@ -390,15 +384,14 @@ def _bundle_card(run: RunDir, recipe: Recipe, result: ExportResult, base: str, c
         "## Use",
         "",
         '    orpo-tune generate PATH --prompt "..."',
-        "",
-        "## Recipe",
-        "",
-        "```yaml",
-        run.recipe.read_text(encoding="utf-8").rstrip(),
-        "```",
-        "",
+        *_recipe_section(run),
     ]
     return "\n".join(lines)
+
+
+def _recipe_section(run: RunDir) -> list[str]:
+    """The card's closing section: the run's resolved recipe, verbatim."""
+    return ["", "## Recipe", "", "```yaml", run.recipe.read_text(encoding="utf-8").rstrip(), "```", ""]
 
 
 def _adapter_line(recipe: Recipe) -> str:
