@@ -441,7 +441,7 @@ def _run_ours(args: argparse.Namespace, work: Path, nll_on_prompt: bool) -> dict
     if args.layout:
         import orpo_cli.engine
 
-        orpo_cli.engine.batch_layout = lambda _adapter: args.layout  # an ablation knob of this benchmark only
+        orpo_cli.engine.batch_layout = lambda _adapter, _model: args.layout  # an ablation knob of this benchmark only
     device = _device(args)
     ordered, _pad = _ordered_pairs(args, work)
     tokens = _step_tokens(args, ordered)

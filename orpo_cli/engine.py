@@ -113,7 +113,7 @@ def fit(
     world, rank = accelerator.num_processes, accelerator.process_index
     per_epoch, total_steps = plan_steps(len(train_pairs), train, world)
     accum = train.gradient_accumulation
-    layout = batch_layout(adapter)  # padding-free rows where the adapter allows them
+    layout = batch_layout(adapter, model)  # padding-free rows where the adapter and attention allow them
     global_batch = train.micro_batch_size * accum * world
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]  # the optimizer's order

@@ -60,7 +60,7 @@ def preference_metrics(
     """
     was_training = model.training
     model.eval()
-    layout = batch_layout(adapter)
+    layout = batch_layout(adapter, model)
     batches = [
         {k: v.to(device) for k, v in collate_pairs(pairs[i : i + batch_size], pad_token_id, layout=layout).items()}
         for i in range(0, len(pairs), batch_size)

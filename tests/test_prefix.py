@@ -224,7 +224,7 @@ def test_reft_edits_the_shared_prompt_as_it_edits_both_padded_rows(tmp_path):
     # ReFT edits each row's prompt: it never gets packed rows, and refuses them if given.
     from orpo_cli.adapters import batch_layout
 
-    assert batch_layout(adapter) == "prefix"
+    assert batch_layout(adapter, model) == "prefix"
     with pytest.raises(ValueError, match="rows but 3 prompt lengths"):
         orpo_forward(model, adapter, collate_pairs(pairs, 0, layout="packed"), lam=0.1, nll_on_prompt=True)
 
@@ -238,6 +238,20 @@ def test_to_padded_rebuilds_the_padded_batch(layout):
     assert rebuilt.keys() == padded.keys()
     for key, value in padded.items():
         assert torch.equal(rebuilt[key], value), key
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_lora_batches_are_packed_only_under_sdpa(attn):
+    """Packed rows pay off only where the block attention confines each pair to its columns (sdpa); eager
+    attention would score whole packed rows, so it gets one row per pair."""
+    from orpo_cli.adapters import batch_layout
+    from orpo_cli.adapters.lora import LoraAdapter
+    from orpo_cli.adapters.reft import ReftAdapter
+    from orpo_cli.recipe import LoraSettings, ReftSettings
+
+    model = _model("llama", attn)
+    assert batch_layout(LoraAdapter(LoraSettings()), model) == ("packed" if attn == "sdpa" else "prefix")
+    assert batch_layout(ReftAdapter(ReftSettings()), model) == "prefix"
 
 
 def test_models_without_masked_attention_run_padded(monkeypatch):
