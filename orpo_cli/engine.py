@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from orpo_cli.adapters import Adapter, batch_layout
+from orpo_cli.adapters import Adapter
 from orpo_cli.batching import collate_pairs, count_tokens
 from orpo_cli.checkpoint import (
     latest_checkpoint,
@@ -29,7 +29,7 @@ from orpo_cli.checkpoint import (
 from orpo_cli.data import TokenizedPair
 from orpo_cli.errors import Interrupted, RunFailed, UserError
 from orpo_cli.evaluate import preference_metrics
-from orpo_cli.forward import orpo_forward
+from orpo_cli.forward import batch_layout, orpo_forward
 from orpo_cli.launch import WORLD_SIZE_KEY
 from orpo_cli.loss import count_normalizers
 from orpo_cli.metrics import MetricTally

@@ -18,13 +18,13 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from orpo_cli.adapters import Adapter, batch_layout
+from orpo_cli.adapters import Adapter
 from orpo_cli.adapters.full import FullAdapter
 from orpo_cli.atomic import atomic_write_text
 from orpo_cli.batching import collate_pairs
 from orpo_cli.data import TokenizedPair
 from orpo_cli.errors import UserError
-from orpo_cli.forward import orpo_forward
+from orpo_cli.forward import batch_layout, orpo_forward
 from orpo_cli.loss import count_normalizers
 from orpo_cli.metrics import MetricTally
 from orpo_cli.progress import Reporter

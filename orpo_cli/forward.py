@@ -32,7 +32,13 @@ from torch import nn
 from orpo_cli.adapters import Adapter
 from orpo_cli.batching import LAYOUTS, Layout
 from orpo_cli.loss import ORPOTerms, orpo_loss_from_hidden
-from orpo_cli.prefix import is_prefix_batch, model_inputs, supports_prefix, to_padded
+from orpo_cli.prefix import (
+    attention_implementation,
+    is_prefix_batch,
+    model_inputs,
+    supports_prefix,
+    to_padded,
+)
 
 
 def orpo_forward(
@@ -69,6 +75,17 @@ def orpo_forward(
         num_nll_tokens=num_nll_tokens,
         num_pairs=num_pairs,
     )
+
+
+def batch_layout(adapter: Adapter, model: nn.Module) -> Layout:
+    """The layout training and eval collate: padding-free rows where the adapter and the attention allow them.
+
+    Packing needs an adapter that reads nothing per row (`Adapter.packs_pairs`) and ``sdpa`` attention, whose
+    block attention runs each pair on its own columns; any other attention would score every column of a
+    packed row against every other (quadratic in the row's width), so it gets one row per pair.
+    """
+    sdpa = attention_implementation(_unwrap(model)) == "sdpa"
+    return "packed" if adapter.packs_pairs and sdpa else "prefix"
 
 
 def _in_layout(model: nn.Module, batch: Mapping[str, torch.Tensor], layout: Layout | None) -> dict[str, Any]:

@@ -80,6 +80,7 @@ class Segments:
         if len(self.starts) != len(self.lengths):
             raise ValueError(f"{len(self.lengths)} pairs but {len(self.starts)} starts")
         self._masks: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._by_row: list[list[int]] | None = None
 
     def to(self, *_args: Any, **_kwargs: Any) -> Segments:
         return self
@@ -88,11 +89,12 @@ class Segments:
         return f"Segments({list(self.lengths)}, starts={list(self.starts)})"
 
     def by_row(self, rows: int) -> list[list[int]]:
-        """The pairs of each of `rows` rows, in column order."""
-        out: list[list[int]] = [[] for _ in range(rows)]
-        for i in sorted(range(len(self.starts)), key=lambda i: self.starts[i]):
-            out[self.starts[i][0]].append(i)
-        return out
+        """The pairs of each of `rows` rows, in column order (worked out once; every layer asks)."""
+        if self._by_row is None or len(self._by_row) != rows:
+            self._by_row = [[] for _ in range(rows)]
+            for i in sorted(range(len(self.starts)), key=lambda i: self.starts[i]):
+                self._by_row[self.starts[i][0]].append(i)
+        return self._by_row
 
     def rejected_mask(self, pair: int, device: torch.device) -> torch.Tensor:
         """``[R, P + R]`` bool: rejected token j sees the whole prompt and rejected tokens ``<= j``."""

@@ -222,7 +222,7 @@ def test_reft_edits_the_shared_prompt_as_it_edits_both_padded_rows(tmp_path):
         off = orpo_forward(model, adapter, collate_pairs(pairs, 0), lam=0.1, nll_on_prompt=True)
     assert abs(off.loss.item() - results["prefix"][0].loss.item()) > 1e-3
     # ReFT edits each row's prompt: it never gets packed rows, and refuses them if given.
-    from orpo_cli.adapters import batch_layout
+    from orpo_cli.forward import batch_layout
 
     assert batch_layout(adapter, model) == "prefix"
     with pytest.raises(ValueError, match="rows but 3 prompt lengths"):
@@ -244,9 +244,9 @@ def test_to_padded_rebuilds_the_padded_batch(layout):
 def test_lora_batches_are_packed_only_under_sdpa(attn):
     """Packed rows pay off only where the block attention confines each pair to its columns (sdpa); eager
     attention would score whole packed rows, so it gets one row per pair."""
-    from orpo_cli.adapters import batch_layout
     from orpo_cli.adapters.lora import LoraAdapter
     from orpo_cli.adapters.reft import ReftAdapter
+    from orpo_cli.forward import batch_layout
     from orpo_cli.recipe import LoraSettings, ReftSettings
 
     model = _model("llama", attn)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orpo_cli.adapters.base import Adapter, batch_layout, count_parameters, trainable_state
+from orpo_cli.adapters.base import Adapter, count_parameters, trainable_state
 from orpo_cli.adapters.full import FullAdapter
 from orpo_cli.adapters.lora import LoraAdapter
 from orpo_cli.adapters.reft import ReftAdapter
@@ -22,4 +22,4 @@ def build_adapter(settings: LoraSettings | ReftSettings | FullSettings) -> Adapt
     raise UserError(f"adapter.kind: {settings.kind} is not available in this version")
 
 
-__all__ = ["Adapter", "batch_layout", "build_adapter", "count_parameters", "trainable_state"]
+__all__ = ["Adapter", "build_adapter", "count_parameters", "trainable_state"]

@@ -10,8 +10,6 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from orpo_cli.batching import Layout
-
 
 class Adapter(Protocol):
     """What training, eval, export and generate need from an adapter."""
@@ -20,19 +18,6 @@ class Adapter(Protocol):
     mergeable: bool  # True when export can fold the adapter into the base weights (LoRA, full fine-tuning)
     packs_pairs: bool  # True when several pairs may share a batch row (it reads nothing per row): LoRA, full
 
-
-def batch_layout(adapter: Adapter, model: nn.Module) -> Layout:
-    """The layout training and eval collate: padding-free rows where the adapter and the attention allow them.
-
-    Packing needs an adapter that reads nothing per row, and ``sdpa`` attention, whose block attention runs
-    each pair on its own columns; any other attention would score every column of a packed row against
-    every other (quadratic in the row's width), so it gets one row per pair.
-    """
-    from orpo_cli.prefix import attention_implementation
-
-    while hasattr(model, "module") and not hasattr(model, "config"):  # DDP and other wrappers
-        model = model.module
-    return "packed" if adapter.packs_pairs and attention_implementation(model) == "sdpa" else "prefix"
 
     def attach(self, model: nn.Module, *, quantized: bool, gradient_checkpointing: bool) -> nn.Module:
         """Freeze what must not train, add the trainable parts, and return the model to train."""
