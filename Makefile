@@ -4,19 +4,28 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 DEMO    := runs/tiny-lora
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench lock clean
+
+# uv itself: the one on PATH, else installed with pip on first use.
+UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
-	@uv=$$(command -v uv || true); \
-	if [ -z "$$uv" ]; then \
-	  python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv; \
-	  uv="python3 -m uv"; \
-	fi; \
-	$$uv venv --quiet --allow-existing $(VENV) && \
-	$$uv pip install --quiet --compile-bytecode --python $(PY) -e '.[dev]'
+# Exactly the versions in uv.lock (--locked: refuse if pyproject.toml and the lock disagree), the dev group
+# included; packages not in the lock are removed from .venv.
+$(STAMP): pyproject.toml uv.lock
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	$(UV) sync --locked --quiet --compile-bytecode
 	@touch $(STAMP)
+
+# The one deliberate way versions move: every dependency to its newest release allowed by pyproject.toml,
+# installed, then the whole test suite. Commit uv.lock only when it passes.
+lock:
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	$(UV) lock --upgrade
+	$(UV) sync --locked --quiet --compile-bytecode
+	@touch $(STAMP)
+	$(PY) -m pytest -q
 
 demo: install
 	$(VENV)/bin/orpo-tune train recipes/tiny-lora.yaml --force
@@ -25,6 +34,7 @@ demo: install
 	$(VENV)/bin/orpo-tune generate exports/tiny-lora --prompt "What colour is a banana?" --max-new-tokens 32
 
 test: install
+	@$(UV) sync --locked --check --quiet || { echo "error: .venv differs from uv.lock; run 'make install' (or delete .venv)"; exit 1; }
 	$(PY) -m pytest -q
 
 lint: install

@@ -133,8 +133,35 @@ def load_model(
     model = _from_pretrained(AutoModelForCausalLM.from_pretrained, settings.name_or_path, path, **kwargs)
     if quant.mode == "none":
         model.to(device)
+    if quant.mode == "4bit":
+        keep_4bit_weights_unpacked(model)
     model.config.use_cache = False
     return model
+
+
+def keep_4bit_weights_unpacked(model: torch.nn.Module) -> int:
+    """Keep every 4-bit layer in the one weight format that both training and eval read correctly.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.49 and later) rewrites a `Linear4bit` weight in place into a
+    packed inference layout the first time the layer runs in eval mode without grad, and converts it back
+    only when the state dict is saved. Two things break: the conversion asserts that the layer's output
+    width is a multiple of 32 (SmolLM2's 1536 is, the built-ins' 344 and llama2.c's 172 are not), and once a
+    layer is packed, the backward of every later training step reads the packed bytes as NF4 and gradients
+    stop flowing through that matmul (measured: layer 0's LoRA gradient 1000x too small after one eval).
+    orpo-tune evaluates between training steps, so the packed path is never safe for us: the layers keep
+    the standard layout, on which bitsandbytes' dequantize-then-matmul is exact in forward and backward.
+    Returns how many layers were set (0 without bitsandbytes or 4-bit layers).
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except Exception:  # no bitsandbytes: nothing can be packed
+        return 0
+    n = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False  # the flag Linear4bit.forward checks before packing
+            n += 1
+    return n
 
 
 def num_layers(model: torch.nn.Module) -> int:

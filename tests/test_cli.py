@@ -89,3 +89,19 @@ def test_qlora_template_sets_4bit(tmp_path):
     _run("init", "--template", "qlora", "--out", out)
     data = yaml.safe_load(out.read_text())
     assert data["quantization"]["mode"] == "4bit" and data["adapter"]["kind"] == "lora"
+
+
+def test_help_screens_look_like_an_ordinary_typer_app():
+    """Flags carry no type, arguments and values read as click metavars (RUN_DIR, PATH, INTEGER), as in
+    typer < 0.27 (0.27 writes `<path>` and `{run_dir}`, 0.29 adds `<bool>` to every flag)."""
+    import re
+
+    for args in (["--help"], ["eval", "--help"], ["train", "--help"]):
+        result = runner.invoke(app, args, env={"COLUMNS": "120", "TERMINAL_WIDTH": "120"})
+        assert result.exit_code == 0, result.output
+        assert not re.search(r"<(bool|path|int|str|float|text)>", result.output), result.output
+        assert "{" not in result.output.split("\n", 3)[1], result.output
+    screen = runner.invoke(app, ["eval", "--help"], env={"COLUMNS": "120"}).output
+    assert "Usage: orpo-tune eval [OPTIONS] RUN_DIR" in " ".join(screen.split())
+    assert re.search(r"--json\s+Print one JSON object", screen), screen
+    assert re.search(r"--samples\s+INTEGER", screen), screen
