@@ -541,7 +541,7 @@ def test_demo_rows():
 
 
 def test_builtin_demo_source(tok, tmp_path):
-    check_source(DataSettings())
+    check_source(DataSettings(train="builtin:demo"))
     out = prep(tok, tmp_path, train="builtin:demo", eval_ratio=0.1)
     assert out.stats.rows["train"] + out.stats.rows["eval"] == 1200
     assert 100 <= out.stats.rows["eval"] <= 140 and out.stats.dropped == {}
