@@ -409,12 +409,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not UTF-8 text (byte {err.start}); save the recipe as UTF-8") from None
     data = parse_yaml(text, str(path))
-    if data is None and not overrides:
-        raise UserError(
-            f"{path}: the recipe is empty; it needs at least model.name_or_path and data.train "
-            "(`orpo-tune init` writes a complete starter)"
-        )
-    if data is None:
+    empty = data is None  # no text, or only comments
+    if empty:
         data = {}
     if not isinstance(data, dict):
         raise UserError(
@@ -422,7 +418,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         )
     data = apply_overrides(data, overrides or [])
     data.setdefault("name", path.stem)
-    return validate_recipe(data, source=str(path))
+    try:
+        return validate_recipe(data, source=str(path))
+    except UserError:
+        if not empty:
+            raise
+        raise UserError(
+            f"{path}: the recipe is empty; it needs at least model.name_or_path and data.train "
+            "(`orpo-tune init` writes a complete starter)"
+        ) from None
 
 
 def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:

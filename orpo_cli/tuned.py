@@ -24,7 +24,7 @@ from torch import nn
 
 from orpo_cli import adapters
 from orpo_cli.adapters import Adapter
-from orpo_cli.errors import UserError
+from orpo_cli.errors import UserError, stage
 from orpo_cli.recipe import QuantizationSettings, Recipe, validate_recipe
 from orpo_cli.rundir import RunDir
 
@@ -114,7 +114,9 @@ def load_run(run: RunDir, *, device: torch.device | None = None) -> Tuned:
     device = device or inference_device(recipe)
     tokenizer = load_saved_tokenizer(run.tokenizer)
     adapter = adapters.build_adapter(recipe.adapter)
-    model = adapter.load(load_base(recipe, device), run.adapter)
+    base = load_base(recipe, device)
+    with stage("loading the adapter", blame=str(run.adapter)):
+        model = adapter.load(base, run.adapter)
     return Tuned(_ready(model), adapter, tokenizer, recipe, device, "run")
 
 
@@ -156,7 +158,8 @@ def load_bundle(path: Path, *, device: torch.device | None = None) -> Tuned:
     tokenizer = load_saved_tokenizer(path / "tokenizer")
     adapter = adapters.build_adapter(recipe.adapter)
     base = load_base(recipe, device, name_or_path=bundle_base(path, manifest))
-    model = adapter.load(base, path / "adapter")
+    with stage("loading the adapter", blame=str(path / "adapter")):
+        model = adapter.load(base, path / "adapter")
     return Tuned(_ready(model), adapter, tokenizer, recipe, device, "bundle")
 
 
@@ -172,11 +175,12 @@ def load_merged(path: Path, *, device: torch.device | None = None) -> Tuned:
     recipe = read_recipe(path / EXPORT_RECIPE) if (path / EXPORT_RECIPE).is_file() else None
     device = device or inference_device(recipe)
     tokenizer = load_saved_tokenizer(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
-    except (OSError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
-        raise UserError(f"{path}: cannot load it as a causal language model: {first}") from None
+    with stage("loading the model", blame=str(path)):  # what else the loader may raise on a broken directory
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
+        except (OSError, ValueError) as err:
+            first = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
+            raise UserError(f"{path}: cannot load it as a causal language model: {first}") from None
     model.to(device)
     # FullAdapter is the no-op adapter: nothing around forward, nothing to disable.
     return Tuned(_ready(model), FullAdapter(), tokenizer, recipe, device, "model")

@@ -10,12 +10,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from orpo_cli.errors import stage
+
 
 class FullAdapter:
     mergeable = True
     packs_pairs = True
     kind = "none"
 
+    @stage("preparing full fine-tuning", blame="adapter")
     def attach(self, model: nn.Module, *, quantized: bool, gradient_checkpointing: bool) -> nn.Module:
         model.requires_grad_(True)
         if gradient_checkpointing:
