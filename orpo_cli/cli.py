@@ -112,12 +112,13 @@ def init(
 
     if template not in TEMPLATES:
         raise UserError(f"--template: unknown template {template!r}; use one of {', '.join(TEMPLATES)}")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give the recipe's file name, e.g. {out / 'recipe.yaml'}")
     if out.exists() and not force:
         raise UserError(f"{out} exists; choose another --out or pass --force")
-    text = starter_recipe(template, out.stem)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out)
+    from orpo_cli.atomic import atomic_write_text
+
+    atomic_write_text(out, starter_recipe(template, out.stem))
     typer.echo(f"wrote {out}; check it with: orpo-tune validate {out}")
 
 

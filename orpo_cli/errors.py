@@ -86,11 +86,18 @@ class stage:  # noqa: N801 - used as `with stage(...)` and `@stage(...)`, like c
         raise InternalError(self.name, err) from err
 
     def __call__(self, fn):  # type: ignore[no-untyped-def]
+        """As a decorator; a `blame` like "{adapter_dir}" is filled in from the call's arguments."""
         import functools
+        import inspect
+
+        signature = inspect.signature(fn)
 
         @functools.wraps(fn)
         def guarded(*args, **kwargs):  # type: ignore[no-untyped-def]
-            with stage(self.name, self.blame):
+            blame = self.blame
+            if blame is not None and "{" in blame:
+                blame = blame.format(**signature.bind(*args, **kwargs).arguments)
+            with stage(self.name, blame):
                 return fn(*args, **kwargs)
 
         return guarded
@@ -175,15 +182,29 @@ def _file_system(err: BaseException) -> str | None:
     if code is None:
         return None
     path = getattr(err, "filename", None)
+    if path is not None:
+        path = _target_of(Path(os.fsdecode(path)))
+        if code == errno.EEXIST and path.exists() and not path.is_dir():
+            code = errno.ENOTDIR  # mkdir over a file: say so, not "already exists"
     what = _FS_ERRNOS[code]
     if code == errno.ENOTDIR and path is not None:
-        blocker = _file_in_the_way(Path(os.fsdecode(path)))
-        if blocker == Path(os.fsdecode(path)):
+        blocker = _file_in_the_way(path)
+        if blocker == path:
             return f"{blocker} is a file, not a directory; give a directory"
         if blocker is not None:
-            return f"{os.fsdecode(path)}: {blocker} is a file, not a directory; {_FS_FIX[code]}"
-    where = f"{os.fsdecode(path)}: " if path is not None else ""
+            return f"{path}: {blocker} is a file, not a directory; {_FS_FIX[code]}"
+    where = f"{path}: " if path is not None else ""
     return f"{where}{what}; {_FS_FIX[code]}"
+
+
+# `.NAME.tmp...` and `.NAME.tmp-PID`: the temporary siblings atomic writes go through (atomic.py)
+_TEMPORARY = re.compile(r"^\.(?P<name>.+?)(?:\.tmp-\d+|\.tmp(?:\.\w+)?|\.old-\d+)$")
+
+
+def _target_of(path: Path) -> Path:
+    """The file the user asked for, rather than the temporary sibling it was being written through."""
+    match = _TEMPORARY.match(path.name)
+    return path.with_name(match["name"]) if match else path
 
 
 def _file_in_the_way(path: Path) -> Path | None:

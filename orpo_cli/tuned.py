@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from orpo_cli import adapters
 from orpo_cli.adapters import Adapter
 from orpo_cli.errors import UserError, stage
-from orpo_cli.recipe import QuantizationSettings, Recipe, validate_recipe
+from orpo_cli.recipe import QuantizationSettings, Recipe, parse_yaml, validate_recipe
 from orpo_cli.rundir import RunDir
 
 BUNDLE_MANIFEST = "orpo-bundle.json"
@@ -48,8 +47,8 @@ class Tuned:
 def read_recipe(path: Path) -> Recipe:
     """The resolved recipe saved beside a run or an export."""
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
+        data = parse_yaml(Path(path).read_text(encoding="utf-8"), str(path))  # a key twice is an error here too
+    except (OSError, ValueError) as err:
         raise UserError(f"{path}: cannot read the saved recipe ({err.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: the saved recipe is not a YAML mapping")
@@ -114,9 +113,7 @@ def load_run(run: RunDir, *, device: torch.device | None = None) -> Tuned:
     device = device or inference_device(recipe)
     tokenizer = load_saved_tokenizer(run.tokenizer)
     adapter = adapters.build_adapter(recipe.adapter)
-    base = load_base(recipe, device)
-    with stage("loading the adapter", blame=str(run.adapter)):
-        model = adapter.load(base, run.adapter)
+    model = adapter.load(load_base(recipe, device), run.adapter)
     return Tuned(_ready(model), adapter, tokenizer, recipe, device, "run")
 
 
@@ -158,8 +155,7 @@ def load_bundle(path: Path, *, device: torch.device | None = None) -> Tuned:
     tokenizer = load_saved_tokenizer(path / "tokenizer")
     adapter = adapters.build_adapter(recipe.adapter)
     base = load_base(recipe, device, name_or_path=bundle_base(path, manifest))
-    with stage("loading the adapter", blame=str(path / "adapter")):
-        model = adapter.load(base, path / "adapter")
+    model = adapter.load(base, path / "adapter")
     return Tuned(_ready(model), adapter, tokenizer, recipe, device, "bundle")
 
 

@@ -36,6 +36,7 @@ class FullAdapter:
     def save(self, model: nn.Module, out_dir: Path) -> None:
         model.save_pretrained(str(out_dir), safe_serialization=True)
 
+    @stage("loading the fine-tuned weights", blame="{adapter_dir}")
     def load(self, base: nn.Module, adapter_dir: Path) -> nn.Module:
         from safetensors.torch import load_file
 

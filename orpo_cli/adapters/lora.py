@@ -57,9 +57,13 @@ class LoraAdapter:
     def save(self, model: nn.Module, out_dir: Path) -> None:
         model.save_pretrained(str(out_dir), safe_serialization=True)
 
+    @stage("loading the adapter", blame="{adapter_dir}")
     def load(self, base: nn.Module, adapter_dir: Path) -> nn.Module:
         from peft import PeftModel
 
+        missing = [n for n in ("adapter_config.json", "adapter_model.safetensors") if not (adapter_dir / n).is_file()]
+        if missing:  # else PEFT takes the directory for a hub id and says that instead
+            raise UserError(f"{adapter_dir}: not a complete LoRA adapter (no {' or '.join(missing)})")
         return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
 
     def merge(self, model: nn.Module) -> nn.Module:

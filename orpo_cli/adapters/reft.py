@@ -106,6 +106,7 @@ class ReftAdapter:
         save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
         (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
+    @stage("loading the adapter", blame="{adapter_dir}")
     def load(self, base: nn.Module, adapter_dir: Path) -> nn.Module:
         from safetensors.torch import load_file
 
