@@ -80,7 +80,7 @@ class stage:  # noqa: N801 - used as `with stage(...)` and `@stage(...)`, like c
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> bool:
         if err is None or not isinstance(err, Exception) or passes_through(err):
             return False
-        message = explain(err, self.blame)
+        message = explain(err, self.blame, self.name)
         if message is not None:
             raise UserError(message) from err
         raise InternalError(self.name, err) from err
@@ -163,9 +163,12 @@ _FS_TEXT = [
 ]
 
 
-def explain(err: BaseException, blame: str | None = None) -> str | None:
-    """The one line a user reads for `err`, or None when it is not the user's to fix (then: a bug)."""
-    fs = _file_system(err)
+def explain(err: BaseException, blame: str | None = None, doing: str | None = None) -> str | None:
+    """The one line a user reads for `err`, or None when it is not the user's to fix (then: a bug).
+
+    `doing` (the stage) is said when the error names no path, e.g. a full disk while writing a checkpoint.
+    """
+    fs = _file_system(err, doing)
     if fs is not None:
         return f"{blame}: {fs}" if blame else fs
     library = library_of(err)
@@ -174,7 +177,7 @@ def explain(err: BaseException, blame: str | None = None) -> str | None:
     return None
 
 
-def _file_system(err: BaseException) -> str | None:
+def _file_system(err: BaseException, doing: str | None = None) -> str | None:
     code = err.errno if isinstance(err, OSError) and err.errno in _FS_ERRNOS else None
     if code is None and not isinstance(err, OSError):
         text = str(err)
@@ -194,7 +197,21 @@ def _file_system(err: BaseException) -> str | None:
         if blocker is not None:
             return f"{path}: {blocker} is a file, not a directory; {_FS_FIX[code]}"
     where = f"{path}: " if path is not None else ""
-    return f"{where}{what}; {_FS_FIX[code]}"
+    when = f" while {doing}" if doing is not None and path is None else ""
+    cache = " (orpo-tune's cache: set ORPO_TUNE_CACHE to put it elsewhere)" if _in_cache(path) else ""
+    return f"{where}{what}{when}{cache}; {_FS_FIX[code]}"
+
+
+def _cache_root() -> Path:
+    cache = os.environ.get("ORPO_TUNE_CACHE")
+    return Path(cache).expanduser() if cache else Path.home() / ".cache" / "orpo-tune"
+
+
+def _in_cache(path: Path | None) -> bool:
+    if path is None:
+        return False
+    root = _cache_root().absolute()
+    return path.absolute() == root or root in path.absolute().parents
 
 
 # `.NAME.tmp...` and `.NAME.tmp-PID`: the temporary siblings atomic writes go through (atomic.py)
@@ -257,9 +274,7 @@ def write_traceback(err: BaseException, command: str) -> Path | None:
         candidates.append(run_dir / "error.log")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"error-{command}-{stamp}-{os.getpid()}.log"
-    cache = os.environ.get("ORPO_TUNE_CACHE")
-    root = Path(cache).expanduser() if cache else Path.home() / ".cache" / "orpo-tune"
-    candidates.append(root / "logs" / name)
+    candidates.append(_cache_root() / "logs" / name)
     import tempfile
 
     candidates.append(Path(tempfile.gettempdir()) / name)
