@@ -190,15 +190,15 @@ def _file_system(err: BaseException, doing: str | None = None) -> str | None:
         if code == errno.EEXIST and path.exists() and not path.is_dir():
             code = errno.ENOTDIR  # mkdir over a file: say so, not "already exists"
     what = _FS_ERRNOS[code]
+    cache = " (orpo-tune's cache: set ORPO_TUNE_CACHE to put it elsewhere)" if _in_cache(path) else ""
     if code == errno.ENOTDIR and path is not None:
         blocker = _file_in_the_way(path)
         if blocker == path:
-            return f"{blocker} is a file, not a directory; give a directory"
+            return f"{blocker} is a file, not a directory{cache}; give a directory"
         if blocker is not None:
-            return f"{path}: {blocker} is a file, not a directory; {_FS_FIX[code]}"
+            return f"{path}: {blocker} is a file, not a directory{cache}; {_FS_FIX[code]}"
     where = f"{path}: " if path is not None else ""
     when = f" while {doing}" if doing is not None and path is None else ""
-    cache = " (orpo-tune's cache: set ORPO_TUNE_CACHE to put it elsewhere)" if _in_cache(path) else ""
     return f"{where}{what}{when}{cache}; {_FS_FIX[code]}"
 
 

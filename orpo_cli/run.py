@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -131,13 +132,19 @@ def start_run(recipe: Recipe, *, resume: bool, force: bool, machines: Machines |
 
     # ---- the run directory: only now that everything checked out
     if accelerator.is_main_process:
-        with stage("writing the run directory", blame="output_dir"):
-            run.prepare(resume=resume, force=force)
-            use_run_log(run.root)  # from here on, a traceback of ours goes to RUN/error.log
-            atomic_write_text(run.recipe, recipe.to_yaml())
-            if not run.tokenizer.is_dir():
-                with atomic_dir(run.tokenizer, replace=True) as tmp:
-                    tokenizer.save_pretrained(str(tmp))
+        created = not run.root.exists()
+        try:
+            with stage("writing the run directory", blame="output_dir"):
+                run.prepare(resume=resume, force=force)
+                atomic_write_text(run.recipe, recipe.to_yaml())
+                if not run.tokenizer.is_dir():
+                    with atomic_dir(run.tokenizer, replace=True) as tmp:
+                        tokenizer.save_pretrained(str(tmp))
+        except UserError:  # a full disk, a permission: leave no half-written run directory behind
+            if created:
+                shutil.rmtree(run.root, ignore_errors=True)
+            raise
+        use_run_log(run.root)  # from here on, a traceback of ours goes to RUN/error.log
     accelerator.wait_for_everyone()
     if recipe.train.tensorboard:
         with stage("starting TensorBoard", blame="train.tensorboard"):
