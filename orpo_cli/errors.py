@@ -171,6 +171,9 @@ def explain(err: BaseException, blame: str | None = None, doing: str | None = No
     fs = _file_system(err, doing)
     if fs is not None:
         return f"{blame}: {fs}" if blame else fs
+    if blame is not None and isinstance(err, ModuleNotFoundError) and err.name:
+        package = err.name.split(".")[0]
+        return f"{blame}: needs the Python package {package}, which is not installed (pip install {package})"
     library = library_of(err)
     if blame is not None and library is not None:
         return f"{blame}: {library} refused it: {one_line(err)}"

@@ -408,3 +408,11 @@ def test_verbs_reject_bad_input_in_one_line(micro_run, tmp_path, spoil, args, wo
         assert fill(word) in line, (fill(word), line)
     assert not out.exists() and a_file.read_text() == "mine"
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before, "nothing written into the run"
+
+
+def test_a_missing_package_is_named():
+    from orpo_cli.errors import UserError, stage
+
+    with pytest.raises(UserError, match=r"^train.optimizer: needs the Python package no_such_pkg_xyz, which is not"):
+        with stage("building the optimizer", blame="train.optimizer"):
+            import no_such_pkg_xyz  # noqa: F401
