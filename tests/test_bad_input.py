@@ -318,7 +318,7 @@ def test_debug_prints_the_traceback(tmp_path, monkeypatch, how):
     recipe.write_text(BASE.replace("DATA", str(FIXTURES / "pairs.jsonl")))
     args = ["train", str(recipe), "--output-dir", str(tmp_path / "run")]
     if how == "--debug":
-        monkeypatch.delenv(DEBUG_ENV, raising=False)
+        monkeypatch.setenv(DEBUG_ENV, "0")  # --debug sets it to 1 in this process: restored after the test
         result = runner.invoke(app, ["--debug", *args])
     else:
         result = runner.invoke(app, args, env={DEBUG_ENV: "1"})
