@@ -156,24 +156,38 @@ def _verify(path: Path) -> str | None:
 
 
 def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors by `index/slot` (`index/slot/key` inside a nested slot), the rest as JSON.
+
+    bitsandbytes' 8-bit and paged optimizers keep their quantized state in one nested slot
+    (`__bnb_optimizer_quant_state__`: state1, absmax1, qmap1, ...), so slots may be dicts of tensors.
+    """
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
-    for idx, slots in state_dict["state"].items():
+
+    def put(prefix: str, slots: dict[str, Any], plain: dict[str, Any]) -> None:
         for key, value in slots.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{idx}/{key}"] = value.detach().cpu().contiguous().clone()
+                tensors[f"{prefix}/{key}"] = value.detach().cpu().contiguous().clone()
+            elif isinstance(value, dict):
+                put(f"{prefix}/{key}", value, plain.setdefault(key, {}))
             else:
-                scalars.setdefault(str(idx), {})[key] = value
+                plain[key] = value
+
+    for idx, slots in state_dict["state"].items():
+        put(str(idx), slots, scalars.setdefault(str(idx), {}))
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        idx, key = name.split("/", 1)
-        state.setdefault(int(idx), {})[key] = value
     for idx, slots in meta["scalars"].items():
         state.setdefault(int(idx), {}).update(slots)
+    for name, value in tensors.items():
+        idx, *path = name.split("/")
+        node = state.setdefault(int(idx), {})
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
     return {"state": state, "param_groups": groups}
 

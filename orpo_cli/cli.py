@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from orpo_cli import __version__
-from orpo_cli.errors import Interrupted, RunFailed, UserError
+from orpo_cli.errors import DEBUG_ENV, UserError, framework_exit, report, use_run_log
 
 app = typer.Typer(
     name="orpo-tune",
@@ -32,49 +33,27 @@ SetOpt = Annotated[
 
 
 def _user_errors(fn: F) -> F:
-    """One line on stderr, never a traceback: a user's mistake exits 2, a failed run 1, an interrupted run 130."""
+    """One line on stderr, never a traceback: a user's mistake exits 2, a failed run or a bug of ours 1 (the
+    line says where its traceback was written), an interrupted run 130. errors.report sorts them."""
+    command = fn.__name__.rstrip("_")
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        use_run_log(None)  # until this command has a run directory of its own
         try:
             return fn(*args, **kwargs)
-        except UserError as err:
-            for line in str(err).splitlines() or ["error"]:
-                typer.echo(f"error: {line}", err=True)
-            raise typer.Exit(2) from None
-        except RunFailed as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(1) from None
-        except Interrupted as err:
-            typer.echo(str(err), err=True)
-            raise typer.Exit(130) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
-        except (MemoryError, RuntimeError) as err:
-            if not _out_of_memory(err):
-                raise
-            typer.echo(f"error: {_out_of_memory_advice(err)}", err=True)
-            raise typer.Exit(1) from None
+        except Exception as err:
+            if framework_exit(err):
+                raise  # typer.Exit and the like: the command's own way out
+            code, lines = report(err, command)
+            for line in lines:
+                typer.echo(line, err=True)
+            raise typer.Exit(code) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def _out_of_memory(err: BaseException) -> bool:
-    """torch.OutOfMemoryError (CUDA), a host MemoryError, or another backend's 'out of memory' RuntimeError."""
-    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
-        return True
-    return "out of memory" in str(err).lower()
-
-
-def _out_of_memory_advice(err: BaseException) -> str:
-    what = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return (
-        f"out of memory ({what[:160]}). Lower train.micro_batch_size (raise train.gradient_accumulation to keep "
-        "the batch), set train.gradient_checkpointing: true, lower orpo.max_length, or load the base in 4 bits "
-        "(quantization.mode: 4bit); docs/qlora-memory.md says what fits. Checkpoints already written are kept, "
-        "and train.gradient_checkpointing may change on --resume"
-    )
 
 
 def _version(value: bool) -> None:
@@ -88,8 +67,13 @@ def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help=f"Print the full traceback of an error (or set {DEBUG_ENV}=1).")
+    ] = False,
 ) -> None:
     """Align causal language models with ORPO from one YAML recipe."""
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # through the environment, so that --nproc workers print theirs too
 
 
 @app.command()
@@ -128,12 +112,13 @@ def init(
 
     if template not in TEMPLATES:
         raise UserError(f"--template: unknown template {template!r}; use one of {', '.join(TEMPLATES)}")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give the recipe's file name, e.g. {out / 'recipe.yaml'}")
     if out.exists() and not force:
         raise UserError(f"{out} exists; choose another --out or pass --force")
-    text = starter_recipe(template, out.stem)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out)
+    from orpo_cli.atomic import atomic_write_text
+
+    atomic_write_text(out, starter_recipe(template, out.stem))
     typer.echo(f"wrote {out}; check it with: orpo-tune validate {out}")
 
 

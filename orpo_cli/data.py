@@ -81,6 +81,7 @@ import os
 import random
 import re
 import string
+import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -101,7 +102,7 @@ DROP_NO_PROMPT = "no shared prompt"
 DROP_FIT = "prompt or responses cannot fit max_length"
 DROP_SAME_TRUNCATED = "chosen == rejected after truncation"
 
-_CACHE_VERSION = "orpo-data-1"  # bump when the output of this module changes for the same inputs
+_CACHE_VERSION = "orpo-data-2"  # bump when the output of this module changes for the same inputs
 _FILE_KINDS = ("jsonl", "json", "csv", "parquet")
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 _HH_ASSISTANT = "\n\nAssistant:"
@@ -293,7 +294,7 @@ def _read_file(path: Path, field_name: str) -> list[dict]:
     else:
         text = _read_text(path, gz, field_name)
         if kind == "csv":
-            rows = list(csv.DictReader(io.StringIO(text, newline="")))
+            rows = _csv_rows(text, path)
         elif kind == "jsonl":
             rows = _json_lines(text, path)
         else:
@@ -309,6 +310,16 @@ def _read_file(path: Path, field_name: str) -> list[dict]:
         if not isinstance(row, dict):
             raise UserError(f"{path}: row {i + 1} is {type(row).__name__}, expected an object of columns")
     return rows
+
+
+def _csv_rows(text: str, path: Path) -> list[dict]:
+    # Responses run to pages: the csv module's default cap of 128 KiB per field would refuse them.
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        return list(reader)
+    except csv.Error as err:
+        raise UserError(f"{path}:{reader.line_num}: invalid CSV: {err}") from None
 
 
 def _json_lines(text: str, path: Path) -> list[Any]:
@@ -449,7 +460,13 @@ def _check_columns(data: DataSettings, columns: list[str], where: str) -> None:
     have = ", ".join(columns)
     for key, column in _required_columns(data).items():
         if column not in columns:
-            raise UserError(f"data.columns.{key}: column '{column}' not in {where}; it has: {have}")
+            hint = ""
+            if key == "prompt" and data.columns.chosen in columns and data.columns.rejected in columns:
+                hint = ("; without a prompt column, chosen and rejected hold whole conversations: "
+                        "data.format: conversational (message lists) or implicit (HH-RLHF transcripts)")
+            elif data.format != "sharegpt" and data.columns.conversations in columns:
+                hint = "; a conversations column is the sharegpt layout: data.format: sharegpt"
+            raise UserError(f"data.columns.{key}: column '{column}' not in {where}; it has: {have}{hint}")
     if data.prompt_template is not None and data.format in ("pairs", "one_to_many"):
         for name in _template_fields(data.prompt_template):
             if name not in columns:
@@ -496,7 +513,15 @@ class _RowParser:
             return value
         raise UserError(
             f"data: row {number}: column '{column}' holds {type(value).__name__}, expected text ({self.where})"
+            + self._looks_like(row)
         )
+
+    def _looks_like(self, row: dict) -> str:
+        """'; the rows look like data.format: X ...' when the row has another format's shape, else ''."""
+        guess = guess_format(row, self.cols)
+        if guess is None or guess == self.data.format:
+            return ""
+        return f"; the rows look like data.format: {guess} ({FORMAT_SHAPES[guess]}), so set that"
 
     def _system(self, row: dict, number: int) -> str | None:
         if self.cols.system is not None:
@@ -539,13 +564,13 @@ class _RowParser:
                 raise UserError(f"data.prompt_template: row {number}: {{{name}:{spec}}}: {err}") from None
         return "".join(parts)
 
-    def _messages(self, value: Any, column: str, number: int) -> list[Message] | None:
+    def _messages(self, value: Any, column: str, number: int, row: dict | None = None) -> list[Message] | None:
         if value is None:
             return None
         if not isinstance(value, list):
             raise UserError(
-                f"data: row {number}: column '{column}' holds {type(value).__name__}, "
-                f"expected a list of {{role, content}} messages ({self.where})"
+                f"data: row {number}: column '{column}' holds {_kind(value)}, but data.format: {self.data.format} "
+                f"expects a list of {{role, content}} messages ({self.where})" + self._looks_like(row)
             )
         messages = []
         for j, item in enumerate(value):
@@ -595,15 +620,15 @@ class _RowParser:
         return [p.strip() for p in pieces if p.strip()]
 
     def _conversational(self, row: dict, number: int) -> list[_Example | str]:
-        chosen = self._messages(_as_reply_list(row.get(self.cols.chosen)), self.cols.chosen, number)
-        rejected = self._messages(_as_reply_list(row.get(self.cols.rejected)), self.cols.rejected, number)
+        chosen = self._messages(_as_reply_list(row.get(self.cols.chosen)), self.cols.chosen, number, row)
+        rejected = self._messages(_as_reply_list(row.get(self.cols.rejected)), self.cols.rejected, number, row)
         if not chosen or not rejected:
             return [DROP_EMPTY]
         prompt_value = row.get(self.cols.prompt)
         if prompt_value is not None:
             if isinstance(prompt_value, str):
                 prompt_value = [{"role": "user", "content": prompt_value}]
-            prompt = self._messages(prompt_value, self.cols.prompt, number) or []
+            prompt = self._messages(prompt_value, self.cols.prompt, number, row) or []
             n = len(prompt)
             if chosen[:n] == prompt and rejected[:n] == prompt:  # full conversations that repeat the prompt
                 chosen, rejected = chosen[n:], rejected[n:]
@@ -624,8 +649,8 @@ class _RowParser:
             return [DROP_EMPTY]
         if not isinstance(turns, list):
             raise UserError(
-                f"data: row {number}: column '{column}' holds {type(turns).__name__}, "
-                f"expected a list of {{from, value}} messages ({self.where})"
+                f"data: row {number}: column '{column}' holds {_kind(turns)}, "
+                f"expected a list of {{from, value}} messages ({self.where})" + self._looks_like(row)
             )
         prompt = [self._sharegpt_message(turn, column, number) for turn in turns]
         chosen = self._sharegpt_reply(row.get(self.cols.chosen), self.cols.chosen, number)
@@ -690,12 +715,49 @@ def _reply(text: str) -> list[Message]:
 
 
 def _as_reply_list(value: Any) -> Any:
-    """A conversational response given as a bare string or single message becomes a one-message list."""
-    if isinstance(value, str):
-        return _reply(value)
+    """A conversational response given as a single message becomes a one-message list. A bare string is
+    not taken for one: it is the pairs format's shape, and a row that mixes the two is a mistake."""
     if isinstance(value, dict):
         return [value]
     return value
+
+
+# What each format's rows look like, for messages that say what a row looked like instead.
+FORMAT_SHAPES = {
+    "pairs": "prompt, chosen and rejected strings",
+    "conversational": "chosen and rejected lists of {role, content} messages",
+    "implicit": "chosen and rejected whole transcripts sharing a prompt, no prompt column",
+    "sharegpt": "a conversations list of {from, value} plus chosen and rejected",
+    "one_to_many": "answers joined by data.separator",
+}
+
+
+def guess_format(row: dict, cols: Any) -> str | None:
+    """The data.format a row's shape fits (pairs, conversational, implicit or sharegpt), None if unclear.
+
+    one_to_many rows look like pairs and are never guessed.
+    """
+    chosen, rejected = row.get(cols.chosen), row.get(cols.rejected)
+    if isinstance(row.get(cols.conversations), list) and chosen is not None and rejected is not None:
+        return "sharegpt"
+    if _message_list(chosen) and _message_list(rejected):
+        return "conversational"
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if isinstance(row.get(cols.prompt), str):
+            return "pairs"
+        if cols.prompt not in row:
+            return "implicit"
+    return None
+
+
+def _message_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and ("role" in m or "from" in m) for m in value
+    )
+
+
+def _kind(value: Any) -> str:
+    return "text" if isinstance(value, str) else type(value).__name__
 
 
 def _split_shared(
@@ -767,7 +829,15 @@ def _read_splits(data: DataSettings, templated: bool) -> dict[str, tuple[str, li
 
 def _parse_rows(rows: list[dict], data: DataSettings, templated: bool, where: str) -> list[_Example | _Dropped]:
     parse = _RowParser(data, templated, where)
-    return [item for number, row in enumerate(rows, start=1) for item in parse(row, number)]
+    items = [item for number, row in enumerate(rows, start=1) for item in parse(row, number)]
+    if rows and not any(isinstance(item, _Example) for item in items):
+        hint = parse._looks_like(rows[0])
+        if hint:  # every row dropped because none has the shape this format reads
+            raise UserError(
+                f"data: no row of {where} gives a pair as data.format: {data.format} reads it "
+                f"({FORMAT_SHAPES[data.format]}){hint}"
+            )
+    return items
 
 
 def _split_items(

@@ -27,7 +27,7 @@ from orpo_cli.checkpoint import (
     write_checkpoint,
 )
 from orpo_cli.data import TokenizedPair
-from orpo_cli.errors import Interrupted, RunFailed, UserError
+from orpo_cli.errors import Interrupted, RunFailed, UserError, stage
 from orpo_cli.evaluate import preference_metrics
 from orpo_cli.forward import batch_layout, orpo_forward
 from orpo_cli.launch import WORLD_SIZE_KEY
@@ -312,6 +312,7 @@ def gathered_trainable_weights(
     )
 
 
+@stage("building the optimizer", blame="train.optimizer")
 def _build_optimizer(params: list[nn.Parameter], train: TrainSettings) -> torch.optim.Optimizer:
     kwargs = {"lr": train.lr, "betas": train.adam_betas, "weight_decay": train.weight_decay}
     if train.optimizer == "adamw":

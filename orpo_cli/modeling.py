@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from orpo_cli.builtin import is_builtin, resolve_model_path
-from orpo_cli.errors import UserError
+from orpo_cli.errors import UserError, stage
 from orpo_cli.recipe import ModelSettings, QuantizationSettings
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -36,6 +36,7 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+@stage("checking model.name_or_path")
 def check_model_source(settings: ModelSettings) -> None:
     """Cheap check before anything heavy: a local-looking path must exist."""
     name = settings.name_or_path
@@ -77,6 +78,7 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", category=UserWarning, module=module)
 
 
+@stage("loading the tokenizer", blame="model.name_or_path")
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     """The tokenizer, with a pad token guaranteed (the EOS when the tokenizer has none)."""
     from transformers import AutoTokenizer
@@ -95,6 +97,7 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
     return tokenizer
 
 
+@stage("loading the model", blame="model")
 def load_model(
     settings: ModelSettings,
     quant: QuantizationSettings,
@@ -173,6 +176,19 @@ def num_layers(model: torch.nn.Module) -> int:
             "cannot tell how many decoder layers this model has (config has no num_hidden_layers)"
         )
     return int(n)
+
+
+def model_name(model: torch.nn.Module) -> str:
+    """The name a user knows the model by: builtin:NAME for a built-in, else its hub id or path."""
+    from orpo_cli.builtin import BUILTIN_PREFIX, list_builtins
+
+    path = str(getattr(getattr(model, "config", None), "name_or_path", "") or "the model")
+    folder = Path(path)
+    if folder.parent.name == "builtin":
+        known = [name for name in list_builtins() if folder.name.startswith(f"{name}-")]
+        if known:
+            return BUILTIN_PREFIX + max(known, key=len)
+    return path
 
 
 def _looks_local(name: str) -> bool:

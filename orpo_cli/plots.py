@@ -36,6 +36,8 @@ def plot_run(run: RunDir, out: Path | None = None) -> Path:
     if not records:
         raise UserError(f"{run.root}: no metrics.jsonl records to plot yet")
     out = out or run.root / PLOT_NAME
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give the PNG's file name, e.g. {out / PLOT_NAME}")
     fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
     for ax, (title, series) in zip(axes.flat, _PANELS, strict=True):
         for key, label in series:

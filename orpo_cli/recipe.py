@@ -27,14 +27,16 @@ from orpo_cli.errors import UserError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+    # allow_inf_nan=False: `.inf` and `.nan` mean nothing in any field of a recipe (an infinite lr trains
+    # until the loss is NaN), so every float field refuses them.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------------------------- model
 class ModelSettings(_Section):
     name_or_path: str = Field(
-        "builtin:tiny-llama",
-        description="Base model: a hub id (e.g. mistralai/Mistral-7B-v0.1), a local directory, or builtin:NAME.",
+        description="Base model: a hub id (e.g. mistralai/Mistral-7B-v0.1), a local directory, or builtin:NAME "
+        "(builtin:tiny-llama trains on a CPU). Every recipe names it.",
     )
     revision: str | None = Field(
         None, description="Hub revision (branch, tag or commit) to load; None for the default."
@@ -215,7 +217,8 @@ class ColumnMap(_Section):
 
 class DataSettings(_Section):
     train: DataSource = Field(
-        default_factory=lambda: DataSource(path="builtin:demo"), description="Training data source."
+        description="Training data: a local file, a hub dataset id, or builtin:demo (a path, or a mapping "
+        "with path/split/subset/max_rows). Every recipe names it."
     )
     eval: DataSource | None = Field(
         None, description="Held-out data; when absent, eval_ratio of train is split off with data.seed."
@@ -354,7 +357,7 @@ class Recipe(_Section):
     name: str | None = Field(None, description="Run name; defaults to the recipe file's name.")
     output_dir: str | None = Field(None, description="Run directory; defaults to runs/<name>.")
     seed: int = Field(42, description="Seed for model init, dropout and data order.")
-    model: ModelSettings = Field(default_factory=ModelSettings, description="The base model.")
+    model: ModelSettings = Field(description="The base model (required: at least model.name_or_path).")
     quantization: QuantizationSettings = Field(
         default_factory=QuantizationSettings, description="bitsandbytes quantization of the base."
     )
@@ -362,7 +365,7 @@ class Recipe(_Section):
         default_factory=LoraSettings, description="What trains: lora, reft or none."
     )
     orpo: OrpoSettings = Field(default_factory=OrpoSettings, description="The ORPO objective.")
-    data: DataSettings = Field(default_factory=DataSettings, description="Preference data and its mapping.")
+    data: DataSettings = Field(description="Preference data and its mapping (required: at least data.train).")
     train: TrainSettings = Field(default_factory=TrainSettings, description="Optimisation and bookkeeping.")
     distributed: DistributedSettings = Field(
         default_factory=DistributedSettings,
@@ -397,13 +400,17 @@ class Recipe(_Section):
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe; every problem becomes one UserError line per issue."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; give the recipe's YAML file")
     if not path.is_file():
         raise UserError(f"{path}: no such recipe file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise UserError(_yaml_error_line(path, err)) from None
-    if data is None:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.start}); save the recipe as UTF-8") from None
+    data = parse_yaml(text, str(path))
+    empty = data is None  # no text, or only comments
+    if empty:
         data = {}
     if not isinstance(data, dict):
         raise UserError(
@@ -411,7 +418,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         )
     data = apply_overrides(data, overrides or [])
     data.setdefault("name", path.stem)
-    return validate_recipe(data, source=str(path))
+    try:
+        return validate_recipe(data, source=str(path))
+    except UserError:
+        if not empty:
+            raise
+        raise UserError(
+            f"{path}: the recipe is empty; it needs at least model.name_or_path and data.train "
+            "(`orpo-tune init` writes a complete starter)"
+        ) from None
 
 
 def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
@@ -430,7 +445,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if not sep or not key or any(not part for part in key.split(".")):
             raise UserError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. --set train.lr=1e-5")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = parse_yaml(raw, f"--set {item!r}") if raw.strip() else None
         except yaml.YAMLError:
             value = raw
         node = data
@@ -457,6 +472,58 @@ def _deep_copy(data: Any) -> Any:
     return data
 
 
+def parse_yaml(text: str, source: str) -> Any:
+    """`yaml.safe_load`, but a key given twice in one mapping is an error naming both lines.
+
+    PyYAML keeps the last of two equal keys without a word: a second `train:` section silently replaces the
+    first whole, dropping every key set there. Merge keys (`<<: *anchor`) may still be overridden.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except yaml.YAMLError as err:
+            if source.startswith("--set"):
+                raise
+            raise UserError(_yaml_error_line(Path(source), err)) from None
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, source, [], set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _refuse_duplicate_keys(node: yaml.Node, source: str, where: list[str], seen: set[int]) -> None:
+    if id(node) in seen:  # an alias of a node already checked
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                _refuse_duplicate_keys(value_node, source, where, seen)
+                continue
+            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in first:
+                dotted = ".".join([*where, key])
+                line, again = first[key].start_mark.line + 1, key_node.start_mark.line + 1
+                raise UserError(
+                    f"{source}:{again}: duplicate key `{dotted}` (also on line {line}); YAML would keep only the "
+                    "last one and drop the other without a word: merge them into one"
+                )
+            if key is not None:
+                first[key] = key_node
+            _refuse_duplicate_keys(value_node, source, [*where, key or "?"], seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            inner = [*where[:-1], f"{where[-1]}[{i}]"] if where else [f"[{i}]"]
+            _refuse_duplicate_keys(item, source, inner, seen)
+
+
 def _yaml_error_line(path: Path, err: yaml.YAMLError) -> str:
     mark = getattr(err, "problem_mark", None)
     problem = getattr(err, "problem", None) or str(err).splitlines()[0]
@@ -481,8 +548,13 @@ def describe_errors(err: ValidationError) -> list[str]:
             known = f" (valid keys here: {', '.join(valid)})" if not hint and valid else ""
             lines.append(f"{where}: unknown key{suggestion}{known}")
             continue
+        if e["type"] == "missing":
+            lines += _missing(fields, model)
+            continue
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "union_tag_invalid":
+        if e["type"] == "finite_number":
+            msg = "must be a finite number; .inf and .nan mean nothing in a recipe"
+        elif e["type"] == "union_tag_invalid":
             msg = f"unknown kind {e['input'].get('kind')!r}; use one of lora, reft, none"
         elif e["type"] == "union_tag_not_found":
             msg = "needs a `kind:` (lora, reft or none)"
@@ -493,6 +565,21 @@ def describe_errors(err: ValidationError) -> list[str]:
             else f" (got {value!r})"
         )
         lines.append(f"{where}: {msg}{shown}")
+    return lines
+
+
+def _missing(fields: list[str], holder: type[BaseModel] | None) -> list[str]:
+    """A required key, or a section holding required keys, that the recipe does not give: one line per key."""
+    key = fields[-1] if fields else ""
+    section = section_model(holder, key) if holder is not None else None
+    info = holder.model_fields.get(key) if holder is not None else None
+    if section is None or section is DataSource:  # a data source may be given as one string
+        what = f" ({info.description})" if info is not None and info.description else ""
+        return [f"{'.'.join(fields)}: required and missing{what}"]
+    lines = []
+    for name, sub in section.model_fields.items():
+        if sub.is_required():
+            lines += _missing([*fields, sub.alias or name], section)
     return lines
 
 

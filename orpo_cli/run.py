@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
-from orpo_cli.errors import Interrupted, RunFailed, UserError
+from orpo_cli.errors import Interrupted, RunFailed, UserError, stage, use_run_log
 from orpo_cli.launch import Machines, QuietExit, check_processes, launch, plan_processes
 from orpo_cli.recipe import Recipe
 from orpo_cli.rundir import RunDir
@@ -64,9 +65,10 @@ def start_run(recipe: Recipe, *, resume: bool, force: bool, machines: Machines |
     # ---- cheap checks first: errors in seconds, before anything is loaded or written
     if resume and force:
         raise UserError("--resume and --force contradict each other: pick one")
-    resumed_changes = _check_same_recipe(run, recipe) if resume else {}
-    if not resume and run.root.exists() and any(run.root.iterdir()) and not force:
-        run.prepare(resume=False, force=False)  # raises the "exists" error
+    with stage("checking the run directory", blame="output_dir"):
+        resumed_changes = _check_same_recipe(run, recipe) if resume else {}
+        if not resume and run.root.exists() and any(run.root.iterdir()) and not force:
+            run.prepare(resume=False, force=False)  # raises the "exists" error
     machines = machines or Machines()
     procs = plan_processes(recipe, machines)
     check_processes(recipe, procs, resume=resume, run=run)
@@ -86,14 +88,15 @@ def start_run(recipe: Recipe, *, resume: bool, force: bool, machines: Machines |
             if device.type == "cuda"
             else "no"
         )
-    accelerator = Accelerator(
-        cpu=device.type == "cpu",
-        mixed_precision=mixed,
-        gradient_accumulation_steps=recipe.train.gradient_accumulation,
-        log_with="tensorboard" if recipe.train.tensorboard else None,
-        project_dir=str(run.root),
-        **_strategy_plugins(recipe),
-    )
+    with stage("setting up accelerate", blame="train.mixed_precision / distributed"):
+        accelerator = Accelerator(
+            cpu=device.type == "cpu",
+            mixed_precision=mixed,
+            gradient_accumulation_steps=recipe.train.gradient_accumulation,
+            log_with="tensorboard" if recipe.train.tensorboard else None,
+            project_dir=str(run.root),
+            **_strategy_plugins(recipe),
+        )
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     reporter = Reporter(enabled=accelerator.is_main_process)
     set_seed(recipe.seed)
@@ -101,7 +104,8 @@ def start_run(recipe: Recipe, *, resume: bool, force: bool, machines: Machines |
     tokenizer = load_tokenizer(
         recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code
     )
-    data = prepare_data(recipe.data, recipe.orpo, tokenizer)
+    with stage("preparing the data"):
+        data = prepare_data(recipe.data, recipe.orpo, tokenizer)
     for key, (was, now) in resumed_changes.items():
         reporter.note(f"--resume: {key} changes from {was} to {now}")
     reporter.note(data.stats.summary())
@@ -128,36 +132,47 @@ def start_run(recipe: Recipe, *, resume: bool, force: bool, machines: Machines |
 
     # ---- the run directory: only now that everything checked out
     if accelerator.is_main_process:
-        run.prepare(resume=resume, force=force)
-        atomic_write_text(run.recipe, recipe.to_yaml())
-        if not run.tokenizer.is_dir():
-            with atomic_dir(run.tokenizer, replace=True) as tmp:
-                tokenizer.save_pretrained(str(tmp))
+        created = not run.root.exists()
+        try:
+            with stage("writing the run directory", blame="output_dir"):
+                run.prepare(resume=resume, force=force)
+                atomic_write_text(run.recipe, recipe.to_yaml())
+                if not run.tokenizer.is_dir():
+                    with atomic_dir(run.tokenizer, replace=True) as tmp:
+                        tokenizer.save_pretrained(str(tmp))
+        except UserError:  # a full disk, a permission: leave no half-written run directory behind
+            if created:
+                shutil.rmtree(run.root, ignore_errors=True)
+            raise
+        use_run_log(run.root)  # from here on, a traceback of ours goes to RUN/error.log
     accelerator.wait_for_everyone()
     if recipe.train.tensorboard:
-        accelerator.init_trackers("tensorboard", config=_flat_config(recipe.resolved()))
+        with stage("starting TensorBoard", blame="train.tensorboard"):
+            accelerator.init_trackers("tensorboard", config=_flat_config(recipe.resolved()))
 
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]  # before any wrapping
     try:
-        result = fit(
-            model=model,
-            adapter=adapter,
-            train_pairs=data.train,
-            eval_pairs=data.eval,
-            train=recipe.train,
-            orpo=recipe.orpo,
-            run=run,
-            accelerator=accelerator,
-            pad_token_id=tokenizer.pad_token_id,
-            seed=recipe.seed,
-            resume=resume,
-            reporter=reporter,
-        )
+        with stage("training"):
+            result = fit(
+                model=model,
+                adapter=adapter,
+                train_pairs=data.train,
+                eval_pairs=data.eval,
+                train=recipe.train,
+                orpo=recipe.orpo,
+                run=run,
+                accelerator=accelerator,
+                pad_token_id=tokenizer.pad_token_id,
+                seed=recipe.seed,
+                resume=resume,
+                reporter=reporter,
+            )
     except (Interrupted, RunFailed) as err:
         if not accelerator.is_main_process:  # every rank stops alike; rank 0 says why
             raise QuietExit(130 if isinstance(err, Interrupted) else 1) from None
         raise
-    _save_adapter(recipe, adapter, result.model or model, trainable_names, accelerator, run)
+    with stage("saving the adapter"):
+        _save_adapter(recipe, adapter, result.model or model, trainable_names, accelerator, run)
     accelerator.end_training()
 
     if result.first_eval or result.last_eval:

@@ -10,16 +10,31 @@ from pydantic import BaseModel
 from orpo_cli.recipe import ADAPTER_MODELS, Recipe, section_model, validate_recipe
 
 # What each template changes from the defaults; everything else is the schema's default.
+# model.name_or_path and data.train have no default (a recipe that lost them must not train a demo), so
+# every template states both.
 TEMPLATES: dict[str, dict[str, Any]] = {
-    "lora": {"model": {"name_or_path": "builtin:tiny-llama"}, "adapter": {"kind": "lora"}},
+    "lora": {
+        "model": {"name_or_path": "builtin:tiny-llama"},
+        "adapter": {"kind": "lora"},
+        "data": {"train": {"path": "builtin:demo"}},
+    },
     "qlora": {
         "model": {"name_or_path": "mistralai/Mistral-7B-v0.1", "dtype": "bf16"},
         "quantization": {"mode": "4bit"},
         "adapter": {"kind": "lora"},
+        "data": {"train": {"path": "builtin:demo"}},
         "train": {"optimizer": "paged_adamw_8bit", "gradient_checkpointing": True},
     },
-    "reft": {"model": {"name_or_path": "builtin:tiny-llama"}, "adapter": {"kind": "reft"}},
-    "full": {"model": {"name_or_path": "builtin:tiny-llama"}, "adapter": {"kind": "none"}},
+    "reft": {
+        "model": {"name_or_path": "builtin:tiny-llama"},
+        "adapter": {"kind": "reft"},
+        "data": {"train": {"path": "builtin:demo"}},
+    },
+    "full": {
+        "model": {"name_or_path": "builtin:tiny-llama"},
+        "adapter": {"kind": "none"},
+        "data": {"train": {"path": "builtin:demo"}},
+    },
 }
 
 

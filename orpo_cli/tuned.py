@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from orpo_cli import adapters
 from orpo_cli.adapters import Adapter
-from orpo_cli.errors import UserError
-from orpo_cli.recipe import QuantizationSettings, Recipe, validate_recipe
+from orpo_cli.errors import UserError, stage
+from orpo_cli.recipe import QuantizationSettings, Recipe, parse_yaml, validate_recipe
 from orpo_cli.rundir import RunDir
 
 BUNDLE_MANIFEST = "orpo-bundle.json"
@@ -48,8 +47,8 @@ class Tuned:
 def read_recipe(path: Path) -> Recipe:
     """The resolved recipe saved beside a run or an export."""
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
+        data = parse_yaml(Path(path).read_text(encoding="utf-8"), str(path))  # a key twice is an error here too
+    except (OSError, ValueError) as err:
         raise UserError(f"{path}: cannot read the saved recipe ({err.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: the saved recipe is not a YAML mapping")
@@ -172,11 +171,12 @@ def load_merged(path: Path, *, device: torch.device | None = None) -> Tuned:
     recipe = read_recipe(path / EXPORT_RECIPE) if (path / EXPORT_RECIPE).is_file() else None
     device = device or inference_device(recipe)
     tokenizer = load_saved_tokenizer(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
-    except (OSError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
-        raise UserError(f"{path}: cannot load it as a causal language model: {first}") from None
+    with stage("loading the model", blame=str(path)):  # what else the loader may raise on a broken directory
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
+        except (OSError, ValueError) as err:
+            first = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
+            raise UserError(f"{path}: cannot load it as a causal language model: {first}") from None
     model.to(device)
     # FullAdapter is the no-op adapter: nothing around forward, nothing to disable.
     return Tuned(_ready(model), FullAdapter(), tokenizer, recipe, device, "model")

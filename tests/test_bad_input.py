@@ -1,5 +1,10 @@
 """Bad input, table-driven: one clear line naming the problem, exit code 2, no traceback, nothing written."""
 
+import errno
+import importlib.util
+import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -7,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from orpo_cli.cli import app
+from orpo_cli.errors import DEBUG_ENV
 
 ROOT = Path(__file__).parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "data"
@@ -18,6 +24,8 @@ orpo: {max_length: 64, max_prompt_length: 32}
 data: {train: {path: DATA}}
 train: {max_steps: 1, tensorboard: false}
 """
+
+CONV = str(FIXTURES / "conversations.json")
 
 # (id, recipe text with DATA replaced, extra CLI args, expected words in the error line)
 CASES = [
@@ -55,6 +63,47 @@ CASES = [
     ),
     ("unknown-builtin", BASE.replace("micro-llama", "tiny-lama"), [], ["tiny-llama"]),
     ("reft-layer-too-deep", BASE + "adapter: {kind: reft, layers: [7]}\n", [], ["layer 7", "2 layers"]),
+    # ---- silent defaults: a recipe that lost its model or data never trains a demo
+    ("empty-recipe", "", [], ["the recipe is empty", "model.name_or_path", "data.train"]),
+    ("comments-only", "# model: {name_or_path: builtin:micro-llama}\n# data: {train: x}\n", [], ["the recipe is empty"]),
+    ("no-model-section", BASE.replace("model: {name_or_path: builtin:micro-llama}\n", ""), [],
+     ["model.name_or_path: required and missing"]),
+    ("no-data-section", BASE.replace("data: {train: {path: DATA}}\n", ""), [], ["data.train: required and missing"]),
+    ("model-without-name", BASE.replace("{name_or_path: builtin:micro-llama}", "{dtype: fp32}"), [],
+     ["model.name_or_path: required and missing"]),
+    ("data-without-train", BASE.replace("{train: {path: DATA}}", "{format: pairs}"), [],
+     ["data.train: required and missing"]),
+    # ---- a key given twice is never merged silently
+    ("two-train-sections", BASE + "train: {lr: 1.0e-3}\n", [], ["recipe.yaml:6: duplicate key `train` (also on line 5)"]),
+    ("lr-twice", BASE.replace("train: {max_steps: 1, tensorboard: false}", "train:\n  lr: 1.0e-3\n  max_steps: 1\n  lr: 2.0e-3"),
+     [], ["recipe.yaml:8: duplicate key `train.lr` (also on line 6)"]),
+    ("key-twice-in-flow", BASE.replace("max_steps: 1", "max_steps: 1, max_steps: 2"), [],
+     ["duplicate key `train.max_steps`"]),
+    # ---- .inf / .nan in any field
+    ("lr-inf", BASE.replace("max_steps: 1", "max_steps: 1, lr: .inf"), [], ["train.lr: must be a finite number"]),
+    ("lr-nan", BASE.replace("max_steps: 1", "max_steps: 1, lr: .nan"), [], ["train.lr: must be a finite number"]),
+    ("lambda-nan", BASE.replace("max_length: 64", "max_length: 64, lambda: .nan"), [],
+     ["orpo.lambda: must be a finite number"]),
+    ("betas-nan", BASE.replace("max_steps: 1", "max_steps: 1, adam_betas: [.nan, 0.999]"), [],
+     ["train.adam_betas[0]: must be a finite number"]),
+    ("epochs-inf", BASE.replace("max_steps: 1", "epochs: .inf"), [], ["train.epochs: must be a finite number"]),
+    ("grad-norm-inf-override", BASE, ["--set", "train.max_grad_norm=.inf"], ["train.max_grad_norm: must be a finite"]),
+    # ---- libraries refusing the user's input: one line naming the key, never their traceback
+    ("lora-target-matches-nothing", BASE + "adapter: {kind: lora, target_modules: [q_prj]}\n", [],
+     ["adapter.target_modules: 'q_prj' matches no module of builtin:micro-llama", "q_proj, up_proj, v_proj"]),
+    ("lora-target-not-adaptable", BASE + "adapter: {kind: lora, target_modules: [q_proj, norm]}\n", [],
+     ["adapter.target_modules: 'norm' names LlamaRMSNorm modules", "q_proj"]),
+    ("attention-kernel-missing", BASE.replace("micro-llama}", "micro-llama, attn_implementation: flash_attention_2}"),
+     [], ["model: transformers refused it", "FlashAttention2"]),
+    # ---- data without the shape its format expects: the row, and what it looks like instead
+    ("conversational-plain-strings", BASE.replace("DATA}}", "DATA}, format: conversational}"), [],
+     ["row 1: column 'chosen' holds text, but data.format: conversational expects", "data.format: pairs"]),
+    ("implicit-on-pairs", BASE.replace("DATA}}", "DATA}, format: implicit}"), [],
+     ["no row of", "data.format: implicit", "look like data.format: pairs"]),
+    ("pairs-on-message-lists", BASE.replace("DATA", CONV), [],
+     ["column 'prompt' not in", "data.format: conversational"]),
+    ("sharegpt-on-pairs", BASE.replace("DATA}}", "DATA}, format: sharegpt}"), [],
+     ["data.columns.conversations: column 'conversations' not in"]),
 ]
 
 
@@ -64,19 +113,28 @@ def _empty_file(tmp_path: Path) -> Path:
     return path
 
 
+def _one_error_line(result) -> str:
+    """The one `error:` line of a command that refused its input: no traceback, no second error line."""
+    assert "Traceback" not in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
 @pytest.mark.parametrize(("text", "extra", "words"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_train_rejects_bad_input_in_one_line(tmp_path, monkeypatch, text, extra, words):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if "flash_attention_2" in text and importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(text.replace("DATA", str(FIXTURES / "pairs.jsonl")) if "nowhere" not in text else text)
     out = tmp_path / "run"
     result = runner.invoke(app, ["train", str(recipe), "--output-dir", str(out), *extra])
     assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) >= 1
+    line = _one_error_line(result)
     for word in words:
-        assert word in result.output, (word, result.output)
+        assert word in line, (word, result.output)
     assert not out.exists(), "nothing may be written for bad input"
 
 
@@ -124,3 +182,237 @@ def test_commands_refuse_a_directory_that_is_not_a_run(tmp_path, verb):
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------- the file system
+def _train(tmp_path: Path, out: Path, *extra: str, env: dict[str, str] | None = None):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(BASE.replace("DATA", str(FIXTURES / "pairs.jsonl")))
+    return runner.invoke(app, ["train", str(recipe), "--output-dir", str(out), *extra], env=env)
+
+
+def test_output_dir_that_is_a_file_or_under_one(tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    result = _train(tmp_path, a_file)
+    assert result.exit_code == 2
+    assert _one_error_line(result) == f"error: output_dir: {a_file} is a file, not a directory; give a directory"
+    result = _train(tmp_path, a_file / "run")
+    assert result.exit_code == 2
+    assert f"output_dir: {a_file / 'run'}: {a_file} is a file, not a directory" in _one_error_line(result)
+    assert a_file.read_text() == "mine"
+
+
+def test_cache_that_is_a_file_names_the_setting(tmp_path):
+    a_file = tmp_path / "cache"
+    a_file.write_text("")
+    result = _train(tmp_path, tmp_path / "run", env={"ORPO_TUNE_CACHE": str(a_file)})
+    assert result.exit_code == 2
+    line = _one_error_line(result)
+    assert f"{a_file} is a file, not a directory" in line and "ORPO_TUNE_CACHE" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [
+        (errno.ENOSPC, "no space left on the device while writing the run directory; free some space"),
+        (errno.EDQUOT, "disk quota exceeded while writing the run directory"),
+        (errno.EROFS, "read-only file system while writing the run directory"),
+    ],
+    ids=["disk-full", "quota", "read-only"],
+)
+def test_a_full_or_read_only_disk_is_one_line_and_leaves_no_half_run(tmp_path, monkeypatch, code, words):
+    import orpo_cli.atomic as atomic
+
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))  # as write() raises it: no file name
+
+    monkeypatch.setattr(atomic, "atomic_write_text", fail)
+    out = tmp_path / "run"
+    result = _train(tmp_path, out)
+    assert result.exit_code == 2
+    assert _one_error_line(result) == f"error: output_dir: {words}" + _one_error_line(result).split(words)[1]
+    assert not out.exists(), "a run directory that could not be written is not left half-written"
+
+
+def test_permission_denied_names_the_path(tmp_path, monkeypatch):
+    from orpo_cli.rundir import RunDir
+
+    def refuse(self, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self.root))
+
+    monkeypatch.setattr(RunDir, "prepare", refuse)
+    out = tmp_path / "run"
+    result = _train(tmp_path, out)
+    assert result.exit_code == 2
+    assert _one_error_line(result).startswith(f"error: output_dir: {out}: permission denied; make it writable")
+    assert not out.exists()
+
+
+def test_a_corrupt_local_model_is_one_line_naming_the_key(tmp_path):
+    from orpo_cli.builtin import resolve_model_path
+
+    model = tmp_path / "model"
+    shutil.copytree(resolve_model_path("builtin:micro-llama"), model)
+    weights = next(model.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:64])  # a download cut short
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(BASE.replace("builtin:micro-llama", str(model)).replace("DATA", str(FIXTURES / "pairs.jsonl")))
+    result = runner.invoke(app, ["train", str(recipe), "--output-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    line = _one_error_line(result)
+    assert line.startswith("error: model: ") and "refused it: SafetensorError" in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_recipe_that_is_not_utf8(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes(BASE.encode() + b"name: caf\xe9\n")
+    result = runner.invoke(app, ["train", str(recipe), "--output-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "not UTF-8 text" in _one_error_line(result)
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------- our own bugs
+def _boom(*args, **kwargs):
+    raise ZeroDivisionError("division by zero, as a bug would")
+
+
+def test_a_bug_before_the_run_directory_exists_is_one_line_naming_the_stage_and_the_log(tmp_path, monkeypatch):
+    import orpo_cli.data as data
+
+    monkeypatch.setattr(data, "_chat_template", _boom)  # the first step, cached data or not
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    out = tmp_path / "run"
+    result = _train(tmp_path, out)
+    assert result.exit_code == 1, result.output
+    line = _one_error_line(result)
+    assert line.startswith("error: internal error while preparing the data: ZeroDivisionError: division by zero")
+    assert "bug in orpo-tune" in line and "--debug" in line
+    log = Path(line.split("the full traceback is in ")[1].split(" (rerun")[0])
+    assert log.is_file() and "Traceback" in log.read_text() and "_boom" in log.read_text()
+    assert not out.exists()
+
+
+def test_a_bug_during_training_writes_its_traceback_to_the_run_directory(tmp_path, monkeypatch):
+    import orpo_cli.engine as engine
+
+    monkeypatch.setattr(engine, "orpo_forward", _boom)
+    out = tmp_path / "run"
+    result = _train(tmp_path, out)
+    assert result.exit_code == 1, result.output
+    line = _one_error_line(result)
+    assert line.startswith("error: internal error while training: ZeroDivisionError")
+    assert f"the full traceback is in {out / 'error.log'}" in line
+    assert "ZeroDivisionError" in (out / "error.log").read_text()
+
+
+@pytest.mark.parametrize("how", ["--debug", DEBUG_ENV])
+def test_debug_prints_the_traceback(tmp_path, monkeypatch, how):
+    import orpo_cli.data as data
+
+    monkeypatch.setattr(data, "_chat_template", _boom)  # the first step, cached data or not
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(BASE.replace("DATA", str(FIXTURES / "pairs.jsonl")))
+    args = ["train", str(recipe), "--output-dir", str(tmp_path / "run")]
+    if how == "--debug":
+        monkeypatch.setenv(DEBUG_ENV, "0")  # --debug sets it to 1 in this process: restored after the test
+        result = runner.invoke(app, ["--debug", *args])
+    else:
+        result = runner.invoke(app, args, env={DEBUG_ENV: "1"})
+    assert result.exit_code == 1
+    assert "Traceback (most recent call last)" in result.output and "_boom" in result.output
+    assert sum(line.startswith("error: internal error") for line in result.output.splitlines()) == 1
+
+
+def test_a_library_error_raised_by_our_own_code_is_not_blamed_on_the_user():
+    from orpo_cli.adapters.reft import row_prompt_lengths
+    from orpo_cli.errors import InternalError, UserError, stage
+
+    mismatched = {"attention_mask": torch.ones(3, 4), "prompt_lengths": torch.tensor([1, 2])}
+    with pytest.raises(InternalError, match="attaching: ValueError: ReFT: 3 rows"):
+        with stage("attaching", blame="adapter"):
+            row_prompt_lengths(mismatched)  # raised by orpo-tune's own code: a bug, not the user's value
+    with pytest.raises(UserError, match=r"^adapter: json refused it: JSONDecodeError"):
+        with stage("attaching", blame="adapter"):
+            json.loads("{")
+
+
+# --------------------------------------------------------------------- the verbs that read a run
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory) -> Path:
+    """A one-step run of the micro model, the input the other verbs read."""
+    work = tmp_path_factory.mktemp("micro-run")
+    recipe = work / "recipe.yaml"
+    recipe.write_text(BASE.replace("DATA", str(FIXTURES / "pairs.jsonl")))
+    result = runner.invoke(app, ["train", str(recipe), "--output-dir", str(work / "run")])
+    assert result.exit_code == 0, result.output
+    return work / "run"
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _append(path: Path, text: str) -> None:
+    path.write_text(path.read_text() + text)
+
+
+# (id, how to spoil a copy of the run, the command (RUN, OUT and FILE filled in), words of the error line)
+VERB_CASES = [
+    ("eval-truncated-adapter", lambda run: _truncate(run / "adapter" / "adapter_model.safetensors"),
+     ["eval", "RUN", "--data", "PAIRS"], ["RUN/adapter: safetensors refused it: SafetensorError"]),
+    ("eval-broken-adapter-config", lambda run: (run / "adapter" / "adapter_config.json").write_text("{"),
+     ["eval", "RUN", "--data", "PAIRS"], ["RUN/adapter: json refused it: JSONDecodeError"]),
+    ("eval-saved-recipe-key-twice", lambda run: _append(run / "recipe.yaml", "seed: 1\nseed: 2\n"),
+     ["eval", "RUN", "--data", "PAIRS"], ["recipe.yaml:", "duplicate key `seed`"]),
+    ("eval-data-of-another-format", None, ["eval", "RUN", "--data", "CONV"],
+     ["column 'prompt' not in", "data.format: conversational"]),
+    ("generate-truncated-adapter", lambda run: _truncate(run / "adapter" / "adapter_model.safetensors"),
+     ["generate", "RUN", "--prompt", "hi"], ["RUN/adapter: safetensors refused it"]),
+    ("export-adapter-weights-missing", lambda run: (run / "adapter" / "adapter_model.safetensors").unlink(),
+     ["export", "RUN", "--out", "OUT"], ["RUN/adapter: not a complete LoRA adapter (no adapter_model.safetensors)"]),
+    ("export-out-under-a-file", None, ["export", "RUN", "--out", "FILE/export"], ["FILE is a file, not a directory"]),
+    ("plot-out-in-missing-dir", None, ["plot", "RUN", "--out", "OUT/curves.png"],
+     ["OUT/curves.png: no such file or directory"]),
+    ("plot-out-is-a-directory", None, ["plot", "RUN", "--out", "RUN"], ["--out RUN is a directory"]),
+    ("init-out-is-a-directory", None, ["init", "--out", "RUN"], ["--out RUN is a directory"]),
+    ("init-out-under-a-file", None, ["init", "--out", "FILE/recipe.yaml"], ["FILE is a file, not a directory"]),
+]
+
+
+@pytest.mark.parametrize(("spoil", "args", "words"), [c[1:] for c in VERB_CASES], ids=[c[0] for c in VERB_CASES])
+def test_verbs_reject_bad_input_in_one_line(micro_run, tmp_path, spoil, args, words):
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    if spoil is not None:
+        spoil(run)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    out = tmp_path / "out"
+    names = {"RUN": str(run), "OUT": str(out), "FILE": str(a_file), "PAIRS": str(FIXTURES / "pairs.jsonl"),
+             "CONV": CONV}
+
+    def fill(text: str) -> str:
+        for key, value in names.items():
+            text = text.replace(key, value)
+        return text
+
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    result = runner.invoke(app, [fill(a) for a in args])
+    assert result.exit_code == 2, result.output
+    line = _one_error_line(result)
+    for word in words:
+        assert fill(word) in line, (fill(word), line)
+    assert not out.exists() and a_file.read_text() == "mine"
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before, "nothing written into the run"
+
+
+def test_a_missing_package_is_named():
+    from orpo_cli.errors import UserError, stage
+
+    with pytest.raises(UserError, match=r"^train.optimizer: needs the Python package no_such_pkg_xyz, which is not"):
+        with stage("building the optimizer", blame="train.optimizer"):
+            import no_such_pkg_xyz  # noqa: F401

@@ -84,6 +84,19 @@ def test_init_writes_a_valid_commented_recipe(tmp_path):
     assert _run("init", "--template", "nope", "--out", tmp_path / "x.yaml").exit_code == 2
 
 
+def test_init_states_the_model_and_the_data_and_the_starter_trains(tmp_path):
+    out = tmp_path / "lora.yaml"
+    assert _run("init", "--out", out).exit_code == 0
+    data = yaml.safe_load(out.read_text())
+    assert data["model"]["name_or_path"] == "builtin:tiny-llama"
+    assert data["data"]["train"]["path"] == "builtin:demo"
+    result = _run("train", out, "--output-dir", tmp_path / "run", "--max-steps", "1",
+                  "--set", "model.name_or_path=builtin:micro-llama", "--set", "train.tensorboard=false",
+                  "--set", "data.train.max_rows=64")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "adapter").is_dir()
+
+
 def test_qlora_template_sets_4bit(tmp_path):
     out = tmp_path / "q.yaml"
     _run("init", "--template", "qlora", "--out", out)

@@ -541,8 +541,50 @@ def test_demo_rows():
 
 
 def test_builtin_demo_source(tok, tmp_path):
-    check_source(DataSettings())
+    check_source(DataSettings(train="builtin:demo"))
     out = prep(tok, tmp_path, train="builtin:demo", eval_ratio=0.1)
     assert out.stats.rows["train"] + out.stats.rows["eval"] == 1200
     assert 100 <= out.stats.rows["eval"] <= 140 and out.stats.dropped == {}
     assert max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in out.train) <= 90
+
+
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        ({"prompt": "p", "chosen": "c", "rejected": "r"}, "pairs"),
+        ({"chosen": [{"role": "user", "content": "p"}], "rejected": [{"role": "user", "content": "q"}]},
+         "conversational"),
+        ({"chosen": "\n\nHuman: p\n\nAssistant: c", "rejected": "\n\nHuman: p\n\nAssistant: r"}, "implicit"),
+        ({"conversations": [{"from": "human", "value": "p"}], "chosen": "c", "rejected": "r"}, "sharegpt"),
+        ({"prompt": "p", "chosen": 3, "rejected": "r"}, None),
+        ({"prompt": "p", "chosen": [], "rejected": []}, None),
+    ],
+)
+def test_guess_format_names_the_shape_of_a_row(row, expected):
+    from orpo_cli.data import guess_format
+    from orpo_cli.recipe import ColumnMap
+
+    assert guess_format(row, ColumnMap()) == expected
+
+
+def test_conversational_with_plain_strings_is_an_error_naming_the_row_and_the_format(tok, tmp_path):
+    rows = [{"prompt": "p", "chosen": [{"role": "assistant", "content": "c"}], "rejected": "r"}]
+    src = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    message = _error(prepare_data, DataSettings(train=str(src), format="conversational"), OrpoSettings(), tok, tmp_path)
+    assert message.startswith("data: row 1: column 'rejected' holds text, but data.format: conversational expects")
+    src = write_jsonl(tmp_path / "strings.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r"}] * 3)
+    message = _error(prepare_data, DataSettings(train=str(src), format="conversational"), OrpoSettings(), tok, tmp_path)
+    assert "row 1: column 'chosen' holds text" in message and "look like data.format: pairs" in message
+
+
+def test_csv_with_long_fields_reads_and_unreadable_csv_is_one_line(tmp_path, monkeypatch):
+    from orpo_cli.data import load_rows
+
+    long = tmp_path / "long.csv"
+    long.write_text("prompt,chosen,rejected\nq," + "word " * 40000 + ",b\n", encoding="utf-8")
+    assert len(load_rows(DataSettings(train=str(long)).train)[0]["chosen"]) == 200000
+    # what the csv module refuses (here: its default 128 KiB field cap, kept) is one line naming the file
+    data_mod.csv.field_size_limit(131072)  # the default; load_rows raises it again on its next call
+    monkeypatch.setattr(data_mod.csv, "field_size_limit", lambda *args: 131072)
+    with pytest.raises(UserError, match=r"long.csv:\d+: invalid CSV: field larger than field limit"):
+        load_rows(DataSettings(train=str(long)).train)

@@ -158,3 +158,38 @@ def test_out_of_memory_is_one_line_with_the_levers_and_keeps_the_checkpoints(tmp
         assert "Tried to allocate 2.00 GiB" in lines[0]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
     assert not (out / "adapter").exists()
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "paged_adamw_8bit", "adamw"])
+def test_a_checkpoint_keeps_every_optimizer_state_and_resumes_it(tmp_path, name):
+    """bitsandbytes' 8-bit optimizers nest their quantized state in one slot: it must survive a checkpoint."""
+    import torch
+
+    pytest.importorskip("bitsandbytes")
+    from orpo_cli.checkpoint import read_checkpoint, write_checkpoint
+    from orpo_cli.engine import _build_optimizer
+    from orpo_cli.recipe import TrainSettings
+    from orpo_cli.rundir import RunDir
+
+    def stepped(seed: int) -> tuple[torch.nn.Parameter, torch.optim.Optimizer]:
+        torch.manual_seed(seed)
+        param = torch.nn.Parameter(torch.randn(64, 64))
+        optimizer = _build_optimizer([param], TrainSettings(optimizer=name, lr=1e-2))
+        for _ in range(2):
+            param.grad = torch.randn(64, 64)
+            optimizer.step()
+        return param, optimizer
+
+    param, optimizer = stepped(0)
+    run = RunDir(tmp_path / "run")
+    write_checkpoint(run, 2, {"w": param.detach()}, optimizer.state_dict(), {}, keep=1)
+    _, weights, optimizer_state, _ = read_checkpoint(run.checkpoint(2))
+    other, restored = stepped(1)  # different weights and state, then both are overwritten
+    with torch.no_grad():
+        other.copy_(weights["w"])
+    restored.load_state_dict(optimizer_state)
+    grad = torch.randn(64, 64)
+    for p, opt in ((param, optimizer), (other, restored)):
+        p.grad = grad.clone()
+        opt.step()
+    assert torch.equal(param, other)

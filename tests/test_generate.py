@@ -105,7 +105,7 @@ def test_prompt_rendered_exactly_as_training_rendered_it(tmp_path, template):
                             cache_dir=tmp_path / "cache").train[0].prompt_ids
 
     class _Recipe:  # what chat_template_in_use reads
-        data = DataSettings(chat_template=template)
+        data = DataSettings(train="builtin:demo", chat_template=template)
 
     used = chat_template_in_use(tokenizer, _Recipe())
     assert (used is None) == (template == "none")

@@ -22,8 +22,11 @@ def _error(tmp_path: Path, text: str, overrides: list[str] | None = None) -> str
     return str(info.value)
 
 
+MINIMAL = "model: {name_or_path: builtin:tiny-llama}\ndata: {train: builtin:demo}\n"
+
+
 def test_defaults_follow_the_paper(tmp_path):
-    recipe = load_recipe(_write(tmp_path, "{}"))
+    recipe = load_recipe(_write(tmp_path, MINIMAL))
     assert recipe.orpo.lam == 0.1
     assert recipe.orpo.nll_on_prompt is False
     assert recipe.train.scheduler == "cosine" and recipe.train.warmup_ratio > 0
@@ -40,7 +43,7 @@ def test_every_shipped_recipe_validates_and_starts_with_its_command(path):
 
 
 def test_beta_is_an_alias_of_lambda(tmp_path):
-    recipe = load_recipe(_write(tmp_path, "orpo: {beta: 0.25}"))
+    recipe = load_recipe(_write(tmp_path, MINIMAL + "orpo: {beta: 0.25}"))
     assert recipe.orpo.lam == 0.25
     assert recipe.resolved()["orpo"]["lambda"] == 0.25
 
@@ -65,7 +68,7 @@ def test_unknown_adapter_key_uses_the_adapter_kind(tmp_path):
 
 
 def test_wrong_type_names_the_field_and_value(tmp_path):
-    msg = _error(tmp_path, "train: {lr: fast}")
+    msg = _error(tmp_path, MINIMAL + "train: {lr: fast}")
     assert msg.count("\n") == 0
     assert "train.lr" in msg and "'fast'" in msg
 
@@ -81,11 +84,13 @@ def test_wrong_type_names_the_field_and_value(tmp_path):
         ("orpo: {max_length: 64, max_prompt_length: 64}", "max_prompt_length"),
         ("adapter: {kind: reft, positions: x2}", "adapter.positions"),
         ("adapter: {kind: dora}", "adapter"),
-        ("model: {dtype: float8}", "model.dtype"),
+        ("train: {warmup_ratio: 1.0}", "train.warmup_ratio"),
+        ("model: {name_or_path: x, dtype: float8}", "model.dtype"),
     ],
 )
 def test_out_of_range_values(tmp_path, text, where):
-    assert where in _error(tmp_path, text)
+    base = MINIMAL.split("\n", 1)[1] if text.startswith("model") else MINIMAL
+    assert where in _error(tmp_path, base + text)
 
 
 def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
@@ -100,7 +105,7 @@ def test_a_list_is_not_a_recipe(tmp_path):
 
 
 def test_overrides_parse_yaml_scalars_and_validate(tmp_path):
-    path = _write(tmp_path, "train: {lr: 1.0e-5}")
+    path = _write(tmp_path, MINIMAL + "train: {lr: 1.0e-5}")
     recipe = load_recipe(
         path, ["train.lr=3e-4", "train.gradient_checkpointing=true", "adapter.target_modules=[q_proj]"]
     )
@@ -108,7 +113,7 @@ def test_overrides_parse_yaml_scalars_and_validate(tmp_path):
     assert recipe.train.gradient_checkpointing is True
     assert recipe.adapter.target_modules == ["q_proj"]
     assert "lr: 0.0003" in recipe.to_yaml()
-    assert "train.lrr" in _error(tmp_path, "{}", ["train.lrr=1"])
+    assert "train.lrr" in _error(tmp_path, MINIMAL, ["train.lrr=1"])
 
 
 def test_override_syntax_errors():
@@ -119,7 +124,7 @@ def test_override_syntax_errors():
 
 
 def test_full_finetuning_refuses_quantized_weights(tmp_path):
-    assert "quantization.mode" in _error(tmp_path, "adapter: {kind: none}\nquantization: {mode: 4bit}")
+    assert "quantization.mode" in _error(tmp_path, MINIMAL + "adapter: {kind: none}\nquantization: {mode: 4bit}")
 
 
 def test_every_field_has_a_description():
@@ -136,3 +141,88 @@ def test_every_field_has_a_description():
 
     for adapter in (LoraSettings, ReftSettings, FullSettings):
         walk(adapter, "adapter.")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", ["the recipe is empty", "model.name_or_path", "data.train"]),
+        ("# only a comment\n", ["the recipe is empty"]),
+        ("data: {train: builtin:demo}\n", ["model.name_or_path: required and missing"]),
+        ("model: {name_or_path: builtin:tiny-llama}\n", ["data.train: required and missing"]),
+        ("model: {dtype: fp32}\ndata: {train: builtin:demo}\n", ["model.name_or_path: required and missing"]),
+        ("model: {name_or_path: builtin:tiny-llama}\ndata: {format: pairs}\n", ["data.train: required and missing"]),
+    ],
+    ids=["empty", "comments", "no-model", "no-data", "no-name", "no-train"],
+)
+def test_model_and_data_are_never_defaulted(tmp_path, text, expected):
+    msg = _error(tmp_path, text)
+    assert msg.count("\n") == 0, msg
+    for words in expected:
+        assert words in msg, msg
+
+
+def test_the_model_and_data_can_come_from_overrides(tmp_path):
+    recipe = load_recipe(_write(tmp_path, ""), ["model.name_or_path=builtin:micro-llama", "data.train=builtin:demo"])
+    assert recipe.model.name_or_path == "builtin:micro-llama" and recipe.data.train.path == "builtin:demo"
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "lines"),
+    [
+        (MINIMAL + "train: {lr: 1.0e-5}\ntrain: {max_steps: 3}\n", "`train`", (3, 4)),
+        (MINIMAL + "train:\n  lr: 1.0e-5\n  max_steps: 3\n  lr: 2.0e-5\n", "`train.lr`", (4, 6)),
+        (MINIMAL + "orpo: {lambda: 0.1, max_length: 64, lambda: 0.2}\n", "`orpo.lambda`", (3, 3)),
+        (MINIMAL.replace("{train: builtin:demo}", "{train: {path: a.jsonl, path: b.jsonl}}"), "`data.train.path`", (2, 2)),
+    ],
+    ids=["two-sections", "lr-twice", "flow-mapping", "nested"],
+)
+def test_a_key_given_twice_is_an_error_with_both_lines(tmp_path, text, key, lines):
+    msg = _error(tmp_path, text)
+    assert f"r.yaml:{lines[1]}: duplicate key {key} (also on line {lines[0]})" in msg, msg
+
+
+def test_merge_keys_may_still_be_overridden(tmp_path):
+    text = MINIMAL + "x-base: &base {lr: 1.0e-5, max_steps: 3}\n"
+    recipe_text = text.replace("x-base: &base", "train: &base") + "orpo: {<<: {max_length: 64}, max_length: 96, max_prompt_length: 32}\n"
+    recipe = load_recipe(_write(tmp_path, recipe_text))
+    assert recipe.orpo.max_length == 96 and recipe.train.max_steps == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("train: {lr: .inf}", "train.lr"),
+        ("train: {lr: .nan}", "train.lr"),
+        ("train: {weight_decay: .inf}", "train.weight_decay"),
+        ("train: {max_grad_norm: -.inf}", "train.max_grad_norm"),
+        ("train: {adam_betas: [.nan, 0.999]}", "train.adam_betas[0]"),
+        ("train: {epochs: .inf}", "train.epochs"),
+        ("orpo: {lambda: .nan}", "orpo.lambda"),
+        ("adapter: {kind: lora, alpha: .inf}", "adapter.alpha"),
+        ("data: {train: builtin:demo, eval_ratio: .nan}", "data.eval_ratio"),
+    ],
+)
+def test_non_finite_numbers_are_refused_in_every_field(tmp_path, text, where):
+    msg = _error(tmp_path, MINIMAL.replace("data: {train: builtin:demo}\n", "") + text
+                 + ("" if text.startswith("data") else "\ndata: {train: builtin:demo}"))
+    assert msg.count("\n") == 0, msg
+    assert f"{where}: must be a finite number" in msg, msg
+
+
+def test_a_finite_value_next_to_it_is_fine(tmp_path):
+    recipe = load_recipe(_write(tmp_path, MINIMAL + "train: {lr: 1.0e+3, weight_decay: 0.0}"))
+    assert recipe.train.lr == 1000.0
+
+
+def test_non_finite_override_is_refused(tmp_path):
+    assert "train.max_grad_norm: must be a finite number" in _error(tmp_path, MINIMAL, ["train.max_grad_norm=.inf"])
+
+
+def test_recipe_that_is_not_utf8_or_a_directory(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(MINIMAL.encode() + b"name: caf\xe9\n")
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_recipe(path)
+    with pytest.raises(UserError, match="is a directory"):
+        load_recipe(tmp_path)

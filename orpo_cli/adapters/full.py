@@ -10,12 +10,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from orpo_cli.errors import stage
+
 
 class FullAdapter:
     mergeable = True
     packs_pairs = True
     kind = "none"
 
+    @stage("preparing full fine-tuning", blame="adapter")
     def attach(self, model: nn.Module, *, quantized: bool, gradient_checkpointing: bool) -> nn.Module:
         model.requires_grad_(True)
         if gradient_checkpointing:
@@ -33,6 +36,7 @@ class FullAdapter:
     def save(self, model: nn.Module, out_dir: Path) -> None:
         model.save_pretrained(str(out_dir), safe_serialization=True)
 
+    @stage("loading the fine-tuned weights", blame="{adapter_dir}")
     def load(self, base: nn.Module, adapter_dir: Path) -> nn.Module:
         from safetensors.torch import load_file
 

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from orpo_cli.errors import UserError
+from orpo_cli.errors import UserError, stage
+from orpo_cli.modeling import model_name as _model_name
 from orpo_cli.recipe import ReftSettings
 from orpo_cli.reft import (
     ATTRIBUTE,
@@ -49,6 +50,7 @@ class ReftAdapter:
     def __init__(self, settings: ReftSettings):
         self.settings = settings
 
+    @stage("attaching the ReFT adapter", blame="adapter")
     def attach(self, model: nn.Module, *, quantized: bool, gradient_checkpointing: bool) -> nn.Module:
         s = self.settings
         layers = _check_layers(model, s.layers, "adapter.layers")
@@ -104,6 +106,7 @@ class ReftAdapter:
         save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
         (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
+    @stage("loading the adapter", blame="{adapter_dir}")
     def load(self, base: nn.Module, adapter_dir: Path) -> nn.Module:
         from safetensors.torch import load_file
 
@@ -204,19 +207,6 @@ def _hidden_size(model: nn.Module) -> int:
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text.hidden_size)
-
-
-def _model_name(model: nn.Module) -> str:
-    """The name a user knows the model by: builtin:NAME for a built-in, else its hub id or path."""
-    from orpo_cli.builtin import BUILTIN_PREFIX, list_builtins
-
-    path = str(getattr(getattr(model, "config", None), "name_or_path", "") or "the model")
-    folder = Path(path)
-    if folder.parent.name == "builtin":
-        known = [name for name in list_builtins() if folder.name.startswith(f"{name}-")]
-        if known:
-            return BUILTIN_PREFIX + max(known, key=len)
-    return path
 
 
 __all__ = ["ReftAdapter", "row_prompt_lengths"]
