@@ -564,6 +564,7 @@ def _model_config(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
         config.head_dim = shape["hidden"] // shape["heads"]
     config.pad_token_id, config.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
     config.eos_token_id = tokenizer.eos_token_id
+    config.dtype = _torch_dtype(args)  # the weights are initialised and saved in the benchmark's dtype
     recorded = {"source": source, "model_type": config.model_type, **shape,
                 "head_dim": getattr(config, "head_dim", None) or shape["hidden"] // shape["heads"],
                 "tokenizer": str(tokenizer_dir), "tokenizer_tokens": len(tokenizer)}
