@@ -170,6 +170,21 @@ def test_pairs_render_as_the_models_own_template(family, tmp_path, shape):
         _check_special_tokens(tok, family, pair)
 
 
+def test_plain_text_pairs_get_bos_and_eos_exactly_once(family, tmp_path):
+    """chat_template: none with a real tokenizer: the text as written, the family's BOS first, EOS last."""
+    tok = _tokenizer(family)
+    out = _prep(tok, tmp_path, PAIRS, chat_template="none")
+    bos, eos = (tok.convert_tokens_to_ids(family.bos) if family.bos else None), tok.eos_token_id
+    for pair, row in zip(out.train, PAIRS, strict=True):
+        assert pair.prompt_ids == _with_family_bos(tok, family, tok(row["prompt"], add_special_tokens=False)["input_ids"])
+        joint = tok(row["prompt"] + row["chosen"], add_special_tokens=False)["input_ids"]
+        assert pair.prompt_ids + pair.chosen_ids == [*_with_family_bos(tok, family, joint), eos]
+        everything = pair.prompt_ids + pair.chosen_ids + pair.rejected_ids
+        assert everything.count(bos) == 1 if bos is not None else tok.bos_token_id not in everything
+        for response in (pair.chosen_ids, pair.rejected_ids):
+            assert response[-1] == eos and response.count(eos) == 1
+
+
 def test_a_system_prompt_is_rendered_by_the_template_or_refused(family, tmp_path):
     tok = _tokenizer(family)
     if not family.system_role:  # Gemma-2: every row is refused, and that is one line naming the reason
