@@ -237,7 +237,7 @@ def export(
                                         "complete).")] = False,
 ) -> None:
     """Export a merged model (LoRA, full fine-tuning) or, for ReFT, a bundle that `generate` loads."""
-    from orpo_cli.export import check_out, export_run, parse_dtype
+    from orpo_cli.export import MERGE_TOLERANCE_FACTOR, check_out, export_run, parse_dtype, rounding_line
     from orpo_cli.progress import Reporter
     from orpo_cli.rundir import open_run
 
@@ -250,10 +250,21 @@ def export(
         reporter.note(f"note: {note}")
     what = f"merged {result.dtype} model" if result.merged else "bundle"
     typer.echo(f"exported a {what} to {result.out}")
-    typer.echo(
-        f"verified: max |Δlogit| = {result.max_abs_diff:.3g} <= tolerance {result.tolerance:.3g} "
-        f"(export loaded back vs base + adapter, {result.probe_tokens} tokens)"
-    )
+    if result.merged:
+        typer.echo(
+            f"verified: max |Δlogit| = {result.max_abs_diff:.3g} <= tolerance {result.tolerance:.3g} (the merge in "
+            f"fp32 vs base + adapter, {result.probe_tokens} tokens; tolerance = {MERGE_TOLERANCE_FACTOR:g} x this "
+            f"model's fp32 noise floor {result.noise_floor:.3g})"
+        )
+        typer.echo(f"verified: the saved {result.dtype} weights load back as the merge rounded to {result.dtype} "
+                   f"(max |Δlogit| = {result.reload_diff:.3g})")
+        if result.rounding is not None and result.dtype != "fp32":
+            typer.echo(f"rounding to {result.dtype}: {rounding_line(result)}")
+    else:
+        typer.echo(
+            f"verified: max |Δlogit| = {result.max_abs_diff:.3g} <= tolerance {result.tolerance:.3g} "
+            f"(bundle loaded back vs the run's model, {result.probe_tokens} tokens)"
+        )
     if result.merged:
         typer.echo(f"load it with AutoModelForCausalLM.from_pretrained({str(result.out)!r})")
     else:
