@@ -2,6 +2,16 @@
 
     make bench                                   # the reference configuration, both objectives
     .venv/bin/python bench/orpo_bench.py --steps 6 --nll-on-prompt true
+    .venv/bin/python bench/orpo_bench.py --model builtin:smollm2-135m-instruct --steps 3 --batch 2
+    .venv/bin/python bench/orpo_bench.py --shape smollm2-135m --steps 3 --batch 2   # the same shape, no model
+
+The model is random-initialised (seed 42); what is real is its shape. By default it is a small Llama
+(hidden 256, 4 layers, 8 heads, 4 KV heads, MLP 688, Phi-3's tokenizer and vocabulary). ``--model NAME_OR_PATH``
+takes the architecture (model type, hidden, layers, heads, KV heads, MLP, vocabulary, tied embeddings)
+and the tokenizer from a model's config: ``builtin:NAME`` or a local Hugging Face directory (config.json,
+and a tokenizer unless ``--tokenizer`` names one; no weights are read). ``--shape NAME`` is a named real
+shape for a Llama with the default tokenizer (``SHAPES``: smollm2-135m, llama3-8b). Explicit ``--hidden``,
+``--layers``, ``--heads``, ``--kv-heads``, ``--intermediate``, ``--vocab`` and ``--tie`` override either.
 
 Both implementations get the same random Llama-shaped model (saved once, loaded by each child), the same
 tokenizer, the same token ids, the same pairs in the same order, the same batch, LoRA settings and
@@ -61,16 +71,44 @@ RESULT_TAG = "BENCH_RESULT "
 SEED = 42
 LAMBDA = 0.1
 
+# Named real shapes (--shape): the architecture numbers of released models' config.json files.
+SHAPES: dict[str, dict[str, Any]] = {
+    # HuggingFaceTB/SmolLM2-135M(-Instruct): LlamaForCausalLM, tied embeddings
+    "smollm2-135m": {"hidden": 576, "layers": 30, "heads": 9, "kv_heads": 3, "intermediate": 1536,
+                     "vocab": 49152, "tie": True},
+    # meta-llama/Meta-Llama-3-8B(-Instruct)
+    "llama3-8b": {"hidden": 4096, "layers": 32, "heads": 32, "kv_heads": 8, "intermediate": 14336,
+                  "vocab": 128256, "tie": False},
+}
+_DEFAULT_SHAPE = {"hidden": 256, "layers": 4, "heads": 8, "kv_heads": 4, "intermediate": 688, "vocab": None,
+                  "tie": False}
+# shape key -> the config attribute it sets
+_CONFIG_FIELDS = {"hidden": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
+                  "kv_heads": "num_key_value_heads", "intermediate": "intermediate_size", "vocab": "vocab_size",
+                  "tie": "tie_word_embeddings"}
+
 
 # ----------------------------------------------------------------------------------------------- options
 def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--hidden", type=int, default=256, help="hidden size of the random Llama (default 256)")
-    p.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
-    p.add_argument("--heads", type=int, default=8, help="attention heads (default 8)")
-    p.add_argument("--kv-heads", type=int, default=4, help="key/value heads (default 4)")
-    p.add_argument("--intermediate", type=int, default=688, help="MLP size (default 688)")
-    p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="tokenizer directory (default: the Phi-3 one)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model", default=None, metavar="NAME_OR_PATH",
+                        help="take the architecture and tokenizer from this model's config: builtin:NAME or a local "
+                        "Hugging Face directory (random weights)")
+    source.add_argument("--shape", default=None, choices=sorted(SHAPES),
+                        help="a named real shape for a random Llama: " + "; ".join(
+                            f"{name}: " + ", ".join(f"{k} {v}" for k, v in shape.items()) for name, shape in SHAPES.items()))
+    p.add_argument("--hidden", type=int, default=None, help="hidden size (default 256, or the model's / shape's)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default 4)")
+    p.add_argument("--heads", type=int, default=None, help="attention heads (default 8)")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default 4)")
+    p.add_argument("--intermediate", type=int, default=None, help="MLP size (default 688)")
+    p.add_argument("--vocab", type=int, default=None,
+                   help="vocabulary rows (default: the model's / shape's, else the tokenizer's rounded up to 64)")
+    p.add_argument("--tie", default=None, action=argparse.BooleanOptionalAction,
+                   help="tie the output head to the input embedding (default: the model's / shape's, else no)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory (default: the model's with --model, else the Phi-3 one)")
     p.add_argument("--data", default=None, help="a jsonl of UltraFeedback-style rows; default: generated")
     p.add_argument("--batch", type=int, default=4, help="pairs per step (default 4)")
     p.add_argument("--max-length", type=int, default=512, help="max prompt + response tokens (default 512)")
@@ -335,6 +373,8 @@ def _result(impl: str, args: argparse.Namespace, nll_on_prompt: bool | None, tok
         "dtype": _dtype_name(args),
         "quantize": args.quantize,
         "model_params": params,
+        "peak_above_start_mb": round(_peak_mem_mb(clock.device) - clock.rss_at_start_mb, 1)
+        if clock.device == "cpu" and clock.rss_at_start_mb is not None else None,
         "mfu": _mfu(args, clock.device, timed_tokens / sum(seconds), params),
     }
 
@@ -382,7 +422,7 @@ def _run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         def on_step_end(self, _args, state, control, **kwargs):
             clock.tick()
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(str(work / "model"))  # the tokenizer orpo-tune loads too
     quantization = None
     if args.quantize == "4bit":
         from transformers import BitsAndBytesConfig
@@ -469,37 +509,110 @@ def _run_ours(args: argparse.Namespace, work: Path, nll_on_prompt: bool) -> dict
 
 
 # ----------------------------------------------------------------------------------------------- parent
+def _model_config(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
+    """(config of the random model, its tokenizer, the shape as recorded in the results).
+
+    The shape comes from `--model`'s config, a named `--shape` or the defaults; explicit flags override it.
+    """
+    from transformers import AutoConfig, LlamaConfig
+
+    from orpo_cli.errors import UserError
+    from orpo_cli.modeling import load_tokenizer
+
+    base = None
+    if args.model:
+        path = _model_dir(args.model)
+        try:
+            base = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"bench: --model {args.model}: cannot read its config.json: {_first_line(err)}") from None
+        missing = [attr for attr in _CONFIG_FIELDS.values() if getattr(base, attr, None) is None]
+        if missing:
+            raise SystemExit(f"bench: --model {args.model}: its config has no {', '.join(missing)} "
+                             "(a decoder-only causal LM config is needed)")
+        shape = {key: getattr(base, attr) for key, attr in _CONFIG_FIELDS.items()}
+        tokenizer_dir = args.tokenizer or path
+        source = args.model
+    else:
+        shape = dict(SHAPES[args.shape] if args.shape else _DEFAULT_SHAPE)
+        tokenizer_dir = args.tokenizer or str(DEFAULT_TOKENIZER)
+        source = f"shape {args.shape}" if args.shape else "default shape"
+    for key in _CONFIG_FIELDS:
+        if getattr(args, key) is not None:
+            shape[key] = getattr(args, key)
+    try:
+        tokenizer = load_tokenizer(tokenizer_dir)
+    except UserError as err:
+        hint = " (pass --tokenizer DIR)" if args.model and not args.tokenizer else ""
+        raise SystemExit(f"bench: cannot load the tokenizer {tokenizer_dir}: {err}{hint}") from None
+    if shape["vocab"] is None:
+        shape["vocab"] = -(-len(tokenizer) // 64) * 64  # padded to a multiple of 64, as Phi-3's 32,064
+    if shape["vocab"] < len(tokenizer):
+        raise SystemExit(f"bench: vocabulary {shape['vocab']} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    if shape["hidden"] % shape["heads"] or shape["heads"] % shape["kv_heads"]:
+        raise SystemExit(f"bench: hidden {shape['hidden']}, heads {shape['heads']}, kv heads {shape['kv_heads']}: "
+                         "hidden must divide by heads, and heads by kv heads")
+    if base is None:
+        config = LlamaConfig(max_position_embeddings=max(4096, 2 * args.max_length))
+    else:
+        config = base
+        config.max_position_embeddings = max(config.max_position_embeddings or 0, 2 * args.max_length)
+    heads_changed = base is None or (shape["hidden"], shape["heads"]) != (base.hidden_size, base.num_attention_heads)
+    for key, attr in _CONFIG_FIELDS.items():
+        setattr(config, attr, shape[key])
+    if heads_changed and hasattr(config, "head_dim"):
+        config.head_dim = shape["hidden"] // shape["heads"]
+    config.pad_token_id, config.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.dtype = _torch_dtype(args)  # the weights are initialised and saved in the benchmark's dtype
+    recorded = {"source": source, "model_type": config.model_type, **shape,
+                "head_dim": getattr(config, "head_dim", None) or shape["hidden"] // shape["heads"],
+                "tokenizer": str(tokenizer_dir), "tokenizer_tokens": len(tokenizer)}
+    return config, tokenizer, recorded
+
+
+def _model_dir(name: str) -> str:
+    """A builtin's directory (built on first use) or a local directory with a config.json."""
+    from orpo_cli.builtin import is_builtin, resolve_model_path
+    from orpo_cli.errors import UserError
+
+    if is_builtin(name):
+        try:
+            return resolve_model_path(name)
+        except UserError as err:
+            raise SystemExit(f"bench: --model {name}: {err}") from None
+    local = Path(name).expanduser()
+    if not (local / "config.json").is_file():
+        raise SystemExit(f"bench: --model {name}: not a builtin:NAME nor a local directory with a config.json "
+                         "(the benchmark reads no hub ids: download the model's config.json and tokenizer first)")
+    return str(local)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _prepare(args: argparse.Namespace, work: Path) -> None:
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    config, tokenizer, shape = _model_config(args)
     if args.data:
         shutil.copyfile(args.data, work / "data.jsonl")
     else:
         rows = generate_rows((args.warmup + args.steps) * args.batch)
         (work / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     torch.manual_seed(SEED)
-    config = LlamaConfig(
-        vocab_size=-(-len(tokenizer) // 64) * 64,  # padded to a multiple of 64, as Phi-3's 32,064
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        intermediate_size=args.intermediate,
-        max_position_embeddings=max(4096, 2 * args.max_length),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
     default = torch.get_default_dtype()
     torch.set_default_dtype(_torch_dtype(args))  # initialised in the benchmark's dtype: an 8B fp32 copy is 32 GB
     try:
-        LlamaForCausalLM(config).save_pretrained(str(work / "model"))
+        AutoModelForCausalLM.from_config(config).save_pretrained(str(work / "model"))
     finally:
         torch.set_default_dtype(default)
     tokenizer.save_pretrained(str(work / "model"))  # the model directory is a complete local model
+    (work / "shape.json").write_text(json.dumps(shape), encoding="utf-8")
+    print(json.dumps({"model": shape}), flush=True)
 
 
 def _child(args: argparse.Namespace, impl: str, work: Path, nll: bool | None) -> dict[str, Any]:

@@ -6,7 +6,8 @@ and an eval split, plus `DataStats` for the log. `check_source(data)` is the che
 model is loaded: the file exists and is readable, and the mapped columns are in it.
 
 Sources (`data.train.path`, `data.eval.path`): a local `.jsonl`, `.json` (a list of objects, or JSON
-lines), `.csv`, `.parquet`, or `.gz` of a text one; `builtin:demo` (see `orpo_cli.demo_data`); a local
+lines), `.csv`, `.parquet`, or `.gz` of a text one; `builtin:demo` or `builtin:short-answers` (generated in
+code, see `orpo_cli.demo_data`); a local
 directory or anything else is handed to `datasets.load_dataset` (a hub id; offline this fails with a
 one-line error that says to download it and point the recipe at a local file).
 
@@ -24,11 +25,17 @@ Formats (`data.format`), each through `data.columns`:
 * one_to_many: answers joined by `data.separator` in the chosen / rejected columns, expanded into
   pairs by `data.pairing` (zip, or all combinations in row-major order capped by max_pairs_per_row).
 
-Rendering: with a chat template (`auto` uses the tokenizer's, a Jinja string is set on the tokenizer so
-that it is saved with the run), the prompt text is the template applied to the prompt messages with
-`add_generation_prompt=True`, and a response text is the template applied to prompt + reply with that
-prompt text cut off its front. Without one, the prompt is `system + "\\n\\n" + prompt` (a multi-turn
+Rendering (`orpo_cli.prompts`, the renderer inference uses too): with a chat template (`auto` uses the
+tokenizer's, a Jinja string is set on the tokenizer so that it is saved with the run), the prompt text is
+the template applied to the prompt messages with `add_generation_prompt=True`, and a response text is the
+template applied to prompt + reply with that prompt text cut off its front. Where the template moves a
+system message once a reply follows (Mistral's put it in the last message if that is the user's), the
+response is cut the same way from the turns without the system message; the prompt keeps it, as
+inference renders it. Without a template, the prompt is `system + "\\n\\n" + prompt` (a multi-turn
 prompt becomes a `Human:`/`Assistant:` transcript) and a response is the reply text, joined as-is.
+A row the template refuses (Gemma-2 has no system role; Mistral's and Gemma's templates raise on roles
+that do not alternate, as in 9 of HH-RLHF's 2,312 test transcripts) is dropped, counted under the
+template's own reason; when nothing is left the error names that reason.
 
 Special tokens, exactly once:
 
@@ -88,24 +95,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orpo_cli import prompts
 from orpo_cli.errors import UserError
 from orpo_cli.recipe import DataSettings, DataSource, OrpoSettings
 
 log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_DATASETS = ("demo",)
+BUILTIN_DATASETS = ("demo", "short-answers")
 
 DROP_EMPTY = "empty field"
 DROP_SAME = "chosen == rejected"
 DROP_NO_PROMPT = "no shared prompt"
 DROP_FIT = "prompt or responses cannot fit max_length"
 DROP_SAME_TRUNCATED = "chosen == rejected after truncation"
+DROP_TEMPLATE = "the chat template refused it"  # followed by the template's reason in parentheses
 
-_CACHE_VERSION = "orpo-data-2"  # bump when the output of this module changes for the same inputs
+_CACHE_VERSION = "orpo-data-3"  # bump when the output of this module changes for the same inputs
 _FILE_KINDS = ("jsonl", "json", "csv", "parquet")
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
-_HH_ASSISTANT = "\n\nAssistant:"
+_HH_ASSISTANT = prompts.HH_ASSISTANT
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "bot": "assistant", "model": "assistant"}
 _TOKENIZE_BATCH = 512
@@ -178,7 +187,7 @@ def prepare_data(
         return cached
 
     splits = _read_splits(data, templated=template is not None)
-    bos_id = _bos_id(tokenizer, template)
+    bos_id = prompts.bos_for(tokenizer, template)
     renderer = _Renderer(tokenizer, template)
     stats = DataStats()
     out: dict[str, list[TokenizedPair]] = {}
@@ -194,6 +203,9 @@ def prepare_data(
         rows = len({item.row for item in items})
         if not pairs and (split == "train" or data.eval is not None):
             detail = ", ".join(f"{k} {v}" for k, v in drops.most_common()) or "nothing"
+            if any(reason.startswith(DROP_TEMPLATE) for reason in drops):
+                detail += ("; fix what the template refuses in the data (or data.system_prompt), "
+                           "or set data.chat_template to a template that accepts it")
             raise UserError(
                 f"data: no usable pairs left in {source} ({split}): {rows} rows read; dropped: {detail}"
             )
@@ -242,11 +254,12 @@ def load_rows(source: DataSource, field_name: str = "data.train") -> list[dict]:
 # ------------------------------------------------------------------------------------------ reading
 def _builtin_rows(path: str, field_name: str) -> list[dict]:
     name = path.removeprefix(BUILTIN_PREFIX)
-    if name != "demo":
-        raise UserError(f"{field_name}.path: unknown built-in dataset '{name}'; known: {', '.join(BUILTIN_DATASETS)}")
-    from orpo_cli.demo_data import demo_rows
+    from orpo_cli.demo_data import demo_rows, short_answer_rows
 
-    return demo_rows()
+    generators = {"demo": demo_rows, "short-answers": short_answer_rows}
+    if name not in generators:
+        raise UserError(f"{field_name}.path: unknown built-in dataset '{name}'; known: {', '.join(BUILTIN_DATASETS)}")
+    return generators[name]()
 
 
 def _looks_like_file(path: str) -> bool:
@@ -874,10 +887,7 @@ def _chat_template(data: DataSettings, tokenizer: Any) -> str | None:
     if choice == "none":
         return None
     if choice == "auto":
-        template = getattr(tokenizer, "chat_template", None)
-        if isinstance(template, dict):
-            template = template.get("default")
-        return template or None
+        return prompts.template_of(tokenizer)
     tokenizer.chat_template = choice
     try:
         tokenizer.apply_chat_template(
@@ -888,28 +898,13 @@ def _chat_template(data: DataSettings, tokenizer: Any) -> str | None:
     return choice
 
 
-def _bos_id(tokenizer: Any, template: str | None) -> int | None:
-    """BOS to put in front of prompts, or None when the tokenizer has none or the model family uses none."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return None
-    ids = tokenizer("a")["input_ids"]
-    if ids and ids[0] == bos:
-        return bos
-    for candidate in {template, getattr(tokenizer, "chat_template", None)} - {None}:
-        try:
-            rendered = tokenizer.apply_chat_template(
-                [{"role": "user", "content": "a"}], chat_template=candidate, tokenize=False, add_generation_prompt=True
-            )
-        except Exception:  # a template that cannot render this probe tells us nothing about BOS
-            continue
-        if tokenizer.bos_token in rendered:
-            return bos
-    return None
-
-
 class _Renderer:
-    """Message lists -> (prompt text, response text) with the chat template, or as plain text."""
+    """Message lists -> (prompt text, response text) with the chat template, or as plain text.
+
+    The prompt is `orpo_cli.prompts.prompt_text`, what inference renders. A response is the template applied
+    to prompt + reply with that prompt cut off its front. Raises TemplateRefused when the template refuses
+    the row.
+    """
 
     def __init__(self, tokenizer: Any, template: str | None) -> None:
         self.tokenizer = tokenizer
@@ -917,60 +912,39 @@ class _Renderer:
         self.eos = tokenizer.eos_token
 
     def __call__(self, example: _Example) -> tuple[str, str, str]:
+        prompt = prompts.prompt_text(self.tokenizer, example.prompt, self.template)
         if self.template is None:
-            prompt = _plain(example.prompt)
-            chosen = _plain_reply(example.prompt, example.chosen)
-            rejected = _plain_reply(example.prompt, example.rejected)
+            chosen = prompts.plain_reply(example.prompt, example.chosen)
+            rejected = prompts.plain_reply(example.prompt, example.rejected)
         else:
-            prompt = self._apply(example.prompt, example.row, generation_prompt=True)
             chosen = self._response(example, prompt, example.chosen)
             rejected = self._response(example, prompt, example.rejected)
         return prompt, self._trim_after_eos(chosen), self._trim_after_eos(rejected)
 
-    def _apply(self, messages: list[Message], row: int, generation_prompt: bool) -> str:
-        try:
-            return self.tokenizer.apply_chat_template(
-                messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt
-            )
-        except Exception as err:  # jinja2 errors, e.g. raise_exception('roles must alternate')
-            raise UserError(f"data.chat_template: row {row}: the chat template failed: {_one_line(err)}") from None
-
     def _response(self, example: _Example, prompt: str, reply: list[Message]) -> str:
-        full = self._apply(example.prompt + reply, example.row, generation_prompt=False)
-        if not full.startswith(prompt):
-            raise UserError(
-                f"data.chat_template: row {example.row}: the prompt rendered with add_generation_prompt=True is not "
-                "a prefix of prompt + reply rendered, so the reply cannot be cut out (the template rewrites "
-                "earlier text when a reply follows); use a template without that, or chat_template: none"
-            )
-        return full[len(prompt):]
+        full = prompts.render(self.tokenizer, example.prompt + reply, self.template, generation_prompt=False)
+        if full.startswith(prompt):
+            return full[len(prompt):]
+        if len(example.prompt) > 1 and example.prompt[0]["role"] == "system":
+            # Mistral's templates write the system message into the LAST message when it is the user's, so
+            # it is in the generation prompt but gone once a reply follows (mistral-common's own tokenizer
+            # keeps it before the last user message). The prompt stays what inference renders; the reply is
+            # what the template writes after the same turns without the system message.
+            turns = example.prompt[1:]
+            bare = prompts.render(self.tokenizer, turns, self.template, generation_prompt=True)
+            bare_full = prompts.render(self.tokenizer, turns + reply, self.template, generation_prompt=False)
+            if bare_full.startswith(bare):
+                return bare_full[len(bare):]
+        raise UserError(
+            f"data.chat_template: row {example.row}: the prompt rendered with add_generation_prompt=True is not "
+            "a prefix of prompt + reply rendered, so the reply cannot be cut out (the template rewrites "
+            "earlier text when a reply follows); use a template without that, or chat_template: none"
+        )
 
     def _trim_after_eos(self, response: str) -> str:
         """Drop whitespace a template writes after the EOS that ends a turn, so EOS ends the response."""
         stripped = response.rstrip()
         return stripped if self.eos and stripped.endswith(self.eos) else response
-
-
-def _plain(prompt: list[Message]) -> str:
-    system = prompt[0]["content"] if prompt and prompt[0]["role"] == "system" else None
-    turns = prompt[1:] if system is not None else prompt
-    if len(turns) == 1 and turns[0]["role"] == "user":
-        body = turns[0]["content"]
-    else:
-        body = _transcript(turns) + _HH_ASSISTANT
-    return f"{system}\n\n{body}" if system else body
-
-
-def _plain_reply(prompt: list[Message], reply: list[Message]) -> str:
-    turns = [m for m in prompt if m["role"] != "system"]
-    single = len(turns) == 1 and turns[0]["role"] == "user"
-    first = reply[0]["content"] if single else " " + reply[0]["content"]
-    return first + _transcript(reply[1:])
-
-
-def _transcript(messages: list[Message]) -> str:
-    labels = {"user": "Human", "assistant": "Assistant", "system": "System"}
-    return "".join(f"\n\n{labels.get(m['role'], m['role'].capitalize())}: {m['content']}" for m in messages)
 
 
 # ------------------------------------------------------------------------------------------ tokenizing
@@ -994,20 +968,24 @@ def _tokenize(
     """Render, tokenize and truncate `examples`; count drops into `drops`; return (pairs, truncated)."""
     rendered = []
     for example in examples:
-        prompt, chosen, rejected = renderer(example)
+        try:
+            prompt, chosen, rejected = renderer(example)
+        except prompts.TemplateRefused as err:
+            drops[f"{DROP_TEMPLATE} ({err})"] += 1
+            continue
         if chosen == rejected:
             drops[DROP_SAME] += 1
         else:
             rendered.append((prompt, chosen, rejected))
     if not rendered:
         return [], 0
-    prompts = _encode(tokenizer, [p for p, _, _ in rendered])
+    prompt_tokens = _encode(tokenizer, [p for p, _, _ in rendered])
     fulls = _encode(tokenizer, [p + c for p, c, _ in rendered] + [p + r for p, _, r in rendered])
     n = len(rendered)
     responses: list[list[int] | None] = []
     alone: list[int] = []  # responses whose joint tokenization merged across the prompt boundary
     for i, full in enumerate(fulls):
-        prompt_ids = prompts[i % n]
+        prompt_ids = prompt_tokens[i % n]
         if full[: len(prompt_ids)] == prompt_ids:
             responses.append(full[len(prompt_ids) :])
         else:
@@ -1020,9 +998,7 @@ def _tokenize(
     eos = tokenizer.eos_token_id
     pairs, truncated = [], 0
     for i in range(n):
-        prompt_ids = prompts[i]
-        if bos is not None and (not prompt_ids or prompt_ids[0] != bos):
-            prompt_ids = [bos, *prompt_ids]
+        prompt_ids = prompts.with_bos(prompt_tokens[i], bos)
         chosen_ids, rejected_ids = _with_eos(responses[i], eos), _with_eos(responses[n + i], eos)
         if not chosen_ids or not rejected_ids:
             drops[DROP_EMPTY] += 1
@@ -1087,9 +1063,9 @@ def _cache_key(data: DataSettings, orpo: OrpoSettings, tokenizer: Any) -> str:
 def _source_fingerprint(source: DataSource) -> dict[str, Any]:
     fingerprint: dict[str, Any] = source.model_dump(mode="json")
     if source.path.startswith(BUILTIN_PREFIX):
-        from orpo_cli.demo_data import DEMO_VERSION
+        from orpo_cli.demo_data import DEMO_VERSION, SHORT_ANSWERS_VERSION
 
-        fingerprint["builtin"] = DEMO_VERSION
+        fingerprint["builtin"] = [DEMO_VERSION, SHORT_ANSWERS_VERSION]
         return fingerprint
     local = Path(source.path).expanduser()
     if local.is_file():

@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from orpo_cli import prompts
 from orpo_cli.adapters import Adapter
 from orpo_cli.errors import UserError
 from orpo_cli.recipe import Recipe
 
-Message = dict[str, str]
-_LABELS = {"user": "Human", "assistant": "Assistant", "system": "System"}
+Message = prompts.Message
 
 
 # ------------------------------------------------------------------------------------------ prompt
@@ -27,68 +27,24 @@ def chat_template_in_use(tokenizer: Any, recipe: Recipe | None) -> str | None:
     """The template the model trained with: the saved tokenizer's, unless the recipe said plain text."""
     if recipe is not None and recipe.data.chat_template == "none":
         return None
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):
-        template = template.get("default")
-    return template or None
+    return prompts.template_of(tokenizer)
 
 
 def render_prompt(tokenizer: Any, messages: Sequence[Message], template: str | None) -> list[int]:
-    """Token ids of `messages` ready for the assistant's reply, rendered the way data.py renders prompts.
+    """Token ids of `messages` ready for the assistant's reply, rendered by the renderer training used.
 
     With a chat template: the template with add_generation_prompt. Without: `system\\n\\nprompt` (several
     turns as a Human:/Assistant: transcript). BOS goes first when the model family uses one, exactly once.
     """
-    if template is not None:
-        try:
-            text = tokenizer.apply_chat_template(
-                list(messages), chat_template=template, tokenize=False, add_generation_prompt=True
-            )
-        except Exception as err:  # jinja2 errors, e.g. a template without a system role
-            first = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
-            raise UserError(f"the chat template cannot render this conversation: {first}") from None
-    else:
-        text = _plain(messages)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    if bos is not None and _family_uses_bos(tokenizer, template) and (not ids or ids[0] != bos):
-        ids = [bos, *ids]
-    return ids
+    try:
+        return prompts.prompt_ids(tokenizer, messages, template)
+    except prompts.TemplateRefused as err:  # e.g. a template without a system role, given --system
+        raise UserError(f"the chat template cannot render this conversation: {err}") from None
 
 
 def conversation(prompt: str, system: str | None, history: Sequence[Message] = ()) -> list[Message]:
     head = [{"role": "system", "content": system}] if system else []
     return [*head, *history, {"role": "user", "content": prompt}]
-
-
-def _plain(messages: Sequence[Message]) -> str:
-    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
-    turns = list(messages[1:] if system is not None else messages)
-    if len(turns) == 1 and turns[0]["role"] == "user":
-        body = turns[0]["content"]
-    else:
-        body = "".join(f"\n\n{_LABELS.get(m['role'], m['role'].capitalize())}: {m['content']}" for m in turns)
-        body += "\n\nAssistant:"
-    return f"{system}\n\n{body}" if system else body
-
-
-def _family_uses_bos(tokenizer: Any, template: str | None) -> bool:
-    """The tokenizer adds BOS by itself, or a chat template of its family emits it (as data.py decides)."""
-    ids = tokenizer("a")["input_ids"]
-    if ids and ids[0] == tokenizer.bos_token_id:
-        return True
-    for candidate in {template, getattr(tokenizer, "chat_template", None)} - {None}:
-        if not isinstance(candidate, str):
-            continue
-        try:
-            rendered = tokenizer.apply_chat_template(
-                [{"role": "user", "content": "a"}], chat_template=candidate, tokenize=False, add_generation_prompt=True
-            )
-        except Exception:  # a template that cannot render the probe tells nothing about BOS
-            continue
-        if tokenizer.bos_token and tokenizer.bos_token in rendered:
-            return True
-    return False
 
 
 # ------------------------------------------------------------------------------------------ generate

@@ -41,3 +41,102 @@ def test_bench_runs_both_implementations_and_agrees_on_the_first_loss(tmp_path):
         abs(by_impl["orpo-tune"]["first_loss"] - by_impl["trl"]["first_loss"])
     )
     assert ratio["first_loss_diff"] < 1e-4  # the same objective on the same token ids
+
+
+# ------------------------------------------------------------------------------------------ --model, --shape
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("orpo_bench", ROOT / "bench" / "orpo_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_bench(tmp_path: Path, *args: str) -> tuple[dict, dict, dict]:
+    """(the model line, the results by implementation, the ratios) of one tiny benchmark run."""
+    cmd = [
+        sys.executable, str(ROOT / "bench" / "orpo_bench.py"), *args, "--batch", "2", "--max-length", "64",
+        "--steps", "1", "--warmup", "1", "--threads", "1", "--nll-on-prompt", "true", "--workdir", str(tmp_path / "work"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    model = next(line["model"] for line in lines if "model" in line)
+    by_impl = {line["impl"]: line for line in lines if "impl" in line}
+    ratio = next(line for line in lines if "ratios" in line)
+    return model, by_impl, ratio
+
+
+def _saved_shape(work: Path) -> dict:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(work / "model")
+    return {"model_type": config.model_type, "hidden": config.hidden_size, "layers": config.num_hidden_layers,
+            "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
+            "intermediate": config.intermediate_size, "vocab": config.vocab_size, "tie": config.tie_word_embeddings}
+
+
+@pytest.mark.slow
+def test_model_builtin_takes_its_shape_and_tokenizer(tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from orpo_cli.builtin import resolve_model_path
+
+    source = resolve_model_path("builtin:tiny-llama")
+    model, by_impl, ratio = _run_bench(tmp_path, "--model", "builtin:tiny-llama", "--layers", "1")
+    config = AutoConfig.from_pretrained(source)
+    expected = {"model_type": "llama", "hidden": config.hidden_size, "layers": 1, "heads": config.num_attention_heads,
+                "kv_heads": config.num_key_value_heads, "intermediate": config.intermediate_size,
+                "vocab": config.vocab_size, "tie": config.tie_word_embeddings}
+    assert expected["tie"] is True and expected["vocab"] == 2048 and config.num_hidden_layers == 4
+    assert _saved_shape(tmp_path / "work") == expected  # the model both implementations trained
+    assert {k: model[k] for k in expected} == expected and model["source"] == "builtin:tiny-llama"
+    saved = AutoTokenizer.from_pretrained(tmp_path / "work" / "model")
+    assert saved.get_vocab() == AutoTokenizer.from_pretrained(source).get_vocab()
+    assert set(by_impl) == {"trl", "orpo-tune"} and ratio["first_loss_diff"] < 1e-4
+    for result in by_impl.values():
+        assert result["peak_above_start_mb"] == pytest.approx(result["peak_mem_mb"] - result["rss_at_start_mb"], abs=0.2)
+
+
+@pytest.mark.slow
+def test_model_local_directory_with_overrides_and_a_tied_qwen2(tmp_path):
+    from transformers import Qwen2Config
+
+    local = tmp_path / "qwen2-config"
+    Qwen2Config(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=96, vocab_size=32128, tie_word_embeddings=True).save_pretrained(local)
+    model, by_impl, ratio = _run_bench(tmp_path, "--model", str(local), "--tokenizer", str(PHI3),
+                                       "--hidden", "64", "--intermediate", "128")
+    expected = {"model_type": "qwen2", "hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128,
+                "vocab": 32128, "tie": True}
+    assert _saved_shape(tmp_path / "work") == expected
+    assert {k: model[k] for k in expected} == expected and model["head_dim"] == 16
+    assert set(by_impl) == {"trl", "orpo-tune"} and ratio["first_loss_diff"] < 1e-4
+
+
+def test_named_shape_and_bad_model_sources(tmp_path):
+    bench = _bench_module()
+    config, tokenizer, shape = bench._model_config(bench._parse(["--shape", "smollm2-135m"]))
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
+            config.intermediate_size, config.vocab_size, config.tie_word_embeddings, config.head_dim) == (
+        576, 30, 9, 3, 1536, 49152, True, 64
+    )
+    assert shape["source"] == "shape smollm2-135m" and len(tokenizer) <= 49152
+    config, _, _ = bench._model_config(bench._parse(["--shape", "smollm2-135m", "--layers", "2", "--no-tie"]))
+    assert (config.num_hidden_layers, config.tie_word_embeddings, config.hidden_size) == (2, False, 576)
+
+    def refusal(*argv: str) -> str:
+        with pytest.raises(SystemExit) as err:
+            bench._model_config(bench._parse(list(argv)))
+        return str(err.value)
+
+    assert "not a builtin:NAME nor a local directory with a config.json" in refusal("--model", str(tmp_path / "none"))
+    assert refusal("--model", "builtin:nope").startswith("bench: --model builtin:nope: ")
+    (tmp_path / "no-tokenizer").mkdir()
+    (tmp_path / "no-tokenizer" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert "pass --tokenizer DIR" in refusal("--model", str(tmp_path / "no-tokenizer"))
+    assert "smaller than the tokenizer's 32045 tokens" in refusal("--vocab", "1000")
+    assert "hidden must divide by heads" in refusal("--hidden", "100", "--heads", "8")
+    with pytest.raises(SystemExit):  # argparse: --model and --shape exclude each other
+        bench._parse(["--model", "builtin:tiny-llama", "--shape", "smollm2-135m"])
