@@ -424,7 +424,8 @@ def optimizer_state_bytes(tensors: Sequence[tuple[int, int]], optimizer: str, cu
     if optimizer == "paged_adamw_32bit":
         return sum(2 * n * 4 for n, _ in tensors)
     if optimizer in ("adamw_8bit", "paged_adamw_8bit"):
-        total = 2 * 256 * 4  # the two shared 256-entry fp32 quantization maps
+        # the two 256-entry fp32 quantization maps, shared by every tensor that has 8-bit state
+        total = 2 * 256 * 4 if any(n >= _OPT8_MIN_SIZE for n, _ in tensors) else 0
         for n, _ in tensors:
             if n < _OPT8_MIN_SIZE:
                 total += 2 * n * 4
@@ -507,7 +508,7 @@ def _layer_saved(shape: ModelShape, setup: StepSetup, batch: BatchShape, input_g
         if requires_grad:
             out[key] = t * (4 * h + 4) + (t * h * d.residual if full else 0)
 
-    def linear_inputs(key: str, names: Sequence[str], fan_in: int, shared_tensor: bool = True) -> None:
+    def linear_inputs(key: str, names: Sequence[str], fan_in: int, input_grad: bool) -> None:
         """Inputs kept for the weight gradients of these linears (LoRA A inputs, or the whole layer's)."""
         names = [n for n in names if n in by_name]
         if full:
@@ -516,19 +517,21 @@ def _layer_saved(shape: ModelShape, setup: StepSetup, batch: BatchShape, input_g
         chosen = [n for n in names if n in targets]
         if not chosen:
             return
-        if setup.lora_dropout > 0:  # each adapter drops out its own copy: a mask and the dropped input
-            out[key] = len(chosen) * t * fan_in * (1 + (d.compute if d.autocast else 4))
-        elif d.lora_shared and shared_tensor:
+        cast = d.compute if d.autocast else 4  # PEFT casts the input to the adapter's fp32; autocast casts it back
+        if setup.lora_dropout > 0:
+            # each adapter drops out its own copy: the dropped input, and the mask when the input needs a gradient
+            # (a bool mask from CUDA's fused kernel; on the CPU, dropout multiplies by a mask of the input's dtype)
+            mask = (1 if setup.cuda else (d.compute if d.autocast else 4)) if input_grad else 0
+            out[key] = len(chosen) * t * fan_in * (cast + mask)
+        elif d.lora_shared:
             out[key] = t * fan_in * 4
         else:
-            out[key] = len(chosen) * t * fan_in * (d.compute if d.autocast else 4)
-        lora_mid = d.compute if d.autocast else 4
-        out[key + ": LoRA A outputs"] = len(chosen) * t * setup.lora_r * lora_mid
+            out[key] = len(chosen) * t * fan_in * cast
+        out[key + ": LoRA A outputs"] = len(chosen) * t * setup.lora_r * cast
 
-    trains = bool(targets) or full
     norm("input norm", input_grad)
     attn_names = ["qkv_proj"] if "qkv_proj" in by_name else ["q_proj", "k_proj", "v_proj"]
-    linear_inputs("q/k/v inputs", attn_names, h)
+    linear_inputs("q/k/v inputs", attn_names, h, input_grad)
     attn_grad = input_grad or full or any(n in targets for n in attn_names)
     if attn_grad:
         c = d.compute
@@ -546,20 +549,19 @@ def _layer_saved(shape: ModelShape, setup: StepSetup, batch: BatchShape, input_g
             out["attention q, k, v"] += sum(2 * (p.prompt + p.rejected) * kv_copy * c for p in batch.pieces)
             out["attention output"] = real * q_dim * c + real * shape.heads * 4
             out["attention mask (float)"] = sum(p.rejected * (p.prompt + p.rejected) for p in batch.pieces) * c
-    if setup.layout == "padded" and (full or d.lora_shared):
+    if setup.layout == "padded" and (full or (d.lora_shared and setup.lora_dropout == 0)):
         pass  # sdpa's output is already laid out [rows, W, heads, dim]: o_proj's input is that same tensor
     else:
-        linear_inputs("o input", ["o_proj"], q_dim)
+        linear_inputs("o input", ["o_proj"], q_dim, attn_grad)
     residual_grad = attn_grad or "o_proj" in targets
     norm("post-attention norm", residual_grad)
     mlp_names = ["gate_up_proj"] if "gate_up_proj" in by_name else ["gate_proj", "up_proj"]
-    linear_inputs("gate/up inputs", mlp_names, h)
+    linear_inputs("gate/up inputs", mlp_names, h, residual_grad)
     gate_grad = residual_grad or full or any(n in targets for n in mlp_names)
     if gate_grad:
         # SiLU keeps the gate output, the product keeps SiLU(gate) and the up output
         out["MLP gate, SiLU, up"] = 3 * t * i * d.compute
-    linear_inputs("down input", ["down_proj"], i)
-    del trains
+    linear_inputs("down input", ["down_proj"], i, gate_grad)
     return out
 
 
@@ -615,7 +617,7 @@ def head_transient(shape: ModelShape, setup: StepSetup, targets: int, training: 
     rows = min(CHUNK_ROWS, max(targets, 1))
     v, h = shape.vocab, shape.hidden
     if setup.adapter == "none":
-        return 2 * rows * v * 4 + rows * h * d.residual
+        return 2 * rows * v * 4  # the chunk's logits, and its log-softmax's work inside logsumexp's backward
     total = rows * v * 4
     if training:
         total += 3 * rows * h * 4  # weight[ids], probabilities @ weight, its division
