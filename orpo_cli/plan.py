@@ -701,10 +701,12 @@ def plan_step(shape: ModelShape, setup: StepSetup) -> StepPlan:
     trainable_numel = sum(n for n, _ in tensors)
     trainable = sum(n * elt for n, elt in tensors)
     gradients = trainable
-    optimizer = optimizer_state_bytes(tensors, setup.optimizer, setup.cuda)
     if setup.strategy == "deepspeed":
-        # ZeRO keeps fp32 master weights of what trains beside its 16-bit copy, in the optimizer's shards
-        optimizer += sum(4 * n for n, elt in tensors if elt != 4)
+        # ZeRO keeps fp32 master weights (of what trains in 16 bits) and fp32 moments, in the optimizer's shards
+        fp32 = [(n, 4) for n, _ in tensors]
+        optimizer = optimizer_state_bytes(fp32, setup.optimizer, setup.cuda) + sum(4 * n for n, e in tensors if e != 4)
+    else:
+        optimizer = optimizer_state_bytes(tensors, setup.optimizer, setup.cuda)
     if setup.strategy == "fsdp" or (setup.strategy == "deepspeed" and setup.zero_stage == 3):
         # the head stays whole on every rank (run._shape_fsdp_units); one decoder layer is gathered at a time
         head = shape.vocab * shape.hidden * (4 if setup.prepared else setup.weight_bytes)
