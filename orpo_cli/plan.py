@@ -294,7 +294,7 @@ class StepPlan:
 
     weights: dict[str, int]
     trainable_params: int
-    trainable: int
+    trainable: int  # bytes of trainable weights beside the base (the adapter's); 0 for full fine-tuning
     gradients: int
     optimizer: int
     activations: dict[str, int]
@@ -718,6 +718,8 @@ def plan_step(shape: ModelShape, setup: StepSetup) -> StepPlan:
         trainable = int(trainable * w_share)
     elif setup.strategy == "ddp" and setup.world_size > 1:
         notes.append("ddp: every rank holds the whole model; gradient buckets add a copy of the gradients")
+    if setup.adapter == "none":
+        trainable = 0  # full fine-tuning trains the base weights themselves: nothing beside them
     gradients = int(gradients * g_share) + (gradients if setup.strategy == "ddp" and setup.world_size > 1 else 0)
     optimizer = int(optimizer * o_share)
 

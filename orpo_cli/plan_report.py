@@ -88,17 +88,40 @@ def _read_config(path: Path, name: str) -> dict[str, Any]:
 
 
 def _hub_config(name: str, revision: str | None) -> dict[str, Any]:
-    try:
-        from huggingface_hub import hf_hub_download
+    """config.json alone from the hub: the local cache first, then the hub if its name resolves (without that
+    check an offline machine spends ~25 s in huggingface_hub's retries before the same answer)."""
+    import logging
+    import socket
 
-        return _read_config(Path(hf_hub_download(name, "config.json", revision=revision)), name)
-    except UserError:
-        raise
-    except Exception:  # offline, no such repository, gated: the same line as loading the model would give
-        raise UserError(
-            f"model.name_or_path: could not load '{name}' from the Hugging Face hub (offline, or no such model); "
-            "download it (e.g. `hf download NAME --local-dir DIR`) and set model.name_or_path: DIR"
-        ) from None
+    from huggingface_hub import constants, hf_hub_download
+
+    failed = UserError(
+        f"model.name_or_path: could not load '{name}' from the Hugging Face hub (offline, or no such model); "
+        "download it (e.g. `hf download NAME --local-dir DIR`) and set model.name_or_path: DIR"
+    )
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # its retry notices are not for our users
+    try:
+        try:
+            return _read_config(Path(hf_hub_download(name, "config.json", revision=revision, local_files_only=True)), name)
+        except UserError:
+            raise
+        except Exception:
+            pass  # not in the cache
+        host = constants.ENDPOINT.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
+        try:
+            socket.getaddrinfo(host, 443)
+        except OSError:
+            raise failed from None
+        try:
+            return _read_config(Path(hf_hub_download(name, "config.json", revision=revision)), name)
+        except UserError:
+            raise
+        except Exception:  # no such repository, gated, or the connection dropped: as loading the model would say
+            raise failed from None
+    finally:
+        hub_logger.setLevel(level)
 
 
 # --------------------------------------------------------------------------------------- recipe -> setup

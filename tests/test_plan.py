@@ -160,3 +160,112 @@ def _setup(mode: str, layout: str, gc: bool, optimizer: str = "adamw", dropout: 
         layout=layout,
         cuda=False,
     )
+
+
+def _predicted(config: dict, setup: StepSetup) -> dict[str, int]:
+    """The plan's figures in the measured quantities' terms (one CPU process, no CUDA terms)."""
+    shape = ModelShape.from_config(config)
+    plan = plan_step(shape, setup)
+    batch = batch_shape(setup.pairs, setup.layout)
+    kept = activation_bytes(shape, setup, batch)  # without the recomputed layer, which is not kept at once
+    full = setup.adapter == "none"
+    return {
+        "weights": plan.weight_bytes - (sum(n * e for n, e in trainable_tensors(shape, setup)) if full else 0),
+        "trainable": plan.trainable if not full else plan.weight_bytes,
+        "gradients": plan.gradients,
+        "optimizer": plan.optimizer,
+        "saved": sum(kept.values()),
+        "recompute": recompute_bytes(shape, setup, batch),
+    }
+
+
+MODELS = ("tiny-llama", "tiny-qwen2")
+MODES = ("lora", "qlora", "full")
+LAYOUTS = ("packed", "prefix", "padded")
+
+
+def _compare(measured: dict, predicted: dict) -> None:
+    for key in ("weights", "trainable", "gradients", "optimizer"):
+        assert measured[key] == predicted[key], f"{key}: measured {measured[key]:,} B, predicted {predicted[key]:,} B"
+    ratio = predicted["saved"] / measured["saved"]
+    assert 0.9 <= ratio <= 1.1, f"saved: measured {measured['saved']:,} B, predicted {predicted['saved']:,} B"
+
+
+@pytest.mark.parametrize("gc", [False, True], ids=["no-gc", "gc"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", MODELS)
+def test_plan_matches_a_real_step(name: str, mode: str, layout: str, gc: bool) -> None:
+    if mode == "qlora":
+        pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    measured = _measure(name, mode, layout, gc)
+    predicted = _predicted(measured["config"], _setup(mode, layout, gc))
+    print(f"{name} {mode} {layout} gc={gc}: measured {measured} predicted {predicted}")
+    _compare(measured, predicted)
+
+
+@pytest.mark.parametrize(
+    ("mode", "layout", "optimizer", "dropout"),
+    [
+        ("full", "packed", "adamw_8bit", 0.0),  # tensors of >= 4,096 elements: 8-bit state with block scales
+        ("lora", "packed", "adamw_8bit", 0.0),  # every LoRA tensor is smaller: bitsandbytes' 32-bit fallback
+        ("lora", "prefix", "paged_adamw_32bit", 0.1),
+        ("lora", "padded", "paged_adamw_8bit", 0.1),
+        ("qlora", "packed", "adamw", 0.1),
+    ],
+)
+def test_plan_matches_other_optimizers_and_dropout(mode: str, layout: str, optimizer: str, dropout: float) -> None:
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    measured = _measure("tiny-llama", mode, layout, False, optimizer=optimizer, dropout=dropout)
+    _compare(measured, _predicted(measured["config"], _setup(mode, layout, False, optimizer, dropout)))
+
+
+def test_the_comparison_fails_a_wrong_plan() -> None:
+    """The same step planned with the wrong layout, checkpointing or optimizer is caught."""
+    measured = _measure("tiny-llama", "lora", "packed", False)
+    with pytest.raises(AssertionError, match="saved"):
+        _compare(measured, _predicted(measured["config"], _setup("lora", "packed", True)))
+    with pytest.raises(AssertionError, match="saved"):
+        _compare(measured, _predicted(measured["config"], _setup("lora", "padded", False)))
+    with pytest.raises(AssertionError, match="optimizer"):
+        _compare(measured, _predicted(measured["config"], _setup("lora", "packed", False, optimizer="adamw_8bit")))
+    with pytest.raises(AssertionError, match="weights"):
+        _compare(measured, _predicted(measured["config"], _setup("qlora", "packed", False)))
+
+
+def _peak_above_end(fn) -> int:
+    """Peak bytes the CPU allocator held during `fn()` above what is still held when it returns."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action, MemoryProfile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
+        fn()
+    live = peak = 0
+    for _, action, _, size in MemoryProfile(prof.profiler.kineto_results).timeline:
+        if action == Action.CREATE:
+            live += size
+            peak = max(peak, live)
+        elif action == Action.DESTROY:
+            live -= size
+    return peak - live
+
+
+@pytest.mark.parametrize("targets", [100, 700])
+@pytest.mark.parametrize("mode", ["lora", "full"], ids=["frozen-head", "trainable-head"])
+def test_head_transient_matches_the_allocator(mode: str, targets: int) -> None:
+    from orpo_cli.loss import target_logps
+
+    path, model, _ = _model("tiny-llama", mode, False)
+    head = model.get_output_embeddings()
+    config = json.loads((Path(path) / "config.json").read_text())
+    rows = torch.randn(targets, config["hidden_size"], requires_grad=True)
+    ids = torch.randint(0, config["vocab_size"], (targets,))
+    out: dict = {}
+    measured = _peak_above_end(lambda: out.setdefault("logps", target_logps(rows, ids, head)))
+    predicted = head_transient(ModelShape.from_config(config), _setup(mode, "packed", False), targets)
+    print(f"{mode} {targets} targets: measured {measured:,} B, predicted {predicted:,} B")
+    assert 0.9 <= predicted / measured <= 1.1
+    # and a different head (a vocabulary twice as large) would be caught
+    wrong = head_transient(ModelShape.from_config({**config, "vocab_size": 2 * config["vocab_size"]}),
+                           _setup(mode, "packed", False), targets)
+    assert not 0.9 <= wrong / measured <= 1.1
