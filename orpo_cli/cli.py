@@ -317,7 +317,8 @@ def export(
 @_user_errors
 def generate(
     path: Annotated[Path, typer.Argument(help="A run directory, an `orpo-tune export` (merged model or bundle), "
-                                         "or any causal LM directory.", show_default=False)],
+                                         "any causal LM directory, or a built-in model (builtin:NAME).",
+                                         show_default=False)],
     prompt: Annotated[str | None, typer.Option(help="The user message.", show_default=False)] = None,
     system: Annotated[str | None, typer.Option(help="A system message (default: the recipe's data.system_prompt).",
                                                show_default=False)] = None,

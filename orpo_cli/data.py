@@ -6,7 +6,8 @@ and an eval split, plus `DataStats` for the log. `check_source(data)` is the che
 model is loaded: the file exists and is readable, and the mapped columns are in it.
 
 Sources (`data.train.path`, `data.eval.path`): a local `.jsonl`, `.json` (a list of objects, or JSON
-lines), `.csv`, `.parquet`, or `.gz` of a text one; `builtin:demo` (see `orpo_cli.demo_data`); a local
+lines), `.csv`, `.parquet`, or `.gz` of a text one; `builtin:demo` or `builtin:number-only` (generated in
+code, see `orpo_cli.demo_data`); a local
 directory or anything else is handed to `datasets.load_dataset` (a hub id; offline this fails with a
 one-line error that says to download it and point the recipe at a local file).
 
@@ -93,7 +94,7 @@ from orpo_cli.recipe import DataSettings, DataSource, OrpoSettings
 log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_DATASETS = ("demo",)
+BUILTIN_DATASETS = ("demo", "number-only")
 
 DROP_EMPTY = "empty field"
 DROP_SAME = "chosen == rejected"
@@ -241,11 +242,12 @@ def load_rows(source: DataSource, field_name: str = "data.train") -> list[dict]:
 # ------------------------------------------------------------------------------------------ reading
 def _builtin_rows(path: str, field_name: str) -> list[dict]:
     name = path.removeprefix(BUILTIN_PREFIX)
-    if name != "demo":
-        raise UserError(f"{field_name}.path: unknown built-in dataset '{name}'; known: {', '.join(BUILTIN_DATASETS)}")
-    from orpo_cli.demo_data import demo_rows
+    from orpo_cli.demo_data import demo_rows, number_only_rows
 
-    return demo_rows()
+    generators = {"demo": demo_rows, "number-only": number_only_rows}
+    if name not in generators:
+        raise UserError(f"{field_name}.path: unknown built-in dataset '{name}'; known: {', '.join(BUILTIN_DATASETS)}")
+    return generators[name]()
 
 
 def _looks_like_file(path: str) -> bool:
@@ -1017,9 +1019,9 @@ def _cache_key(data: DataSettings, orpo: OrpoSettings, tokenizer: Any) -> str:
 def _source_fingerprint(source: DataSource) -> dict[str, Any]:
     fingerprint: dict[str, Any] = source.model_dump(mode="json")
     if source.path.startswith(BUILTIN_PREFIX):
-        from orpo_cli.demo_data import DEMO_VERSION
+        from orpo_cli.demo_data import DEMO_VERSION, NUMBER_ONLY_VERSION
 
-        fingerprint["builtin"] = DEMO_VERSION
+        fingerprint["builtin"] = [DEMO_VERSION, NUMBER_ONLY_VERSION]
         return fingerprint
     local = Path(source.path).expanduser()
     if local.is_file():

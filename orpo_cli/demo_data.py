@@ -205,3 +205,76 @@ def demo_rows(seed: int = 0, n: int = DEMO_ROWS) -> list[dict]:
         rejected = _rejected(rng, topic, len(chosen.split()))
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return rows
+
+
+# ------------------------------------------------------------------------------------ builtin:number-only
+# A preference a real pretrained chat model can visibly pick up in a few dozen steps on a CPU: questions
+# whose answer is one number, chosen = the number alone ("12"), rejected = the same correct number inside a
+# chatty answer ("Sure! Let's work it out. 7 plus 5 equals 12. I hope this helps!"). Both are right, so the
+# preference is purely one of style; an instruct model starts out chatty (it prefers the rejected side) and
+# ends up answering with the number only. Made for builtin:smollm2-135m-instruct (recipes/smollm2-demo.yaml);
+# its words are too rich for the tiny built-in tokenizer. Same rules as builtin:demo: a pure function of
+# (seed, n), `NUMBER_ONLY_VERSION` bumped whenever the generator changes.
+NUMBER_ONLY_VERSION = "number-only-v1"
+NUMBER_ONLY_ROWS = 600
+
+_COUNTS = {  # question: answer, all plain facts a 135M model has seen
+    "How many legs does a spider have?": 8, "How many legs does a dog have?": 4,
+    "How many legs does a chicken have?": 2, "How many legs does an insect have?": 6,
+    "How many arms does an octopus have?": 8, "How many days are in a week?": 7,
+    "How many months are in a year?": 12, "How many hours are in a day?": 24,
+    "How many minutes are in an hour?": 60, "How many seconds are in a minute?": 60,
+    "How many sides does a triangle have?": 3, "How many sides does a square have?": 4,
+    "How many sides does a hexagon have?": 6, "How many sides does an octagon have?": 8,
+    "How many continents are there?": 7, "How many wheels does a bicycle have?": 2,
+    "How many wheels does a car have?": 4, "How many fingers are on one hand?": 5,
+    "How many players are on a soccer team on the field?": 11, "How many strings does a violin have?": 4,
+    "How many colours are in a rainbow?": 7, "How many weeks are in a year?": 52,
+    "How many days are in a leap year?": 366, "How many centimetres are in a metre?": 100,
+    "How many grams are in a kilogram?": 1000, "How many years are in a century?": 100,
+    "How many eggs are in a dozen?": 12, "How many planets are in the solar system?": 8,
+}
+_CHATTY_OPEN = ["Sure!", "Of course!", "Great question!", "Happy to help!", "Certainly!", "Good question!",
+                "Let me help you with that.", "That's an easy one!"]
+_CHATTY_WORK = ["Let's work it out together.", "Let's think about it step by step.",
+                "Here is how to think about it.", "It's simple once you see it."]
+_CHATTY_CLOSE = ["I hope this helps!", "Let me know if you have any other questions!",
+                 "Is there anything else you would like to know?", "I hope that answers your question.",
+                 "Feel free to ask me more questions like this!", "Have a wonderful day!"]
+
+
+def _arithmetic(rng: random.Random) -> tuple[str, int, str]:
+    """(question, answer, the answer said in a sentence) for a small sum, difference or product."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        a, b = rng.randrange(2, 50), rng.randrange(2, 50)
+        question = rng.choice([f"What is {a} plus {b}?", f"What is {a} + {b}?", f"Add {a} and {b}.",
+                               f"What do you get when you add {a} and {b}?"])
+        return question, a + b, f"{a} plus {b} equals {a + b}."
+    if kind == 1:
+        a = rng.randrange(10, 100)
+        b = rng.randrange(1, a)
+        question = rng.choice([f"What is {a} minus {b}?", f"What is {a} - {b}?", f"Subtract {b} from {a}.",
+                               f"What is {b} less than {a}?"])
+        return question, a - b, f"{a} minus {b} equals {a - b}."
+    a, b = rng.randrange(2, 13), rng.randrange(2, 13)
+    question = rng.choice([f"What is {a} times {b}?", f"What is {a} x {b}?", f"Multiply {a} by {b}.",
+                           f"What is the product of {a} and {b}?"])
+    return question, a * b, f"{a} times {b} equals {a * b}."
+
+
+def _count(rng: random.Random) -> tuple[str, int, str]:
+    question, answer = rng.choice(sorted(_COUNTS.items()))
+    noun = question.removeprefix("How many ").split(" ")[0]
+    return question, answer, f"The answer is {answer} {noun}."
+
+
+def number_only_rows(seed: int = 0, n: int = NUMBER_ONLY_ROWS) -> list[dict]:
+    """`n` deterministic rows `{prompt, chosen, rejected}`: chosen is the number alone, rejected is chatty."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        question, answer, sentence = (_arithmetic if rng.randrange(3) else _count)(rng)
+        chatty = " ".join([rng.choice(_CHATTY_OPEN), rng.choice(_CHATTY_WORK), sentence, rng.choice(_CHATTY_CLOSE)])
+        rows.append({"prompt": question, "chosen": str(answer), "rejected": chatty})
+    return rows

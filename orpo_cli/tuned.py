@@ -6,6 +6,7 @@
                    builtin: bases, DIR/base/: what `export` writes for an adapter that cannot be merged (ReFT).
     merged model   DIR/config.json + weights + tokenizer: a plain transformers model (a LoRA or full export,
                    or any causal LM directory); DIR/orpo-tune-recipe.yaml, when there, tells the prompt format.
+    builtin:NAME   a built-in model (builtin.py), built into its cache on first use, then a merged model.
 
 Everything here is adapter-agnostic: the adapter comes from `build_adapter(recipe.adapter)` and goes on
 through its own `load`.
@@ -58,9 +59,16 @@ def read_recipe(path: Path) -> Recipe:
 
 def detect(path: Path) -> str:
     """What `path` holds: "run", "bundle" or "model"; anything else is a user error."""
+    from orpo_cli.builtin import check_builtin, is_builtin
+
+    if is_builtin(str(path)):
+        check_builtin(str(path))
+        return "model"
     path = Path(path)
     if not path.is_dir():
-        raise UserError(f"{path}: no such directory; give a run directory, an `orpo-tune export` or a model directory")
+        raise UserError(
+            f"{path}: no such directory; give a run directory, an `orpo-tune export`, a model directory or builtin:NAME"
+        )
     if (path / BUNDLE_MANIFEST).is_file():
         return "bundle"
     if (path / "recipe.yaml").is_file():
@@ -75,7 +83,11 @@ def detect(path: Path) -> str:
 
 def load_tuned(path: Path) -> Tuned:
     """Whatever `path` holds (see the module docstring), loaded for inference."""
+    from orpo_cli.builtin import is_builtin, resolve_model_path
+
     kind = detect(path)
+    if is_builtin(str(path)):
+        return load_merged(Path(resolve_model_path(str(path))))
     if kind == "run":
         return load_run(RunDir(Path(path)))
     if kind == "bundle":
