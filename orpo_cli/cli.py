@@ -174,7 +174,7 @@ def train(
     if nproc is not None:
         overrides.append(f"distributed.num_processes={nproc}")
     loaded = load_recipe(recipe, overrides)
-    if not no_plan_check and not resume:
+    if not no_plan_check:
         from orpo_cli.plan_report import check_before_training
 
         check_before_training(loaded, nproc, lambda line: typer.echo(line, err=True))

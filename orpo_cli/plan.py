@@ -804,8 +804,9 @@ def _with_pairs(setup: StepSetup, max_length: int, max_prompt: int) -> tuple[Pai
 
 def levers(shape: ModelShape, setup: StepSetup, memory: int, max_length: int, max_prompt_length: int) -> list[Lever]:
     """The cheapest changes that bring the peak under `memory` x TIGHT_MARGIN, in order, each applied on top of the
-    ones before: gradient checkpointing, a smaller micro batch with more accumulation, a shorter max_length, an 8-bit
-    optimizer, a 4-bit base, more GPUs with FSDP. Stops at the first that fits; empty when it fits already."""
+    ones before: gradient checkpointing, a smaller micro batch with more accumulation (halved down to one pair), a
+    shorter max_length (only a halving that fits: it truncates the data), an 8-bit optimizer, a 4-bit base, more
+    GPUs with FSDP. Stops at the first that fits; empty when it fits already."""
     goal = TIGHT_MARGIN * memory
     out: list[Lever] = []
     current = setup
@@ -833,11 +834,13 @@ def levers(shape: ModelShape, setup: StepSetup, memory: int, max_length: int, ma
         if take(f"train.micro_batch_size: {half}, train.gradient_accumulation: {s.gradient_accumulation} "
                 "(same pairs per step)", s):
             return out
+    # Shorter pairs truncate the data: offered only where the halving that fits exists, as the last change
     length, prompt = max_length, max_prompt_length
     while length > 256:
-        length, prompt = length // 2, max(1, min(prompt, length // 4))
-        if take(f"orpo.max_length: {length}, orpo.max_prompt_length: {prompt}",
-                replace(current, pairs=_with_pairs(current, length, prompt))):
+        length, prompt = length // 2, max(1, min(prompt, length // 2))
+        shorter = replace(current, pairs=_with_pairs(current, length, prompt))
+        if peak(shorter) <= goal:
+            take(f"orpo.max_length: {length}, orpo.max_prompt_length: {prompt}", shorter)
             return out
     if current.optimizer in ("adamw", "paged_adamw_32bit") and take(
         "train.optimizer: paged_adamw_8bit", replace(current, optimizer="paged_adamw_8bit")
@@ -847,12 +850,15 @@ def levers(shape: ModelShape, setup: StepSetup, memory: int, max_length: int, ma
         "quantization.mode: 4bit", replace(current, quantization="4bit", double_quant=True)
     ):
         return out
-    for n in (2, 4, 8, 16):
+    sharded = None
+    for n in (2, 4, 8, 16):  # the fewest GPUs that fit (16 if none do)
         if n <= current.world_size and current.strategy == "fsdp":
             continue
-        if take(f"distributed.strategy: fsdp, --nproc {n}",
-                replace(current, strategy="fsdp", world_size=n, fsdp_sharding="full_shard")):
-            return out
+        sharded = (n, replace(current, strategy="fsdp", world_size=n, fsdp_sharding="full_shard"))
+        if peak(sharded[1]) <= goal:
+            break
+    if sharded is not None:
+        take(f"distributed.strategy: fsdp, --nproc {sharded[0]}", sharded[1])
     return out
 
 

@@ -374,8 +374,13 @@ def check_before_training(recipe: Recipe, nproc: int | None, echo: Any) -> None:
     """Before `train` loads anything: on CUDA, refuse (UserError, exit 2) a recipe predicted to need more than
     REFUSE_MARGIN x the free device memory, naming the levers; on a CPU, one line with the predicted peak.
     A model whose config cannot be found here is left to the loader, which says why."""
+    import os
+
     import torch
 
+    rank = os.environ.get("LOCAL_RANK")
+    if rank not in (None, "0"):
+        return  # one process per machine says it (the launcher, or local rank 0)
     cuda = recipe.model.device != "cpu" and torch.cuda.is_available()
     try:
         config, _ = model_config(recipe.model.name_or_path, recipe.model.revision)
@@ -389,7 +394,7 @@ def check_before_training(recipe: Recipe, nproc: int | None, echo: Any) -> None:
         echo(f"plan: predicted peak {gib(plan.peak)} per process on the CPU (not checked there; "
              "`orpo-tune plan RECIPE --gpu NAME` for a GPU)")
         return
-    free, _total = torch.cuda.mem_get_info()
+    free, _total = torch.cuda.mem_get_info(int(rank or 0))
     if plan.peak <= REFUSE_MARGIN * free:
         echo(f"plan: predicted peak {gib(plan.peak)} per GPU, {gib(free)} free")
         return

@@ -27,11 +27,9 @@ from orpo_cli.plan import (
     activation_bytes,
     batch_shape,
     head_transient,
-    optimizer_state_bytes,
     plan_step,
     recompute_bytes,
     trainable_tensors,
-    weight_bytes,
 )
 from orpo_cli.recipe import FullSettings, LoraSettings, ModelSettings, QuantizationSettings, TrainSettings
 
