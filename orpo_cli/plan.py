@@ -259,6 +259,7 @@ class StepSetup:
     double_quant: bool = True
     weight_bytes: int = 2  # element size of the base weights as loaded (model.dtype)
     autocast_bytes: int | None = 2  # element size autocast computes in; None: no autocast
+    quant_compute_bytes: int | None = None  # bitsandbytes' compute dtype; None: autocast's (or the weights')
     adapter: Literal["lora", "reft", "none"] = "lora"
     lora_r: int = 16
     lora_targets: tuple[str, ...] | None = None  # None: all-linear
@@ -473,22 +474,29 @@ def loss_targets(pairs: Sequence[PairLengths]) -> int:
 # ------------------------------------------------------------------------------------------ activations
 @dataclass(frozen=True)
 class _Dtypes:
-    residual: int  # element size of the residual stream (the hidden states between layers)
-    compute: int  # element size of matmul outputs
+    """Element sizes of one layer's tensors: they decide which casts autocast and PEFT make, and what they keep."""
+
+    residual: int  # the residual stream and the norms' outputs (fp32 after prepare_model_for_kbit_training)
+    compute: int  # autocast's dtype (the residual's when there is no autocast)
     autocast: bool
+    matmul: int  # the output of an adapted linear layer: the base's output promoted with the adapter's
 
     @property
-    def lora_shared(self) -> bool:
-        """Whether the LoRA A matrices of one input keep one shared copy of it: only when nothing casts it
-        (no autocast, and the input already in the adapter's fp32); else each keeps its own cast copy."""
-        return not self.autocast and self.residual == 4
+    def attention(self) -> int:
+        """q, k, v as sdpa keeps them: autocast casts them; else RoPE promotes q and k with the cos/sin dtype."""
+        return self.compute if self.autocast else max(self.matmul, self.residual)
 
 
 def _dtypes(setup: StepSetup) -> _Dtypes:
     residual = 4 if setup.prepared else setup.weight_bytes
-    if setup.autocast_bytes is None:
-        return _Dtypes(residual, residual, False)
-    return _Dtypes(residual, setup.autocast_bytes, True)
+    autocast = setup.autocast_bytes is not None
+    compute = setup.autocast_bytes if setup.autocast_bytes is not None else residual
+    if setup.quantization != "none":  # bitsandbytes computes in its compute dtype, inside its own autograd function
+        base = setup.quant_compute_bytes or compute
+    else:
+        base = compute if autocast else setup.weight_bytes
+    adapter = (compute if autocast else 4) if setup.adapter == "lora" else base
+    return _Dtypes(residual, compute, autocast, max(base, adapter))
 
 
 def _layer_saved(shape: ModelShape, setup: StepSetup, batch: BatchShape, input_grad: bool) -> dict[str, int]:
@@ -501,6 +509,10 @@ def _layer_saved(shape: ModelShape, setup: StepSetup, batch: BatchShape, input_g
     targets = {lin.name for lin in _targeted(shape, setup)} if setup.adapter == "lora" else set()
     by_name = {lin.name: lin for lin in shape.layer_linears()}
     out: dict[str, int] = {}
+    # autocast makes a low-precision copy of every weight of another dtype it multiplies: a trainable weight's once
+    # per forward (cached), a frozen one's per call, kept for the input's gradient where the input needs one
+    casts_weights = d.autocast and setup.quantization == "none" and setup.weight_bytes != d.compute
+    weight_copies = 0
 
     def norm(key: str, requires_grad: bool) -> None:
         # RMSNorm in fp32: x.pow(2) and x * rsqrt(var) keep x (fp32) and rsqrt; weight * normed keeps normed only
@@ -508,33 +520,39 @@ def _layer_saved(shape: ModelShape, setup: StepSetup, batch: BatchShape, input_g
         if requires_grad:
             out[key] = t * (4 * h + 4) + (t * h * d.residual if full else 0)
 
-    def linear_inputs(key: str, names: Sequence[str], fan_in: int, input_grad: bool) -> None:
-        """Inputs kept for the weight gradients of these linears (LoRA A inputs, or the whole layer's)."""
+    def linear_inputs(key: str, names: Sequence[str], fan_in: int, source: int, input_grad: bool) -> None:
+        """What these linears keep of their input (of element size `source`) for their weights' gradients."""
+        nonlocal weight_copies
         names = [n for n in names if n in by_name]
-        if full:
-            out[key] = t * fan_in * (d.compute if d.autocast and d.residual != d.compute else d.residual)
+        if casts_weights and (full or input_grad):
+            weight_copies += sum(by_name[n].weight_numel for n in names) * d.compute
+        if full:  # autocast casts the input for each linear when it is of another dtype
+            cast = d.autocast and source != d.compute
+            out[key] = (len(names) if cast else 1) * t * fan_in * (d.compute if cast else source)
             return
         chosen = [n for n in names if n in targets]
         if not chosen:
             return
-        cast = d.compute if d.autocast else 4  # PEFT casts the input to the adapter's fp32; autocast casts it back
+        # PEFT casts the input to the adapter's fp32 (a copy unless it is fp32), autocast casts it back (a copy)
+        cast = d.compute if d.autocast else 4
         if setup.lora_dropout > 0:
             # each adapter drops out its own copy: the dropped input, and the mask when the input needs a gradient
-            # (a bool mask from CUDA's fused kernel; on the CPU, dropout multiplies by a mask of the input's dtype)
-            mask = (1 if setup.cuda else (d.compute if d.autocast else 4)) if input_grad else 0
+            # (a bool mask from CUDA's fused kernel; on the CPU, dropout multiplies by a mask of the input's fp32)
+            mask = (1 if setup.cuda else 4) if input_grad else 0
             out[key] = len(chosen) * t * fan_in * (cast + mask)
-        elif d.lora_shared:
-            out[key] = t * fan_in * 4
+        elif not d.autocast and source == 4:
+            out[key] = t * fan_in * 4  # no copy at all: the adapters share the input itself
         else:
             out[key] = len(chosen) * t * fan_in * cast
         out[key + ": LoRA A outputs"] = len(chosen) * t * setup.lora_r * cast
 
     norm("input norm", input_grad)
     attn_names = ["qkv_proj"] if "qkv_proj" in by_name else ["q_proj", "k_proj", "v_proj"]
-    linear_inputs("q/k/v inputs", attn_names, h, input_grad)
+    linear_inputs("q/k/v inputs", attn_names, h, d.residual, input_grad)
     attn_grad = input_grad or full or any(n in targets for n in attn_names)
+    attention_out = d.attention
     if attn_grad:
-        c = d.compute
+        c = d.attention
         out["attention q, k, v"] = t * (q_dim + 2 * kv_dim) * c
         real = sum(p.tokens for p in batch.pieces)
         if setup.layout == "padded":
@@ -549,19 +567,27 @@ def _layer_saved(shape: ModelShape, setup: StepSetup, batch: BatchShape, input_g
             out["attention q, k, v"] += sum(2 * (p.prompt + p.rejected) * kv_copy * c for p in batch.pieces)
             out["attention output"] = real * q_dim * c + real * shape.heads * 4
             out["attention mask (float)"] = sum(p.rejected * (p.prompt + p.rejected) for p in batch.pieces) * c
-    if setup.layout == "padded" and (full or (d.lora_shared and setup.lora_dropout == 0)):
-        pass  # sdpa's output is already laid out [rows, W, heads, dim]: o_proj's input is that same tensor
+    if setup.layout == "padded" and (full or (not d.autocast and attention_out == 4 and setup.lora_dropout == 0)):
+        # sdpa's output is already laid out [rows, W, heads, dim]: o_proj's input is that same tensor
+        if casts_weights:
+            weight_copies += by_name["o_proj"].weight_numel * d.compute
     else:
-        linear_inputs("o input", ["o_proj"], q_dim, attn_grad)
+        linear_inputs("o input", ["o_proj"], q_dim, attention_out, attn_grad)
     residual_grad = attn_grad or "o_proj" in targets
     norm("post-attention norm", residual_grad)
     mlp_names = ["gate_up_proj"] if "gate_up_proj" in by_name else ["gate_proj", "up_proj"]
-    linear_inputs("gate/up inputs", mlp_names, h, residual_grad)
+    linear_inputs("gate/up inputs", mlp_names, h, d.residual, residual_grad)
     gate_grad = residual_grad or full or any(n in targets for n in mlp_names)
     if gate_grad:
         # SiLU keeps the gate output, the product keeps SiLU(gate) and the up output
-        out["MLP gate, SiLU, up"] = 3 * t * i * d.compute
-    linear_inputs("down input", ["down_proj"], i, gate_grad)
+        out["MLP gate, SiLU, up"] = 3 * t * i * d.matmul
+    linear_inputs("down input", ["down_proj"], i, d.matmul, gate_grad)
+    if weight_copies:
+        out["autocast copies of the weights"] = weight_copies
+    if d.autocast and setup.adapter == "lora":  # autocast's cached low-precision copies of the adapter's weights
+        out["autocast copies of the LoRA weights"] = sum(
+            setup.lora_r * (lin.fan_in + lin.fan_out) for lin in _targeted(shape, setup)
+        ) * d.compute
     return out
 
 
@@ -591,8 +617,6 @@ def activation_bytes(shape: ModelShape, setup: StepSetup, batch: BatchShape) -> 
             out[f"layers: {key}"] = per_layer[key] * (shape.layers - 1) + first.get(key, 0)
     n = loss_targets(batch.pieces)
     out["final norm"] = t * (4 * h + 4) + (t * h * d.residual if full else 0)
-    if full:  # the model's own one-position head (logits_to_keep=1) keeps its input, a view of the last hidden state
-        out["last hidden state (trainable head)"] = t * h * d.residual
     out["loss: target rows"] = 8 * n + n * h * d.residual  # the gathered rows' index, and their gradient rows
     out["loss: per pair"] = 64 * len(batch.pieces)
     return out
@@ -641,7 +665,7 @@ def backward_bytes(shape: ModelShape, setup: StepSetup, batch: BatchShape) -> in
     gradients of one layer's largest intermediates."""
     d = _dtypes(setup)
     t = batch.columns
-    return 2 * t * shape.hidden * 4 + 3 * t * shape.intermediate * d.compute
+    return 2 * t * shape.hidden * 4 + 3 * t * shape.intermediate * d.matmul
 
 
 # ------------------------------------------------------------------------------------------- FLOPs

@@ -7,7 +7,9 @@ its recomputation) and the loss head's transient (the allocator's own record, to
 
 from __future__ import annotations
 
+import gc as gc_module
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -77,16 +79,20 @@ def _weight_storages(model) -> dict[int, int]:
     return out
 
 
-def _measure(name: str, mode: str, layout: str, gc: bool, optimizer: str = "adamw", dropout: float = 0.0):
+def _measure(name: str, mode: str, layout: str, gc: bool, optimizer: str = "adamw", dropout: float = 0.0,
+             autocast: bool = False):
     """Bytes of a real step: weights, trainable, gradients, optimizer state, saved activations."""
     path, model, adapter = _model(name, mode, gc, dropout)
     weights = _weight_storages(model)
-    saved: dict[int, int] = {}
+    # storage -> (bytes, weak references to the tensors that hold it): counted if still held when the forward
+    # returns, i.e. kept for the backward pass (a branch whose output is dropped, like the model's own
+    # one-position logits, frees what it saved at once)
+    saved: dict[int, tuple[int, list]] = {}
 
     def keep(t: torch.Tensor) -> None:
         key, nbytes = _storage(t)
         if key not in weights:
-            saved[key] = nbytes
+            saved.setdefault(key, (nbytes, []))[1].append(weakref.ref(t))
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         keep(t)
@@ -117,11 +123,15 @@ def _measure(name: str, mode: str, layout: str, gc: bool, optimizer: str = "adam
     loss_module.checkpoint = counting(original_checkpoint)
     try:
         batch = collate_pairs(_pairs(), 0, layout=layout)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(
+            "cpu", dtype=torch.bfloat16, enabled=autocast
+        ):
             terms = orpo_forward(model, adapter, batch, lam=0.1, nll_on_prompt=False,
                                  layout="padded" if layout == "padded" else None)
     finally:
         loss_module.checkpoint = original_checkpoint
+    gc_module.collect()
+    saved_bytes = sum(n for n, refs in saved.values() if any(r() is not None for r in refs))
     terms.loss.backward()
     params = [p for p in model.parameters() if p.requires_grad]
     grads = sum(p.grad.untyped_storage().nbytes() for p in params)
@@ -140,16 +150,18 @@ def _measure(name: str, mode: str, layout: str, gc: bool, optimizer: str = "adam
         "trainable": sum(_storage(p)[1] for p in params),
         "gradients": grads,
         "optimizer": state,
-        "saved": sum(saved.values()),
+        "saved": saved_bytes,
     }
 
 
-def _setup(mode: str, layout: str, gc: bool, optimizer: str = "adamw", dropout: float = 0.0) -> StepSetup:
+def _setup(mode: str, layout: str, gc: bool, optimizer: str = "adamw", dropout: float = 0.0,
+           autocast: bool = False) -> StepSetup:
     return StepSetup(
         pairs=LENGTHS,
         quantization="4bit" if mode == "qlora" else "none",
         weight_bytes=4,
-        autocast_bytes=None,
+        autocast_bytes=2 if autocast else None,
+        quant_compute_bytes=4,  # compute_dtype auto follows the model's fp32 on the CPU
         adapter="none" if mode == "full" else "lora",
         lora_r=LORA_R,
         lora_dropout=dropout,
@@ -216,6 +228,24 @@ def test_plan_matches_other_optimizers_and_dropout(mode: str, layout: str, optim
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
     measured = _measure("tiny-llama", mode, layout, False, optimizer=optimizer, dropout=dropout)
     _compare(measured, _predicted(measured["config"], _setup(mode, layout, False, optimizer, dropout)))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", MODES)
+def test_plan_matches_a_real_step_under_bf16_autocast(mode: str, layout: str, dropout: float) -> None:
+    """bf16 autocast on the CPU: the casts a CUDA step makes (each LoRA matrix's own bf16 copy of its input,
+    bf16 attention inputs, bf16 copies of fp32 weights) with fp32 weights, as the planner's autocast rules say."""
+    if mode == "qlora":
+        pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    measured = _measure("tiny-llama", mode, layout, False, dropout=dropout, autocast=True)
+    predicted = _predicted(measured["config"], _setup(mode, layout, False, dropout=dropout, autocast=True))
+    print(f"autocast {mode} {layout} dropout={dropout}: measured {measured['saved']:,} B, "
+          f"predicted {predicted['saved']:,} B")
+    _compare(measured, predicted)
+    # the same step planned without autocast is caught
+    with pytest.raises(AssertionError, match="saved"):
+        _compare(measured, _predicted(measured["config"], _setup(mode, layout, False, dropout=dropout)))
 
 
 def test_the_comparison_fails_a_wrong_plan() -> None:
