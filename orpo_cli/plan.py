@@ -740,7 +740,10 @@ def plan_step(shape: ModelShape, setup: StepSetup) -> StepPlan:
         sharded["one gathered layer (x2: prefetch)"] = 2 * int(layer * (1 - w_share))
         weights = sharded
         trainable = int(trainable * w_share)
-    elif setup.strategy == "ddp" and setup.world_size > 1:
+    if setup.adapter == "reft":
+        notes.append("reft: weights, interventions, gradients and optimizer state are exact; its saved activations "
+                     "are estimated from the frozen layers' (not checked against a real step)")
+    if setup.strategy == "ddp" and setup.world_size > 1:
         notes.append("ddp: every rank holds the whole model; gradient buckets add a copy of the gradients")
     if setup.adapter == "none":
         trainable = 0  # full fine-tuning trains the base weights themselves: nothing beside them
@@ -866,7 +869,7 @@ def levers(shape: ModelShape, setup: StepSetup, memory: int, max_length: int, ma
         if peak(shorter) <= goal:
             take(f"orpo.max_length: {length}, orpo.max_prompt_length: {prompt}", shorter)
             return out
-    if current.optimizer in ("adamw", "paged_adamw_32bit") and take(
+    if current.optimizer in ("adamw", "paged_adamw_32bit") and current.strategy != "deepspeed" and take(
         "train.optimizer: paged_adamw_8bit", replace(current, optimizer="paged_adamw_8bit")
     ):
         return out
@@ -874,15 +877,19 @@ def levers(shape: ModelShape, setup: StepSetup, memory: int, max_length: int, ma
         "quantization.mode: 4bit", replace(current, quantization="4bit", double_quant=True)
     ):
         return out
+    # More GPUs: FSDP (DeepSpeed runs keep DeepSpeed), the fewest that fit (16 if none do)
+    keep = current.strategy in ("fsdp", "deepspeed")
     sharded = None
-    for n in (2, 4, 8, 16):  # the fewest GPUs that fit (16 if none do)
-        if n <= current.world_size and current.strategy == "fsdp":
+    for n in (2, 4, 8, 16):
+        if n <= current.world_size:
             continue
-        sharded = (n, replace(current, strategy="fsdp", world_size=n, fsdp_sharding="full_shard"))
+        changes = {"world_size": n} if keep else {"strategy": "fsdp", "world_size": n, "fsdp_sharding": "full_shard"}
+        sharded = (n, replace(current, **changes))
         if peak(sharded[1]) <= goal:
             break
     if sharded is not None:
-        take(f"distributed.strategy: fsdp, --nproc {sharded[0]}", sharded[1])
+        what = f"--nproc {sharded[0]}" if keep else f"distributed.strategy: fsdp, --nproc {sharded[0]}"
+        take(what, sharded[1])
     return out
 
 

@@ -177,10 +177,11 @@ TABLES: dict[str, Callable[[], str]] = {
 def render(text: str) -> str:
     """`text` (the page) with every generated table replaced by its current version."""
     for name, make in TABLES.items():
-        pattern = re.compile(rf"(<!-- plan:{name} -->\n).*?(\n<!-- /plan:{name} -->)", re.DOTALL)
+        pattern = re.compile(rf"<!-- plan:{name} -->.*?<!-- /plan:{name} -->", re.DOTALL)
         if not pattern.search(text):
             raise ValueError(f"{DOC.name} has no <!-- plan:{name} --> block")
-        text = pattern.sub(lambda m, table=make(): m.group(1) + table + m.group(2), text)
+        block = f"<!-- plan:{name} -->\n{make()}\n<!-- /plan:{name} -->"
+        text = pattern.sub(lambda _m, block=block: block, text)
     return text
 
 

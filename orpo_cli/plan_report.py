@@ -174,6 +174,7 @@ def step_setup(
         pairs=pairs,
         quantization=quant.mode,
         double_quant=quant.double_quant,
+        quant_compute_bytes=weight if quant.compute_dtype == "auto" else _ELT[quant.compute_dtype],
         weight_bytes=weight,
         autocast_bytes=autocast,
         adapter=kind,

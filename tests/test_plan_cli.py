@@ -172,3 +172,16 @@ def test_train_on_cuda_refuses_a_recipe_far_over_free_memory(monkeypatch):
     lines: list[str] = []
     check_before_training(recipe, None, lines.append)
     assert len(lines) == 1 and "40.00 GiB free" in lines[0]
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_recipe_is_planned_offline(recipe):
+    result = runner.invoke(app, ["plan", str(recipe), "--gpu", "A100-80GB", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    rank = data["per_rank"]
+    assert data["verdict"] in ("fits", "tight", "does not fit")
+    assert rank["train_peak"] == rank["weight_bytes"] + rank["trainable"] + rank["gradients"] + rank["optimizer"] + (
+        rank["activation_bytes"] + max(rank["head_transient"], rank["backward"]) + rank["mask"] + sum(rank["cuda"].values())
+    )
+    assert data["seconds_per_step"] > 0
