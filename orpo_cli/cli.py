@@ -174,12 +174,9 @@ def train(
     if nproc is not None:
         overrides.append(f"distributed.num_processes={nproc}")
     loaded = load_recipe(recipe, overrides)
-    if not no_plan_check:
-        from orpo_cli.plan_report import check_before_training
-
-        check_before_training(loaded, nproc, lambda line: typer.echo(line, err=True))
     try:
-        start_run(loaded, resume=resume, force=force, machines=Machines(nnodes, node_rank, rdzv_endpoint))
+        start_run(loaded, resume=resume, force=force, machines=Machines(nnodes, node_rank, rdzv_endpoint),
+                  plan_check=not no_plan_check)
     except QuietExit as err:  # the workers (or rank 0) already said why
         raise typer.Exit(err.code) from None
 

@@ -371,31 +371,28 @@ def render(report: Report, console: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------ train's check
-def check_before_training(recipe: Recipe, nproc: int | None, echo: Any) -> None:
+def check_before_training(recipe: Recipe, *, world_size: int, device: Any, echo: Any) -> None:
     """Before `train` loads anything: on CUDA, refuse (UserError, exit 2) a recipe predicted to need more than
-    REFUSE_MARGIN x the free device memory, naming the levers; on a CPU, one line with the predicted peak.
+    REFUSE_MARGIN x the device's free memory, naming the levers; on a CPU, one line with the predicted peak.
     A model whose config cannot be found here is left to the loader, which says why."""
-    import os
-
-    import torch
-
-    rank = os.environ.get("LOCAL_RANK")
-    if rank not in (None, "0"):
-        return  # one process per machine says it (the launcher, or local rank 0)
-    cuda = recipe.model.device != "cpu" and torch.cuda.is_available()
+    cuda = getattr(device, "type", "cpu") == "cuda"
     try:
         config, _ = model_config(recipe.model.name_or_path, recipe.model.revision)
         shape = ModelShape.from_config(config)
     except UserError:
         return
-    world = world_size_of(recipe, nproc)
-    setup = step_setup(recipe, shape, cuda=cuda, world_size=world)
+    setup = step_setup(recipe, shape, cuda=cuda, world_size=world_size)
     plan = plan_step(shape, setup)
     if not cuda:
         echo(f"plan: predicted peak {gib(plan.peak)} per process on the CPU (not checked there; "
              "`orpo-tune plan RECIPE --gpu NAME` for a GPU)")
         return
-    free, _total = torch.cuda.mem_get_info(int(rank or 0))
+    import torch
+
+    try:
+        free, _total = torch.cuda.mem_get_info(device)
+    except RuntimeError:  # no usable driver after all: the loader will say so
+        return
     if plan.peak <= REFUSE_MARGIN * free:
         echo(f"plan: predicted peak {gib(plan.peak)} per GPU, {gib(free)} free")
         return
@@ -405,4 +402,3 @@ def check_before_training(recipe: Recipe, nproc: int | None, echo: Any) -> None:
         f"plan: this recipe is predicted to need {gib(plan.peak)} per GPU and {gib(free)} is free; levers, in order: "
         f"{advice}. `orpo-tune plan RECIPE` shows the breakdown; --no-plan-check trains anyway"
     )
-

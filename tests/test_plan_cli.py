@@ -142,35 +142,44 @@ def test_levers_follow_the_issue_order_and_empty_when_it_fits():
 
 
 def test_train_on_cpu_reports_the_plan_in_one_line(tmp_path):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: {name_or_path: builtin:micro-llama}\ndata: {train: builtin:demo}\n"
-                      "orpo: {max_length: 64, max_prompt_length: 32}\ntrain: {max_steps: 1, tensorboard: false, "
-                      "eval_every: null, lr: oops}\n")
-    # a bad key stops train before the check; a good recipe gets exactly one plan line
-    assert "plan:" not in runner.invoke(app, ["train", str(recipe)]).output
+    import torch
+
     from orpo_cli.plan_report import check_before_training
     from orpo_cli.recipe import load_recipe
 
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name_or_path: builtin:micro-llama}\ndata: {train: builtin:demo}\n"
+                      "orpo: {max_length: 64, max_prompt_length: 32}\ntrain: {max_steps: 1, tensorboard: false}\n")
     lines: list[str] = []
-    check_before_training(load_recipe(recipe, ["train.lr=1e-3", "model.device=cpu"]), None, lines.append)
+    check_before_training(load_recipe(recipe), world_size=1, device=torch.device("cpu"), echo=lines.append)
     assert len(lines) == 1 and lines[0].startswith("plan: predicted peak") and "CPU" in lines[0]
+    # through `train`: the line is there, and --no-plan-check leaves it out
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", str(recipe), "--output-dir", str(out), "--set", "model.device=cpu",
+                                 "--set", "train.eval_every=null", "--set", "data.eval_ratio=0"])
+    assert result.exit_code == 0, result.output
+    assert sum(line.startswith("plan: predicted peak") for line in result.output.splitlines()) == 1
+    result = runner.invoke(app, ["train", str(recipe), "--output-dir", str(out), "--force", "--no-plan-check",
+                                 "--set", "model.device=cpu", "--set", "train.eval_every=null",
+                                 "--set", "data.eval_ratio=0"])
+    assert result.exit_code == 0 and "plan: predicted peak" not in result.output, result.output
 
 
 def test_train_on_cuda_refuses_a_recipe_far_over_free_memory(monkeypatch):
-    """The CUDA branch with the device's answers faked: 2 GiB free refuses the Mistral QLoRA recipe, 40 GiB passes."""
+    """The CUDA branch with the device's answer faked: 2 GiB free refuses the Mistral QLoRA recipe, 40 GiB passes."""
     import torch
 
     from orpo_cli.plan_report import check_before_training
     from orpo_cli.recipe import load_recipe
 
     recipe = load_recipe(MISTRAL)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=0: (2 * GIB, 24 * GIB))
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * GIB, 24 * GIB))
     with pytest.raises(UserError, match="predicted to need .* levers, in order: .*--no-plan-check"):
-        check_before_training(recipe, None, print)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=0: (40 * GIB, 48 * GIB))
+        check_before_training(recipe, world_size=1, device=cuda, echo=print)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * GIB, 48 * GIB))
     lines: list[str] = []
-    check_before_training(recipe, None, lines.append)
+    check_before_training(recipe, world_size=1, device=cuda, echo=lines.append)
     assert len(lines) == 1 and "40.00 GiB free" in lines[0]
 
 
