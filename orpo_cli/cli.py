@@ -247,8 +247,8 @@ def eval_(
     base: Annotated[bool, typer.Option("--base", help="Also evaluate the base model (adapter off) on the same "
                                        "pairs and show the difference.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")] = False,
-    samples: Annotated[int, typer.Option(help="Write base and tuned answers to N eval prompts to "
-                                         "RUN_DIR/samples.jsonl.")] = 0,
+    samples: Annotated[int, typer.Option(help="Answer N eval prompts with the base and the tuned model: "
+                                         "shown side by side, and written to RUN_DIR/samples.jsonl.")] = 0,
     batch_size: Annotated[int | None, typer.Option(help="Pairs per forward pass (default: the run's "
                                                    "eval batch size).", show_default=False)] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest sample answer, in tokens.")] = 64,
@@ -256,7 +256,7 @@ def eval_(
     """Held-out preference metrics of a run (accuracy, log odds ratio, margin, NLL), base vs tuned."""
     from rich.console import Console
 
-    from orpo_cli.evaluate import EVAL_FILE, eval_table, run_eval
+    from orpo_cli.evaluate import EVAL_FILE, eval_table, read_samples, run_eval, samples_table
     from orpo_cli.progress import Reporter
     from orpo_cli.rundir import open_run
 
@@ -271,7 +271,11 @@ def eval_(
         return
     columns, rows = eval_table(result)
     typer.echo(f"eval of {run.root} on {result['data']}")
-    Reporter(console=Console()).table("", columns, rows)
+    table = Reporter(console=Console())
+    table.table("", columns, rows)
+    if "samples" in result:  # the change where a person looks: the same prompts, answered before and after
+        columns, rows = samples_table(read_samples(run))
+        table.table(f"greedy answers to {len(rows)} eval prompts", columns, rows, text=True)
     typer.echo(f"wrote {run.root / EVAL_FILE}" + (f" and {result['samples']}" if "samples" in result else ""))
 
 
@@ -287,7 +291,7 @@ def export(
                                         "complete).")] = False,
 ) -> None:
     """Export a merged model (LoRA, full fine-tuning) or, for ReFT, a bundle that `generate` loads."""
-    from orpo_cli.export import check_out, export_run, parse_dtype
+    from orpo_cli.export import MERGE_TOLERANCE_FACTOR, check_out, export_run, parse_dtype, rounding_line
     from orpo_cli.progress import Reporter
     from orpo_cli.rundir import open_run
 
@@ -300,10 +304,21 @@ def export(
         reporter.note(f"note: {note}")
     what = f"merged {result.dtype} model" if result.merged else "bundle"
     typer.echo(f"exported a {what} to {result.out}")
-    typer.echo(
-        f"verified: max |Δlogit| = {result.max_abs_diff:.3g} <= tolerance {result.tolerance:.3g} "
-        f"(export loaded back vs base + adapter, {result.probe_tokens} tokens)"
-    )
+    if result.merged:
+        typer.echo(
+            f"verified: max |Δlogit| = {result.max_abs_diff:.3g} <= tolerance {result.tolerance:.3g} (the merge in "
+            f"fp32 vs base + adapter, {result.probe_tokens} tokens; tolerance = {MERGE_TOLERANCE_FACTOR:g} x this "
+            f"model's fp32 noise floor {result.noise_floor:.3g})"
+        )
+        typer.echo(f"verified: the saved {result.dtype} weights load back as the merge rounded to {result.dtype} "
+                   f"(max |Δlogit| = {result.reload_diff:.3g})")
+        if result.rounding is not None and result.dtype != "fp32":
+            typer.echo(f"rounding to {result.dtype}: {rounding_line(result)}")
+    else:
+        typer.echo(
+            f"verified: max |Δlogit| = {result.max_abs_diff:.3g} <= tolerance {result.tolerance:.3g} "
+            f"(bundle loaded back vs the run's model, {result.probe_tokens} tokens)"
+        )
     if result.merged:
         typer.echo(f"load it with AutoModelForCausalLM.from_pretrained({str(result.out)!r})")
     else:

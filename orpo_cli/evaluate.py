@@ -219,9 +219,11 @@ def run_eval(
                                            reporter, "base")
     if samples:
         decode = tuned.tokenizer.decode
+        user_message = _user_message_reader(tuned.tokenizer, recipe)
         lines = [
             json.dumps({
                 "prompt": decode(p.prompt_ids),
+                "user": user_message(decode(p.prompt_ids)),
                 "chosen": decode(p.chosen_ids, skip_special_tokens=True),
                 "rejected": decode(p.rejected_ids, skip_special_tokens=True),
                 "base": b,
@@ -233,6 +235,44 @@ def run_eval(
         result["samples"] = str(run.root / SAMPLES_FILE)
     atomic_write_text(run.root / EVAL_FILE, json.dumps(result, indent=2) + "\n")
     return result
+
+
+def read_samples(run: RunDir) -> list[dict[str, str]]:
+    """The rows of RUN/samples.jsonl (written by `run_eval` with samples)."""
+    path = run.root / SAMPLES_FILE
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def samples_table(samples: Sequence[dict[str, str]]) -> tuple[list[str], list[list[str]]]:
+    """Columns and rows for Reporter.table: each eval prompt with the base's and the tuned model's answer."""
+    return ["prompt", "base model", "tuned model"], [
+        [s.get("user") or s["prompt"], s["base"].strip(), s["tuned"].strip()] for s in samples
+    ]
+
+
+def _user_message_reader(tokenizer: Any, recipe: Recipe) -> Callable[[str], str | None]:
+    """A function from a decoded prompt to the user's message in it, or None when it cannot tell.
+
+    The prompt format is rendered once around a marker (chat template, system prompt and all, as
+    generation.render_prompt renders it): what comes before and after the marker frames every single-turn
+    prompt with the recipe's system prompt, so cutting both off leaves the user's message.
+    """
+    from orpo_cli.generation import chat_template_in_use, conversation, render_prompt
+
+    marker = "QQMARKQQ"
+    template = chat_template_in_use(tokenizer, recipe)
+    try:
+        framed = tokenizer.decode(render_prompt(tokenizer, conversation(marker, recipe.data.system_prompt), template))
+    except UserError:
+        return lambda _prompt: None
+    head, found, tail = framed.partition(marker)
+
+    def read(prompt: str) -> str | None:
+        if not found or not prompt.startswith(head) or not prompt.endswith(tail) or len(prompt) < len(head) + len(tail):
+            return None
+        return prompt[len(head) : len(prompt) - len(tail)]
+
+    return read
 
 
 def eval_table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:

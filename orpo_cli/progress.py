@@ -92,12 +92,13 @@ class Reporter:
             self._progress.stop()
             self._progress = None
 
-    def table(self, title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    def table(self, title: str, columns: list[str], rows: list[list[Any]], *, text: bool = False) -> None:
+        """Numbers right-aligned after a first label column; `text`: every column left-aligned (answers)."""
         if not self.enabled:
             return
-        table = Table(title=title, title_justify="left")
+        table = Table(title=title, title_justify="left", show_lines=text)
         for i, col in enumerate(columns):
-            table.add_column(col, justify="left" if i == 0 else "right")
+            table.add_column(col, justify="left" if i == 0 or text else "right")
         for row in rows:
             table.add_row(*[_fmt(c) if not isinstance(c, str) else c for c in row])
         self.console.print(table)

@@ -102,3 +102,35 @@ def tiny_full_run(tmp_path_factory: pytest.TempPathFactory, orpo_cache: Path) ->
         "train.eval_every=3",
         "train.save_every=3",
     )
+
+
+# ------------------------------------------------------------------------------------------ the real model
+SMOLLM2 = "builtin:smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(orpo_cache: Path) -> Path:
+    """builtin:smollm2-135m-instruct built (once per session) into the session cache; skipped without the
+    package that carries its GGUF file."""
+    from orpo_cli.builtin import materialize_builtin
+    from orpo_cli.errors import UserError
+
+    try:
+        return materialize_builtin(SMOLLM2.removeprefix("builtin:"))
+    except UserError as err:
+        pytest.skip(f"the real model is not available: {err}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_run(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> RunDir:
+    """recipes/smollm2-demo.yaml for a few steps: the real model with LoRA on builtin:number-only, evaluated at
+    step 0 and at the end on the ~14 held-out pairs."""
+    return train_tiny_run(
+        tmp_path_factory.mktemp("smollm2") / "run",
+        "smollm2-demo.yaml",
+        "train.max_steps=6",
+        "train.eval_every=6",
+        "train.save_every=6",
+        "data.train.max_rows=240",
+        "data.eval_ratio=0.05",
+    )

@@ -92,10 +92,36 @@ def test_table_data_file_and_samples(tiny_lora_run, copy_run, tmp_path):
     assert saved["num_pairs"] == 3 and saved["data"] == str(data)
     lines = (run.root / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 2
+    from orpo_cli.demo_data import demo_rows
+
+    questions = {r["prompt"] for r in demo_rows()[:3]}
     for line in lines:
         sample = json.loads(line)
-        assert set(sample) == {"prompt", "chosen", "rejected", "base", "tuned"}
+        assert set(sample) == {"prompt", "user", "chosen", "rejected", "base", "tuned"}
         assert sample["prompt"].startswith("<|bos|><|user|>") and sample["prompt"].endswith("<|assistant|>\n")
+        assert sample["user"] in questions  # the user's message, cut out of the rendered prompt
+    # Side by side where a person looks: each question with the base's and the tuned model's answer.
+    table = result.stdout[result.stdout.index("greedy answers to 2 eval prompts"):]
+    assert "base model" in table and "tuned model" in table
+    for line in lines:
+        sample = json.loads(line)
+        assert sample["user"].split()[0] in table
+        assert all(word in table for word in sample["tuned"].split()[:1])  # a random model may say nothing
+
+
+def test_samples_name_the_user_message_only_when_the_frame_fits():
+    from transformers import AutoTokenizer
+
+    from orpo_cli.builtin import materialize_builtin
+    from orpo_cli.evaluate import _user_message_reader
+    from orpo_cli.recipe import validate_recipe
+
+    tokenizer = AutoTokenizer.from_pretrained(materialize_builtin("tiny-llama"))
+    recipe = validate_recipe({"model": {"name_or_path": "builtin:tiny-llama"}, "data": {"system_prompt": "Be kind."}})
+    read = _user_message_reader(tokenizer, recipe)
+    framed = "<|bos|><|system|>\nBe kind.<|end|>\n<|user|>\nWhat colour is the sky?<|end|>\n<|assistant|>\n"
+    assert read(framed) == "What colour is the sky?"
+    assert read(framed.replace("Be kind.", "Be brief.")) is None  # another system prompt: it cannot tell
 
 
 def test_eval_on_a_4bit_run(tiny_qlora_run, copy_run, tmp_path):

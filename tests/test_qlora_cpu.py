@@ -31,7 +31,7 @@ CPU = torch.device("cpu")
 NF4 = QuantizationSettings(mode="4bit", quant_type="nf4", double_quant=True)
 
 
-def _lora_grads_after_eval(model_dir: str, *, eval_passes: int, keep_unpacked: bool = True) -> dict:
+def _lora_grads_after_eval(model_dir: str, *, eval_passes: int, keep_unpacked: bool = True, tokens: int = 24) -> dict:
     """LoRA gradients of one training step on a 4-bit model, after `eval_passes` eval-mode forwards, and
     the same step on the same model with every 4-bit weight dequantized into an fp32 nn.Linear."""
     settings = ModelSettings(name_or_path=model_dir)
@@ -59,7 +59,7 @@ def _lora_grads_after_eval(model_dir: str, *, eval_passes: int, keep_unpacked: b
         models[key] = peft_model
 
     torch.manual_seed(1)
-    ids = torch.randint(3, 400, (2, 24))
+    ids = torch.randint(3, 400, (2, tokens))
     grads = {}
     for key, model in models.items():
         model.eval()
@@ -88,6 +88,28 @@ def test_4bit_lora_gradients_equal_dequantized_fp32_after_eval_passes(eval_passe
     assert grads["4bit"].keys() == grads["fp32"].keys() and len(grads["fp32"]) == 4 * 7 * 2
     worst, where = _max_relative_error(grads)
     assert worst < 1e-4, f"{where}: relative gradient error {worst:.3g}"
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_4bit_lora_gradients_on_the_real_model_after_an_eval_pass(smollm2_dir):
+    """The same on SmolLM2-135M (30 layers, widths 576/192/1536, all multiples of 32: bitsandbytes would pack
+    them): one eval pass, then a training step's LoRA gradients against the dequantized fp32 model."""
+    grads = _lora_grads_after_eval(str(smollm2_dir), eval_passes=1, tokens=12)
+    assert len(grads["fp32"]) == 30 * 7 * 2
+    worst, where = _max_relative_error(grads)
+    assert worst < 1e-4, f"{where}: relative gradient error {worst:.3g}"
+
+
+@pytest.mark.real
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not bnb.functional.has_avx512bf16(), reason="bitsandbytes repacks 4-bit weights only on AVX512-BF16 CPUs"
+)
+def test_the_real_model_gradient_check_fails_when_bitsandbytes_repacks(smollm2_dir):
+    grads = _lora_grads_after_eval(str(smollm2_dir), eval_passes=1, keep_unpacked=False, tokens=12)
+    worst, _ = _max_relative_error(grads)
+    assert worst > 0.1
 
 
 @pytest.mark.skipif(
