@@ -732,11 +732,15 @@ def plan_step(shape: ModelShape, setup: StepSetup) -> StepPlan:
     else:
         optimizer = optimizer_state_bytes(tensors, setup.optimizer, setup.cuda)
     if setup.strategy == "fsdp" or (setup.strategy == "deepspeed" and setup.zero_stage == 3):
-        # the head stays whole on every rank (run._shape_fsdp_units); one decoder layer is gathered at a time
-        head = shape.vocab * shape.hidden * (4 if setup.prepared else setup.weight_bytes)
+        # one decoder layer's weights are gathered at a time (and the next one prefetched); under FSDP the output
+        # layer stays whole on every rank (run._shape_fsdp_units ignores it: the embedding too, when tied)
+        rest_elt = 4 if setup.prepared else setup.weight_bytes
+        head = shape.vocab * shape.hidden * rest_elt
+        embeddings = head * (1 if shape.tied_embeddings else 2)
         sharded = {k: int(v * w_share) for k, v in weights.items()}
-        sharded["head, whole on every rank"] = int(head * (1 - w_share)) if not shape.tied_embeddings else 0
-        layer = sum(weight_bytes(shape, setup).values()) // max(shape.layers, 1)
+        if setup.strategy == "fsdp":
+            sharded["output layer, whole on every rank"] = int(head * (1 - w_share))
+        layer = (sum(weights.values()) - embeddings) // max(shape.layers, 1)
         sharded["one gathered layer (x2: prefetch)"] = 2 * int(layer * (1 - w_share))
         weights = sharded
         trainable = int(trainable * w_share)
