@@ -298,8 +298,9 @@ class StepPlan:
     trainable: int  # bytes of trainable weights beside the base (the adapter's); 0 for full fine-tuning
     gradients: int
     optimizer: int
-    activations: dict[str, int]
-    head_transient: int
+    activations: dict[str, int]  # kept from the forward to the backward pass
+    head_transient: int  # at the end of the forward pass, while the loss projects its targets
+    recompute: int  # in the backward pass, with checkpointing: the layer being recomputed
     mask: int
     backward: int
     cuda: dict[str, int]
@@ -321,8 +322,14 @@ class StepPlan:
     def train_peak(self) -> int:
         return (
             self.weight_bytes + self.trainable + self.gradients + self.optimizer + self.activation_bytes
-            + max(self.head_transient, self.backward) + self.mask + sum(self.cuda.values())
+            + self.transient_peak + self.mask + sum(self.cuda.values())
         )
+
+    @property
+    def transient_peak(self) -> int:
+        """What comes on top of the kept activations at the larger of the two moments: the end of the forward
+        pass (the head's transient) or the backward pass (a recomputed layer and the backward's working set)."""
+        return max(self.head_transient, self.recompute + self.backward)
 
     @property
     def peak(self) -> int:
@@ -333,6 +340,7 @@ class StepPlan:
         data.update(
             weight_bytes=self.weight_bytes,
             activation_bytes=self.activation_bytes,
+            transient_peak=self.transient_peak,
             train_peak=self.train_peak,
             peak=self.peak,
         )
@@ -635,13 +643,19 @@ def head_transient(shape: ModelShape, setup: StepSetup, targets: int, training: 
     Frozen head (LoRA, ReFT): one chunk's fp32 logits, turned into probabilities in place, and [chunk, h]
     products for the gradient rows; under autocast also a low-precision copy of the whole head for the call,
     the chunk's low-precision logits before their fp32 cast and a low-precision copy of the probabilities.
-    Trainable head (full fine-tuning): each chunk runs under checkpointing; its logits and log-softmax work.
+    Trainable head (full fine-tuning): each chunk runs under checkpointing, so the peak is in the backward pass,
+    when a chunk is recomputed and differentiated.
     """
     d = _dtypes(setup)
     rows = min(CHUNK_ROWS, max(targets, 1))
     v, h = shape.vocab, shape.hidden
     if setup.adapter == "none":
-        return 2 * rows * v * 4  # the chunk's logits, and its log-softmax's work inside logsumexp's backward
+        if not training:
+            return 2 * rows * v * 4  # the chunk's logits and logsumexp's work
+        # the backward pass of a chunk: its recomputed logits (kept by logsumexp), their softmax, the gradients of the
+        # gather and of logsumexp and their sum; with several chunks also the sum of their weight gradients, which
+        # autograd collects in a [V, h] buffer before it reaches the head's .grad
+        return 4 * rows * v * 4 + (v * h * setup.weight_bytes if targets > rows else 0)
     total = rows * v * 4
     if training:
         total += 3 * rows * h * 4  # weight[ids], probabilities @ weight, its division
@@ -661,11 +675,14 @@ def mask_bytes(setup: StepSetup, batch: BatchShape) -> int:
 
 
 def backward_bytes(shape: ModelShape, setup: StepSetup, batch: BatchShape) -> int:
-    """An allowance (not a count) for the backward pass's working set: the residual stream's gradient, and the
-    gradients of one layer's largest intermediates."""
+    """An allowance (not a count) for the backward pass's working set: the residual stream's gradient (two of them
+    in flight) and, without checkpointing, the gradients of one layer's MLP intermediates; with checkpointing those
+    take the place of the recomputed layer's own saved tensors as they are freed (checked on the CPU: the whole
+    step's peak, tests/test_plan.py)."""
     d = _dtypes(setup)
     t = batch.columns
-    return 2 * t * shape.hidden * 4 + 3 * t * shape.intermediate * d.matmul
+    mlp = 0 if setup.gradient_checkpointing else 3 * t * shape.intermediate * d.matmul
+    return 2 * t * shape.hidden * 4 + mlp
 
 
 # ------------------------------------------------------------------------------------------- FLOPs
@@ -756,8 +773,6 @@ def plan_step(shape: ModelShape, setup: StepSetup) -> StepPlan:
 
     activations = activation_bytes(shape, setup, batch)
     recompute = recompute_bytes(shape, setup, batch)
-    if recompute:
-        activations["one layer recomputed (checkpointing)"] = recompute
     targets = loss_targets(setup.pairs)
     transient = head_transient(shape, setup, targets)
     backward = backward_bytes(shape, setup, batch)
@@ -765,7 +780,7 @@ def plan_step(shape: ModelShape, setup: StepSetup) -> StepPlan:
     cuda: dict[str, int] = {}
     if setup.cuda:
         static = sum(weights.values()) + trainable + gradients + optimizer
-        moving = sum(activations.values()) + max(transient, backward) + mask
+        moving = sum(activations.values()) + max(transient, recompute + backward) + mask
         cuda = {
             "CUDA context (unverified)": CUDA_CONTEXT_BYTES,
             "cuBLAS workspace (unverified)": CUBLAS_WORKSPACE_BYTES,
@@ -796,6 +811,7 @@ def plan_step(shape: ModelShape, setup: StepSetup) -> StepPlan:
         optimizer=optimizer,
         activations=activations,
         head_transient=transient,
+        recompute=recompute,
         mask=mask,
         backward=backward,
         cuda=cuda,

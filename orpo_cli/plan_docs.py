@@ -115,8 +115,7 @@ def per_token_table() -> str:
             setup = qlora_setup(shape, 1, 1024, gc)
             plan = plan_step(shape, setup)
             t = batch_shape(setup.pairs, setup.layout).columns
-            kept = plan.activation_bytes - plan.activations.get("one layer recomputed (checkpointing)", 0)
-            cols[gc] = (kept / t, plan.activations.get("one layer recomputed (checkpointing)", 0) / t)
+            cols[gc] = (plan.activation_bytes / t, plan.recompute / t)
         rows.append(
             f"| {name} | {shape.hidden} | {shape.intermediate} | {shape.layers} | {shape.vocab:,} | "
             f"{cols[True][1] / 1024:.0f} KiB | {cols[False][0] / 2**20:.2f} MiB | {cols[True][0] / 1024:.0f} KiB |"
@@ -156,8 +155,8 @@ def worked_example() -> str:
     rows += [f"| LoRA weights (fp32) | {_g(plan.trainable)} |", f"| gradients | {_g(plan.gradients)} |",
              f"| optimizer state (paged_adamw_8bit) | {_g(plan.optimizer)} |"]
     rows += [f"| activations: {k} | {_g(v)} |" for k, v in plan.activations.items()]
-    rows.append(f"| the larger of the head transient ({_g(plan.head_transient)}) and the backward allowance "
-                f"({_g(plan.backward)}) | {_g(max(plan.head_transient, plan.backward))} |")
+    rows.append(f"| the larger of the head transient ({_g(plan.head_transient)}) and the recomputed layer "
+                f"({_g(plan.recompute)}) + the backward allowance ({_g(plan.backward)}) | {_g(plan.transient_peak)} |")
     rows.append(f"| 4-D attention mask and its temporaries | {_g(plan.mask)} |")
     rows += [f"| {k} | {_g(v)} |" for k, v in plan.cuda.items()]
     rows.append(f"| **peak of a training step** | **{_g(plan.train_peak)}** |")

@@ -323,8 +323,9 @@ def render(report: Report, console: Any) -> None:
     row(f"optimizer state ({setup.optimizer})", plan.optimizer)
     for name, n in plan.activations.items():
         row(f"activations: {name}", n)
-    row(f"the larger of: loss head transient {plan.head_transient / GIB:.2f}, backward allowance "
-        f"{plan.backward / GIB:.2f}", max(plan.head_transient, plan.backward))
+    later = f"recomputed layer {plan.recompute / GIB:.2f} + " if plan.recompute else ""
+    row(f"the larger of: head transient {plan.head_transient / GIB:.2f}, {later}backward allowance "
+        f"{plan.backward / GIB:.2f}", plan.transient_peak)
     if plan.mask:
         row("4-D attention mask (bool) and its temporaries", plan.mask)
     for name, n in plan.cuda.items():
