@@ -793,11 +793,16 @@ def plan_step(shape: ModelShape, setup: StepSetup) -> StepPlan:
     if setup.eval_pairs:
         eval_pairs = tuple(setup.pairs[i % len(setup.pairs)] for i in range(setup.eval_pairs))
         eval_batch = batch_shape(eval_pairs, setup.layout, setup.pack_width)
-        # no gradients are kept: one layer's intermediates at a time, the head's transient without gradient rows
-        layer = sum(_layer_saved(shape, setup, eval_batch, input_grad=True).values())
+        # no gradients and nothing kept: the hidden states going in and out of a layer, and the larger of one MLP's
+        # intermediates (SiLU(gate), the up projection's base and adapter outputs and their sum, with the norm's
+        # input and output) and the head's transient with the gathered rows (checked on the CPU allocator)
+        d = _dtypes(setup)
+        t, h = eval_batch.columns, shape.hidden
+        targets = loss_targets(eval_pairs)
+        layer = t * (4 * shape.intermediate * d.matmul + 2 * h * 4)
+        head = head_transient(shape, setup, targets, training=False) + targets * h * d.residual
         static = sum(weights.values()) + trainable + optimizer
-        eval_peak = static + layer + head_transient(shape, setup, loss_targets(eval_pairs), training=False)
-        eval_peak += mask_bytes(setup, eval_batch) + eval_batch.columns * shape.hidden * 4 * 2
+        eval_peak = static + mask_bytes(setup, eval_batch) + 2 * t * h * 4 + max(layer, head)
         if setup.cuda:
             eval_peak += CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES + int(ALLOCATOR_OVERHEAD * eval_peak)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc as gc_module
 import json
 import weakref
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -371,4 +372,29 @@ def test_whole_step_peak_matches_the_allocator(mode: str, layout: str, gc: bool)
                      _setup(mode, layout, gc))
     predicted = plan.train_peak - plan.weight_bytes - plan.trainable - plan.optimizer
     print(f"{mode} {layout} gc={gc}: measured {measured:,} B, predicted {predicted:,} B")
+    assert 0.9 <= predicted / measured <= 1.1
+
+
+@pytest.mark.parametrize(
+    ("mode", "layout"), [("lora", "packed"), ("lora", "padded"), ("full", "prefix"), ("qlora", "prefix")]
+)
+def test_eval_pass_peak_matches_the_allocator(mode: str, layout: str) -> None:
+    """The eval pass (no gradients): its peak above the weights against the CPU allocator's, within 10%."""
+    if mode == "qlora":
+        pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    path, model, adapter = _model("tiny-llama", mode, False)
+    model.eval()
+    batch = collate_pairs(_pairs(), 0, layout=layout)
+
+    def evaluate() -> None:
+        with torch.no_grad():
+            orpo_forward(model, adapter, batch, lam=0.1, nll_on_prompt=False,
+                         layout="padded" if layout == "padded" else None)
+
+    evaluate()
+    measured = _peak_above_end(evaluate)
+    setup = replace(_setup(mode, layout, False), eval_pairs=len(LENGTHS))
+    plan = plan_step(ModelShape.from_config(json.loads((Path(path) / "config.json").read_text())), setup)
+    predicted = plan.eval_peak - plan.weight_bytes - plan.trainable - plan.optimizer
+    print(f"eval {mode} {layout}: measured {measured:,} B, predicted {predicted:,} B")
     assert 0.9 <= predicted / measured <= 1.1
