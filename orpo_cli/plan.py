@@ -25,7 +25,6 @@ marked unverified in the output until a GPU measures them.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -950,7 +949,3 @@ def human_seconds(s: float) -> str:
     if s < 3600:
         return f"{s / 60:.1f} min"
     return f"{s / 3600:.1f} h"
-
-
-__all__ = [name for name in dir() if not name.startswith("_") and name not in {"annotations", "math"}]
-del math

@@ -398,3 +398,13 @@ def test_eval_pass_peak_matches_the_allocator(mode: str, layout: str) -> None:
     predicted = plan.eval_peak - plan.weight_bytes - plan.trainable - plan.optimizer
     print(f"eval {mode} {layout}: measured {measured:,} B, predicted {predicted:,} B")
     assert 0.9 <= predicted / measured <= 1.1
+
+
+def test_planner_constants_are_the_codes():
+    """plan.py imports no torch, so it repeats two constants of the code it models: they must agree."""
+    from orpo_cli import plan
+    from orpo_cli.loss import CHUNK_ROWS
+    from orpo_cli.prefix import PACK_WIDTH
+
+    assert plan.CHUNK_ROWS == CHUNK_ROWS
+    assert StepSetup(pairs=LENGTHS).pack_width == PACK_WIDTH
