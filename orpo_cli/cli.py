@@ -247,7 +247,7 @@ def eval_(
     base: Annotated[bool, typer.Option("--base", help="Also evaluate the base model (adapter off) on the same "
                                        "pairs and show the difference.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")] = False,
-    samples: Annotated[int, typer.Option(help="Answer N eval prompts with the base and the tuned model: "
+    samples: Annotated[int, typer.Option(help="Answer N distinct eval prompts with the base and the tuned model: "
                                          "shown side by side, and written to RUN_DIR/samples.jsonl.")] = 0,
     batch_size: Annotated[int | None, typer.Option(help="Pairs per forward pass (default: the run's "
                                                    "eval batch size).", show_default=False)] = None,

@@ -6,7 +6,7 @@ and an eval split, plus `DataStats` for the log. `check_source(data)` is the che
 model is loaded: the file exists and is readable, and the mapped columns are in it.
 
 Sources (`data.train.path`, `data.eval.path`): a local `.jsonl`, `.json` (a list of objects, or JSON
-lines), `.csv`, `.parquet`, or `.gz` of a text one; `builtin:demo` or `builtin:number-only` (generated in
+lines), `.csv`, `.parquet`, or `.gz` of a text one; `builtin:demo` or `builtin:short-answers` (generated in
 code, see `orpo_cli.demo_data`); a local
 directory or anything else is handed to `datasets.load_dataset` (a hub id; offline this fails with a
 one-line error that says to download it and point the recipe at a local file).
@@ -94,7 +94,7 @@ from orpo_cli.recipe import DataSettings, DataSource, OrpoSettings
 log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_DATASETS = ("demo", "number-only")
+BUILTIN_DATASETS = ("demo", "short-answers")
 
 DROP_EMPTY = "empty field"
 DROP_SAME = "chosen == rejected"
@@ -242,9 +242,9 @@ def load_rows(source: DataSource, field_name: str = "data.train") -> list[dict]:
 # ------------------------------------------------------------------------------------------ reading
 def _builtin_rows(path: str, field_name: str) -> list[dict]:
     name = path.removeprefix(BUILTIN_PREFIX)
-    from orpo_cli.demo_data import demo_rows, number_only_rows
+    from orpo_cli.demo_data import demo_rows, short_answer_rows
 
-    generators = {"demo": demo_rows, "number-only": number_only_rows}
+    generators = {"demo": demo_rows, "short-answers": short_answer_rows}
     if name not in generators:
         raise UserError(f"{field_name}.path: unknown built-in dataset '{name}'; known: {', '.join(BUILTIN_DATASETS)}")
     return generators[name]()
@@ -1019,9 +1019,9 @@ def _cache_key(data: DataSettings, orpo: OrpoSettings, tokenizer: Any) -> str:
 def _source_fingerprint(source: DataSource) -> dict[str, Any]:
     fingerprint: dict[str, Any] = source.model_dump(mode="json")
     if source.path.startswith(BUILTIN_PREFIX):
-        from orpo_cli.demo_data import DEMO_VERSION, NUMBER_ONLY_VERSION
+        from orpo_cli.demo_data import DEMO_VERSION, SHORT_ANSWERS_VERSION
 
-        fingerprint["builtin"] = [DEMO_VERSION, NUMBER_ONLY_VERSION]
+        fingerprint["builtin"] = [DEMO_VERSION, SHORT_ANSWERS_VERSION]
         return fingerprint
     local = Path(source.path).expanduser()
     if local.is_file():

@@ -207,74 +207,105 @@ def demo_rows(seed: int = 0, n: int = DEMO_ROWS) -> list[dict]:
     return rows
 
 
-# ------------------------------------------------------------------------------------ builtin:number-only
-# A preference a real pretrained chat model can visibly pick up in a few dozen steps on a CPU: questions
-# whose answer is one number, chosen = the number alone ("12"), rejected = the same correct number inside a
-# chatty answer ("Sure! Let's work it out. 7 plus 5 equals 12. I hope this helps!"). Both are right, so the
-# preference is purely one of style; an instruct model starts out chatty (it prefers the rejected side) and
-# ends up answering with the number only. Made for builtin:smollm2-135m-instruct (recipes/smollm2-demo.yaml);
-# its words are too rich for the tiny built-in tokenizer. Same rules as builtin:demo: a pure function of
-# (seed, n), `NUMBER_ONLY_VERSION` bumped whenever the generator changes.
-NUMBER_ONLY_VERSION = "number-only-v1"
-NUMBER_ONLY_ROWS = 600
+# ------------------------------------------------------------------------------------ builtin:short-answers
+# A preference a real pretrained chat model can visibly pick up in a few dozen steps on a CPU: plain questions
+# with a one-word answer (capitals, opposites, colours, animal sounds, small counts and sums), chosen = the
+# answer alone ("Tokyo", "7"), rejected = the same correct answer inside a chatty reply ("Great question! Let
+# me help you with that. The capital of Japan is Tokyo. I hope this helps!"). Both are right, so the preference
+# is purely one of style; an instruct model starts out chatty (it prefers the rejected side) and ends up
+# answering with the word alone. The facts are ones SmolLM2-135M-Instruct mostly knows, so the tuned model can
+# keep its answers right (multi-digit arithmetic it mostly gets wrong, and forced to answer in one token it
+# guesses). Made for builtin:smollm2-135m-instruct (recipes/smollm2-demo.yaml); its words are too rich for the
+# tiny built-in tokenizer. Same rules as builtin:demo: a pure function of (seed, n), `SHORT_ANSWERS_VERSION`
+# bumped whenever the generator changes.
+SHORT_ANSWERS_VERSION = "short-answers-v1"
+SHORT_ANSWERS_ROWS = 600
 
-_COUNTS = {  # question: answer, all plain facts a 135M model has seen
-    "How many legs does a spider have?": 8, "How many legs does a dog have?": 4,
-    "How many legs does a chicken have?": 2, "How many legs does an insect have?": 6,
-    "How many arms does an octopus have?": 8, "How many days are in a week?": 7,
-    "How many months are in a year?": 12, "How many hours are in a day?": 24,
-    "How many minutes are in an hour?": 60, "How many seconds are in a minute?": 60,
-    "How many sides does a triangle have?": 3, "How many sides does a square have?": 4,
-    "How many sides does a hexagon have?": 6, "How many sides does an octagon have?": 8,
-    "How many continents are there?": 7, "How many wheels does a bicycle have?": 2,
-    "How many wheels does a car have?": 4, "How many fingers are on one hand?": 5,
-    "How many players are on a soccer team on the field?": 11, "How many strings does a violin have?": 4,
-    "How many colours are in a rainbow?": 7, "How many weeks are in a year?": 52,
-    "How many days are in a leap year?": 366, "How many centimetres are in a metre?": 100,
-    "How many grams are in a kilogram?": 1000, "How many years are in a century?": 100,
-    "How many eggs are in a dozen?": 12, "How many planets are in the solar system?": 8,
+_CAPITALS = {
+    "France": "Paris", "Japan": "Tokyo", "Germany": "Berlin", "Egypt": "Cairo", "Canada": "Ottawa",
+    "Australia": "Canberra", "Russia": "Moscow", "China": "Beijing", "India": "New Delhi", "Kenya": "Nairobi",
+    "Greece": "Athens", "Norway": "Oslo", "Peru": "Lima", "Italy": "Rome", "Spain": "Madrid",
+    "England": "London", "Ireland": "Dublin", "Austria": "Vienna", "Sweden": "Stockholm", "Poland": "Warsaw",
+    "Portugal": "Lisbon", "Thailand": "Bangkok", "South Korea": "Seoul", "Cuba": "Havana", "Finland": "Helsinki",
+    "Denmark": "Copenhagen", "Hungary": "Budapest", "Belgium": "Brussels", "the Netherlands": "Amsterdam",
+    "Argentina": "Buenos Aires", "Chile": "Santiago", "Vietnam": "Hanoi", "Iran": "Tehran", "Iraq": "Baghdad",
+}
+_OPPOSITES = {
+    "hot": "cold", "big": "small", "up": "down", "fast": "slow", "happy": "sad", "light": "dark", "wet": "dry",
+    "open": "closed", "old": "young", "full": "empty", "hard": "soft", "early": "late", "tall": "short",
+    "day": "night", "left": "right", "rich": "poor", "strong": "weak", "clean": "dirty",
+}
+_COLOUR_OF = {
+    "the sky on a clear day": "blue", "grass": "green", "snow": "white", "coal": "black", "a ripe banana": "yellow",
+    "a ripe tomato": "red", "a carrot": "orange", "a lemon": "yellow", "milk": "white", "a strawberry": "red",
+}
+_SOUNDS = {"cow": "moo", "dog": "woof", "cat": "meow", "duck": "quack", "sheep": "baa", "owl": "hoot",
+           "lion": "roar", "pig": "oink"}
+_COUNTS = {
+    "How many legs does a dog have?": "4", "How many legs does a spider have?": "8",
+    "How many legs does a chicken have?": "2", "How many days are in a week?": "7",
+    "How many months are in a year?": "12", "How many hours are in a day?": "24",
+    "How many minutes are in an hour?": "60", "How many sides does a triangle have?": "3",
+    "How many sides does a square have?": "4", "How many wheels does a bicycle have?": "2",
+    "How many fingers are on one hand?": "5", "How many continents are there?": "7",
 }
 _CHATTY_OPEN = ["Sure!", "Of course!", "Great question!", "Happy to help!", "Certainly!", "Good question!",
-                "Let me help you with that.", "That's an easy one!"]
-_CHATTY_WORK = ["Let's work it out together.", "Let's think about it step by step.",
-                "Here is how to think about it.", "It's simple once you see it."]
+                "What a great question!", "That's an easy one!"]
+_CHATTY_MIDDLE = ["Let me help you with that.", "Here is the answer.", "I know this one.",
+                  "Let's think about it together.", "Many people ask me this."]
 _CHATTY_CLOSE = ["I hope this helps!", "Let me know if you have any other questions!",
                  "Is there anything else you would like to know?", "I hope that answers your question.",
                  "Feel free to ask me more questions like this!", "Have a wonderful day!"]
 
 
-def _arithmetic(rng: random.Random) -> tuple[str, int, str]:
-    """(question, answer, the answer said in a sentence) for a small sum, difference or product."""
-    kind = rng.randrange(3)
-    if kind == 0:
-        a, b = rng.randrange(2, 50), rng.randrange(2, 50)
-        question = rng.choice([f"What is {a} plus {b}?", f"What is {a} + {b}?", f"Add {a} and {b}.",
-                               f"What do you get when you add {a} and {b}?"])
-        return question, a + b, f"{a} plus {b} equals {a + b}."
-    if kind == 1:
-        a = rng.randrange(10, 100)
-        b = rng.randrange(1, a)
-        question = rng.choice([f"What is {a} minus {b}?", f"What is {a} - {b}?", f"Subtract {b} from {a}.",
-                               f"What is {b} less than {a}?"])
-        return question, a - b, f"{a} minus {b} equals {a - b}."
-    a, b = rng.randrange(2, 13), rng.randrange(2, 13)
-    question = rng.choice([f"What is {a} times {b}?", f"What is {a} x {b}?", f"Multiply {a} by {b}.",
-                           f"What is the product of {a} and {b}?"])
-    return question, a * b, f"{a} times {b} equals {a * b}."
+def _capital(rng: random.Random) -> tuple[str, str, str]:
+    country, city = rng.choice(sorted(_CAPITALS.items()))
+    question = rng.choice([f"What is the capital of {country}?", f"Which city is the capital of {country}?",
+                           f"Name the capital of {country}.", f"What city is the capital of {country}?"])
+    return question, city, f"The capital of {country} is {city}."
 
 
-def _count(rng: random.Random) -> tuple[str, int, str]:
+def _opposite(rng: random.Random) -> tuple[str, str, str]:
+    word, opposite = rng.choice(sorted(_OPPOSITES.items()))
+    question = rng.choice([f"What is the opposite of {word}?", f"What is the opposite of the word '{word}'?",
+                           f"Give me the opposite of {word}."])
+    return question, opposite, f"The opposite of {word} is {opposite}."
+
+
+def _colour_of(rng: random.Random) -> tuple[str, str, str]:
+    thing, colour = rng.choice(sorted(_COLOUR_OF.items()))
+    question = rng.choice([f"What colour is {thing}?", f"What is the colour of {thing}?"])
+    return question, colour, f"{thing[0].upper()}{thing[1:]} is {colour}."
+
+
+def _sound(rng: random.Random) -> tuple[str, str, str]:
+    animal, sound = rng.choice(sorted(_SOUNDS.items()))
+    question = rng.choice([f"What sound does a {animal} make?", f"What does a {animal} say?"])
+    return question, sound, f"A {animal} says {sound}."
+
+
+def _small_sum(rng: random.Random) -> tuple[str, str, str]:
+    a, b = rng.randrange(1, 6), rng.randrange(1, 5)
+    question = rng.choice([f"What is {a} plus {b}?", f"What is {a} + {b}?", f"Add {a} and {b}."])
+    return question, str(a + b), f"{a} plus {b} equals {a + b}."
+
+
+def _count(rng: random.Random) -> tuple[str, str, str]:
     question, answer = rng.choice(sorted(_COUNTS.items()))
-    noun = question.removeprefix("How many ").split(" ")[0]
-    return question, answer, f"The answer is {answer} {noun}."
+    return question, answer, f"The answer is {answer}."
 
 
-def number_only_rows(seed: int = 0, n: int = NUMBER_ONLY_ROWS) -> list[dict]:
-    """`n` deterministic rows `{prompt, chosen, rejected}`: chosen is the number alone, rejected is chatty."""
+_SHORT_KINDS: tuple[Callable[[random.Random], tuple[str, str, str]], ...] = (
+    _capital, _capital, _capital, _opposite, _colour_of, _sound, _small_sum, _count,
+)
+
+
+def short_answer_rows(seed: int = 0, n: int = SHORT_ANSWERS_ROWS) -> list[dict]:
+    """`n` deterministic rows `{prompt, chosen, rejected}`: chosen is the answer alone, rejected is chatty."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        question, answer, sentence = (_arithmetic if rng.randrange(3) else _count)(rng)
-        chatty = " ".join([rng.choice(_CHATTY_OPEN), rng.choice(_CHATTY_WORK), sentence, rng.choice(_CHATTY_CLOSE)])
-        rows.append({"prompt": question, "chosen": str(answer), "rejected": chatty})
+        question, answer, sentence = rng.choice(_SHORT_KINDS)(rng)
+        chatty = " ".join([rng.choice(_CHATTY_OPEN), rng.choice(_CHATTY_MIDDLE), sentence, rng.choice(_CHATTY_CLOSE)])
+        rows.append({"prompt": question, "chosen": answer, "rejected": chatty})
     return rows

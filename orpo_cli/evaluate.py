@@ -201,7 +201,7 @@ def run_eval(
 
     result: dict[str, Any] = {"run": str(run.root), "data": source, "adapter": recipe.adapter.kind}
     result.update(measure(tuned.model, tuned.adapter, "tuned"))
-    chosen = pairs[:samples]
+    chosen = _distinct_prompts(pairs, samples)
     answers: dict[str, list[str]] = {}
     if samples:
         answers["tuned"] = _answers(tuned.model, tuned.adapter, tuned.tokenizer, chosen, device, max_new_tokens,
@@ -235,6 +235,18 @@ def run_eval(
         result["samples"] = str(run.root / SAMPLES_FILE)
     atomic_write_text(run.root / EVAL_FILE, json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _distinct_prompts(pairs: Sequence[TokenizedPair], n: int) -> list[TokenizedPair]:
+    """The first `n` pairs with distinct prompts (one_to_many data, or repeated questions, give several)."""
+    seen: set[tuple[int, ...]] = set()
+    out = []
+    for pair in pairs:
+        key = tuple(pair.prompt_ids)
+        if key not in seen and len(out) < n:
+            seen.add(key)
+            out.append(pair)
+    return out
 
 
 def read_samples(run: RunDir) -> list[dict[str, str]]:

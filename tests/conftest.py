@@ -123,7 +123,7 @@ def smollm2_dir(orpo_cache: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_run(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> RunDir:
-    """recipes/smollm2-demo.yaml for a few steps: the real model with LoRA on builtin:number-only, evaluated at
+    """recipes/smollm2-demo.yaml for a few steps: the real model with LoRA on builtin:short-answers, evaluated at
     step 0 and at the end on the ~14 held-out pairs."""
     return train_tiny_run(
         tmp_path_factory.mktemp("smollm2") / "run",

@@ -40,7 +40,7 @@ def tokenizer(tiny_llama_dir: Path):
 
 
 def test_registry_and_prefix() -> None:
-    assert list_builtins() == ["micro-llama", "tiny-llama", "tiny-qwen2"]
+    assert list_builtins() == ["micro-llama", "smollm2-135m-instruct", "tiny-llama", "tiny-qwen2"]
     assert is_builtin("builtin:tiny-llama")
     assert not is_builtin("meta-llama/Llama-3.2-1B")
     assert not is_builtin("./builtin/tiny-llama")
@@ -57,7 +57,7 @@ def test_unknown_name_is_a_user_error_with_suggestion(tmp_path: Path) -> None:
         resolve_model_path("builtin:tiny-lama", tmp_path)
     assert str(err.value) == (
         "model.name_or_path: unknown built-in model 'tiny-lama'; "
-        "known: micro-llama, tiny-llama, tiny-qwen2 (did you mean 'tiny-llama'?)"
+        "known: micro-llama, smollm2-135m-instruct, tiny-llama, tiny-qwen2 (did you mean 'tiny-llama'?)"
     )
     with pytest.raises(UserError, match=r"unknown built-in model 'gpt5'; known: [^(]*$"):
         materialize_builtin("gpt5", tmp_path)

@@ -407,7 +407,7 @@ def test_template_and_builtin_errors(tok, builtin_dir, tmp_path):
     assert _error(prep, fresh, tmp_path, train=str(FIXTURES / "pairs.jsonl"), chat_template=broken).startswith(
         "data.chat_template: the template does not render"
     )
-    assert _error(load_rows, DataSource(path="builtin:dmeo")) == "data.train.path: unknown built-in dataset 'dmeo'; known: demo"
+    assert _error(load_rows, DataSource(path="builtin:dmeo")) == "data.train.path: unknown built-in dataset 'dmeo'; known: demo, short-answers"
     bad_role = write_jsonl(tmp_path / "tool.jsonl", [{"conversations": [{"from": "tool", "value": "x"}], "chosen": "a", "rejected": "b"}])
     assert "has a turn from 'tool'" in _error(prep, tok, tmp_path, train=str(bad_role), format="sharegpt")
 
@@ -546,3 +546,16 @@ def test_builtin_demo_source(tok, tmp_path):
     assert out.stats.rows["train"] + out.stats.rows["eval"] == 1200
     assert 100 <= out.stats.rows["eval"] <= 140 and out.stats.dropped == {}
     assert max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in out.train) <= 90
+
+
+def test_builtin_short_answers_rows():
+    from orpo_cli.demo_data import SHORT_ANSWERS_ROWS, short_answer_rows
+
+    rows = short_answer_rows()
+    assert rows == short_answer_rows() and rows != short_answer_rows(seed=1)  # a pure function of the seed
+    assert len(rows) == SHORT_ANSWERS_ROWS == len(load_rows(DataSource(path="builtin:short-answers")))
+    for row in rows:
+        # chosen is the bare answer, rejected says the very same answer inside chat: only the style differs
+        assert len(row["chosen"].split()) <= 2 and len(row["rejected"].split()) >= 10
+        assert f" {row['chosen']}." in row["rejected"] or f" {row['chosen']} " in row["rejected"]
+    assert len({r["prompt"] for r in rows}) > 150 and len({r["chosen"] for r in rows}) > 50

@@ -111,13 +111,13 @@ def test_tokenized_pairs_follow_its_chat_template(smollm2_run):
     from transformers import AutoTokenizer
 
     from orpo_cli.data import prepare_data
-    from orpo_cli.demo_data import number_only_rows
+    from orpo_cli.demo_data import short_answer_rows
     from orpo_cli.tuned import read_recipe
 
     recipe = read_recipe(smollm2_run.recipe)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_run.tokenizer)
     pairs = prepare_data(recipe.data, recipe.orpo, tokenizer).train
-    rows = {r["chosen"] + "|" + r["rejected"]: r for r in number_only_rows()}
+    rows = {r["chosen"] + "|" + r["rejected"]: r for r in short_answer_rows()}
     end, bos = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.bos_token_id
     assert tokenizer.eos_token_id == end  # this model's EOS is its turn end
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
