@@ -141,6 +141,9 @@ def train(
         str | None,
         typer.Option(help="HOST:PORT of machine 0, where the processes of several machines meet.", show_default=False),
     ] = None,
+    no_plan_check: Annotated[
+        bool, typer.Option("--no-plan-check", help="Train even where `orpo-tune plan` predicts the GPU is too small.")
+    ] = False,
 ) -> None:
     """Train with ORPO: checkpoints, metrics and the adapter land in the run directory (docs/distributed.md
     for several GPUs or machines)."""
@@ -157,9 +160,56 @@ def train(
         overrides.append(f"distributed.num_processes={nproc}")
     loaded = load_recipe(recipe, overrides)
     try:
-        start_run(loaded, resume=resume, force=force, machines=Machines(nnodes, node_rank, rdzv_endpoint))
+        start_run(loaded, resume=resume, force=force, machines=Machines(nnodes, node_rank, rdzv_endpoint),
+                  plan_check=not no_plan_check)
     except QuietExit as err:  # the workers (or rank 0) already said why
         raise typer.Exit(err.code) from None
+
+
+@app.command()
+@_user_errors
+def plan(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    gpu_memory: Annotated[str | None, typer.Option(help="Memory per GPU to plan against, e.g. 24GiB or 80GB.",
+                                                   show_default=False)] = None,
+    gpu: Annotated[str | None, typer.Option(help="A GPU by name (its memory and bf16 peak), e.g. A100-80GB, "
+                                            "RTX-4090, H100-SXM.", show_default=False)] = None,
+    nproc: Annotated[int | None, typer.Option(min=1, help="Processes (GPUs); default: the recipe's.",
+                                              show_default=False)] = None,
+    mfu: Annotated[float, typer.Option(help="Model FLOPs utilisation assumed for the time estimate.")] = 0.35,
+    pairs: Annotated[int | None, typer.Option(help="Training pairs in the data, for the length of an epochs-based "
+                                              "run.", show_default=False)] = None,
+    prompt_tokens: Annotated[int | None, typer.Option(help="Prompt length to plan for (default: the worst case, "
+                                                      "1 token and responses of max_length - 1).",
+                                                      show_default=False)] = None,
+    response_tokens: Annotated[int | None, typer.Option(help="Response length to plan for (both sides).",
+                                                        show_default=False)] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")] = False,
+) -> None:
+    """Will this recipe fit on this GPU, and how long will it take: the peak memory of a training step, broken
+    down, and the time at a stated MFU, from the model's config alone (no weights are loaded)."""
+    from rich.console import Console
+
+    from orpo_cli.plan import find_gpu, parse_memory
+    from orpo_cli.plan_report import build_report, render
+    from orpo_cli.recipe import load_recipe
+
+    _at_least("--pairs", pairs, 1)
+    _at_least("--prompt-tokens", prompt_tokens, 1)
+    _at_least("--response-tokens", response_tokens, 1)
+    if not 0 < mfu <= 1:
+        raise UserError(f"--mfu: must be in (0, 1], got {mfu}")
+    card = find_gpu(gpu) if gpu is not None else None
+    memory = parse_memory(gpu_memory) if gpu_memory is not None else (card.memory_bytes if card else None)
+    source = f"--gpu-memory {gpu_memory}" if gpu_memory is not None else (f"{card.name}" if card else "")
+    loaded = load_recipe(recipe, set_ or [])
+    report = build_report(loaded, memory=memory, memory_source=source, gpu=card, mfu=mfu, nproc=nproc,
+                          num_pairs=pairs, prompt_tokens=prompt_tokens, response_tokens=response_tokens)
+    if json_:
+        typer.echo(json.dumps(report.as_dict()))
+        return
+    render(report, Console(width=max(Console().width, 110)))
 
 
 def _at_least(option: str, value: float | None, low: float) -> None:

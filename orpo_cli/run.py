@@ -32,12 +32,21 @@ _RESUMABLE_CHANGES = {
 }
 
 
+def _to_stderr(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
+
+
 def run_dir_for(recipe: Recipe) -> RunDir:
     return RunDir(Path(recipe.output_dir or Path("runs") / (recipe.name or "run")))
 
 
-def start_run(recipe: Recipe, *, resume: bool, force: bool, machines: Machines | None = None) -> RunDir:
-    """Train the recipe into its run directory; returns the run directory.
+def start_run(
+    recipe: Recipe, *, resume: bool, force: bool, machines: Machines | None = None, plan_check: bool = False
+) -> RunDir:
+    """Train the recipe into its run directory; returns the run directory. `plan_check`: refuse, before anything
+    loads, a recipe `orpo-tune plan` predicts to need clearly more than the GPU's free memory (one line on a CPU).
 
     When the recipe (or --nproc) asks for several processes and this is not already one of them, this
     process launches them (torchrun's launcher) and waits; each of them comes back here as a worker.
@@ -76,6 +85,10 @@ def start_run(recipe: Recipe, *, resume: bool, force: bool, machines: Machines |
     check_quantization(recipe.quantization, device)
     check_model_source(recipe.model)
     check_source(recipe.data)
+    if plan_check and not procs.launched:  # the launching process checks once for all its workers
+        from orpo_cli.plan_report import check_before_training
+
+        check_before_training(recipe, world_size=procs.world_size, device=device, echo=_to_stderr)
     if procs.needs_launch:  # every check passed here once: now the workers, each back in this function
         launch(recipe, procs, machines, resume=resume, force=force)
         return run
