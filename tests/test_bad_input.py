@@ -125,6 +125,10 @@ def _one_error_line(result) -> str:
 @pytest.mark.parametrize(("text", "extra", "words"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_train_rejects_bad_input_in_one_line(tmp_path, monkeypatch, text, extra, words):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once, at import: another test may have imported it already
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     if "flash_attention_2" in text and importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("flash-attn is installed here")
     recipe = tmp_path / "recipe.yaml"
