@@ -41,7 +41,7 @@ demo-real: install
 	$(VENV)/bin/orpo-tune train recipes/smollm2-demo.yaml --force
 	$(VENV)/bin/orpo-tune eval $(REAL) --base --samples 8 --max-new-tokens 40
 	$(VENV)/bin/orpo-tune export $(REAL) --out exports/smollm2-demo --force
-	$(VENV)/bin/orpo-tune generate exports/smollm2-demo --prompt "What is 23 plus 19?" --max-new-tokens 40
+	$(VENV)/bin/orpo-tune generate exports/smollm2-demo --prompt "What is the opposite of cold?" --max-new-tokens 40
 
 test: install
 	@$(UV) sync --locked --check --quiet || { echo "error: .venv differs from uv.lock; run 'make install' (or delete .venv)"; exit 1; }
