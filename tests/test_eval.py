@@ -117,7 +117,7 @@ def test_samples_name_the_user_message_only_when_the_frame_fits():
     from orpo_cli.recipe import validate_recipe
 
     tokenizer = AutoTokenizer.from_pretrained(materialize_builtin("tiny-llama"))
-    recipe = validate_recipe({"model": {"name_or_path": "builtin:tiny-llama"}, "data": {"system_prompt": "Be kind."}})
+    recipe = validate_recipe({"model": {"name_or_path": "builtin:tiny-llama"}, "data": {"train": "builtin:demo", "system_prompt": "Be kind."}})
     read = _user_message_reader(tokenizer, recipe)
     framed = "<|bos|><|system|>\nBe kind.<|end|>\n<|user|>\nWhat colour is the sky?<|end|>\n<|assistant|>\n"
     assert read(framed) == "What colour is the sky?"
