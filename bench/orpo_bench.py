@@ -235,7 +235,7 @@ def _ordered_pairs(args: argparse.Namespace, work: Path) -> tuple[list[Any], int
     """orpo-tune's pairs for this data, in the order its engine visits them, and the tokenizer's pad id."""
     from orpo_cli.data import prepare_data
     from orpo_cli.engine import micro_batches
-    from orpo_cli.modeling import load_tokenizer
+    from orpo_cli.models.loading import load_tokenizer
     from orpo_cli.recipe import validate_recipe
 
     recipe = validate_recipe(_recipe_dict(args, work, True, work / "unused"))
@@ -517,7 +517,7 @@ def _model_config(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     from transformers import AutoConfig, LlamaConfig
 
     from orpo_cli.errors import UserError
-    from orpo_cli.modeling import load_tokenizer
+    from orpo_cli.models.loading import load_tokenizer
 
     base = None
     if args.model:
@@ -573,8 +573,8 @@ def _model_config(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
 
 def _model_dir(name: str) -> str:
     """A builtin's directory (built on first use) or a local directory with a config.json."""
-    from orpo_cli.builtin import is_builtin, resolve_model_path
     from orpo_cli.errors import UserError
+    from orpo_cli.models.builtin import is_builtin, resolve_model_path
 
     if is_builtin(name):
         try:

@@ -327,7 +327,7 @@ def generate(
 ) -> None:
     """Generate an answer with a tuned model, streamed as it comes."""
     from orpo_cli.generation import chat_template_in_use, conversation, render_prompt, stream_answer
-    from orpo_cli.tuned import detect, load_tuned
+    from orpo_cli.models.tuned import detect, load_tuned
 
     if prompt is None and not interactive:
         raise UserError("--prompt TEXT is required (or --interactive for a chat)")

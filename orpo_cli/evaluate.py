@@ -27,10 +27,7 @@ from orpo_cli.errors import UserError
 from orpo_cli.forward import batch_layout, orpo_forward
 from orpo_cli.loss import count_normalizers
 from orpo_cli.metrics import MetricTally
-from orpo_cli.progress import Reporter
-from orpo_cli.recipe import DataSource, Recipe
-from orpo_cli.rundir import RunDir
-from orpo_cli.tuned import (
+from orpo_cli.models.tuned import (
     check_trained,
     inference_device,
     load_base,
@@ -38,6 +35,9 @@ from orpo_cli.tuned import (
     load_saved_tokenizer,
     read_recipe,
 )
+from orpo_cli.progress import Reporter
+from orpo_cli.recipe import DataSource, Recipe
+from orpo_cli.rundir import RunDir
 
 
 @torch.no_grad()

@@ -44,10 +44,7 @@ from orpo_cli.adapters import Adapter
 from orpo_cli.adapters.full import FullAdapter
 from orpo_cli.atomic import TMP_MARK, atomic_dir
 from orpo_cli.errors import RunFailed, UserError
-from orpo_cli.progress import Reporter
-from orpo_cli.recipe import Recipe
-from orpo_cli.rundir import RunDir
-from orpo_cli.tuned import (
+from orpo_cli.models.tuned import (
     BUNDLE_FORMAT,
     BUNDLE_MANIFEST,
     EXPORT_RECIPE,
@@ -59,6 +56,9 @@ from orpo_cli.tuned import (
     load_saved_tokenizer,
     read_recipe,
 )
+from orpo_cli.progress import Reporter
+from orpo_cli.recipe import Recipe
+from orpo_cli.rundir import RunDir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # A merge rounds every merged weight once in fp32, so a correct one sits at about 1x the model's fp32 noise
@@ -257,7 +257,7 @@ def _stored_dtype(recipe: Recipe) -> str:
     """The base model's own dtype (its config.json), so the export is as large as the base; else fp32."""
     from transformers import AutoConfig
 
-    from orpo_cli.builtin import resolve_model_path
+    from orpo_cli.models.builtin import resolve_model_path
 
     try:
         config = AutoConfig.from_pretrained(
@@ -287,7 +287,7 @@ def _prepare_for_save(model: nn.Module, tokenizer: Any) -> None:
 
 # ------------------------------------------------------------------------------------------ bundle
 def _export_bundle(run: RunDir, recipe: Recipe, out: Path, force: bool, reporter: Reporter) -> ExportResult:
-    from orpo_cli.builtin import is_builtin, resolve_model_path
+    from orpo_cli.models.builtin import is_builtin, resolve_model_path
 
     kind = recipe.adapter.kind
     device = inference_device(recipe)

@@ -65,7 +65,7 @@ def model_config(name_or_path: str, revision: str | None = None) -> tuple[dict[s
     shipped = SHIPPED_CONFIGS.get(name_or_path.strip().lower())
     if shipped is not None:
         return shipped_config(shipped), f"shipped config ({shipped})"
-    from orpo_cli.builtin import is_builtin, materialize_builtin
+    from orpo_cli.models.builtin import is_builtin, materialize_builtin
 
     if is_builtin(name_or_path):
         directory = materialize_builtin(name_or_path.removeprefix("builtin:"))  # tiny and local: a few seconds once

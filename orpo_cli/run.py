@@ -60,7 +60,7 @@ def start_run(
     from orpo_cli.atomic import atomic_dir, atomic_write_text
     from orpo_cli.data import check_source, prepare_data
     from orpo_cli.engine import fit
-    from orpo_cli.modeling import (
+    from orpo_cli.models.loading import (
         check_model_source,
         check_quantization,
         load_model,
@@ -330,7 +330,7 @@ def weightless_replica(recipe: Recipe, adapter: Any, weights: dict[str, Any]) ->
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from orpo_cli.builtin import resolve_model_path
+    from orpo_cli.models.builtin import resolve_model_path
 
     settings = recipe.model
     path = resolve_model_path(settings.name_or_path)

@@ -112,8 +112,8 @@ SMOLLM2 = "builtin:smollm2-135m-instruct"
 def smollm2_dir(orpo_cache: Path) -> Path:
     """builtin:smollm2-135m-instruct built (once per session) into the session cache; skipped without the
     package that carries its GGUF file."""
-    from orpo_cli.builtin import materialize_builtin
     from orpo_cli.errors import UserError
+    from orpo_cli.models.builtin import materialize_builtin
 
     try:
         return materialize_builtin(SMOLLM2.removeprefix("builtin:"))

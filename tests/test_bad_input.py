@@ -255,7 +255,7 @@ def test_permission_denied_names_the_path(tmp_path, monkeypatch):
 
 
 def test_a_corrupt_local_model_is_one_line_naming_the_key(tmp_path):
-    from orpo_cli.builtin import resolve_model_path
+    from orpo_cli.models.builtin import resolve_model_path
 
     model = tmp_path / "model"
     shutil.copytree(resolve_model_path("builtin:micro-llama"), model)

@@ -81,7 +81,7 @@ def _saved_shape(work: Path) -> dict:
 def test_model_builtin_takes_its_shape_and_tokenizer(tmp_path):
     from transformers import AutoConfig, AutoTokenizer
 
-    from orpo_cli.builtin import resolve_model_path
+    from orpo_cli.models.builtin import resolve_model_path
 
     source = resolve_model_path("builtin:tiny-llama")
     model, by_impl, ratio = _run_bench(tmp_path, "--model", "builtin:tiny-llama", "--layers", "1")

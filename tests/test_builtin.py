@@ -1,4 +1,4 @@
-"""Tests for the offline built-in tiny models (``orpo_cli.builtin``)."""
+"""Tests for the offline built-in tiny models (``orpo_cli.models.builtin``)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BatchEncoding
 
-from orpo_cli import builtin
-from orpo_cli.builtin import is_builtin, list_builtins, materialize_builtin, resolve_model_path
 from orpo_cli.errors import UserError
+from orpo_cli.models import builtin
+from orpo_cli.models.builtin import is_builtin, list_builtins, materialize_builtin, resolve_model_path
 
 MESSAGES = [
     {"role": "system", "content": "Be kind."},

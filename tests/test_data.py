@@ -35,7 +35,7 @@ BIG = OrpoSettings(max_length=100_000, max_prompt_length=50_000)  # no truncatio
 # ------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="session")
 def builtin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from orpo_cli.builtin import materialize_builtin
+    from orpo_cli.models.builtin import materialize_builtin
 
     return materialize_builtin("micro-llama", cache_dir=tmp_path_factory.mktemp("builtin"))
 

@@ -272,7 +272,7 @@ def test_num_processes_is_validated():
 def test_adapter_saved_from_a_weightless_replica_equals_the_direct_save(tmp_path):
     """What FSDP/ZeRO-3 runs do at the end (gather, then save from meta + gathered weights), checked on CPU."""
     from orpo_cli.adapters import build_adapter, trainable_state
-    from orpo_cli.modeling import load_model, resolve_dtype
+    from orpo_cli.models.loading import load_model, resolve_dtype
     from orpo_cli.recipe import load_recipe
     from orpo_cli.run import weightless_replica
 
@@ -306,7 +306,7 @@ from orpo_cli.checkpoint import read_checkpoint, write_checkpoint
 from orpo_cli.data import TokenizedPair
 from orpo_cli.engine import _full_state, _load_full_state, gathered_trainable_weights
 from orpo_cli.forward import orpo_forward
-from orpo_cli.modeling import load_model
+from orpo_cli.models.loading import load_model
 from orpo_cli.recipe import load_recipe
 from orpo_cli.run import fsdp_units, return_decoder_output
 from orpo_cli.rundir import RunDir
@@ -388,7 +388,7 @@ dist.destroy_process_group()
 
 
 def test_fsdp_state_gathering_and_resume_on_cpu_fsdp1(tmp_path):
-    from orpo_cli.builtin import resolve_model_path
+    from orpo_cli.models.builtin import resolve_model_path
 
     resolve_model_path("builtin:micro-llama")  # built once here, not raced by the two ranks
     script = tmp_path / "fsdp_check.py"

@@ -112,8 +112,8 @@ def test_table_data_file_and_samples(tiny_lora_run, copy_run, tmp_path):
 def test_samples_name_the_user_message_only_when_the_frame_fits():
     from transformers import AutoTokenizer
 
-    from orpo_cli.builtin import materialize_builtin
     from orpo_cli.evaluate import _user_message_reader
+    from orpo_cli.models.builtin import materialize_builtin
     from orpo_cli.recipe import validate_recipe
 
     tokenizer = AutoTokenizer.from_pretrained(materialize_builtin("tiny-llama"))

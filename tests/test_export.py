@@ -52,7 +52,7 @@ def _digest(path: Path) -> str:
 
 def _probe_ids(run) -> list[int]:
     from orpo_cli.data import prepare_data
-    from orpo_cli.tuned import load_saved_tokenizer, read_recipe
+    from orpo_cli.models.tuned import load_saved_tokenizer, read_recipe
 
     recipe = read_recipe(run.recipe)
     pair = prepare_data(recipe.data, recipe.orpo, load_saved_tokenizer(run.tokenizer)).eval[7]
@@ -62,7 +62,7 @@ def _probe_ids(run) -> list[int]:
 def _base_plus_adapter_logits(run, ids: list[int]) -> torch.Tensor:
     """What the export promises to equal: the full-precision base with the run's adapter, unmerged."""
     from orpo_cli.adapters import build_adapter
-    from orpo_cli.tuned import load_base, read_recipe
+    from orpo_cli.models.tuned import load_base, read_recipe
 
     recipe = read_recipe(run.recipe)
     adapter = build_adapter(recipe.adapter)

@@ -93,7 +93,7 @@ def test_user_errors_are_one_line_exit_2(tiny_lora_run, tmp_path, args, message)
 def test_prompt_rendered_exactly_as_training_rendered_it(tmp_path, template):
     """generate's prompt ids == data.py's prompt ids for the same row (chat template, or plain text + BOS)."""
     from orpo_cli.data import prepare_data
-    from orpo_cli.modeling import load_tokenizer
+    from orpo_cli.models.loading import load_tokenizer
     from orpo_cli.recipe import DataSettings, OrpoSettings
 
     row = {"prompt": PROMPT, "chosen": "Blue.", "rejected": "No."}
@@ -134,7 +134,7 @@ class _SpyAdapter(FullAdapter):
 
 
 def test_generate_runs_inside_the_adapter_context_with_real_prompt_lengths(lora_export):
-    from orpo_cli.tuned import load_merged
+    from orpo_cli.models.tuned import load_merged
 
     tuned = load_merged(lora_export)
     spy = _SpyAdapter()

@@ -18,11 +18,11 @@ import torch
 
 from orpo_cli.adapters import build_adapter
 from orpo_cli.batching import collate_pairs
-from orpo_cli.builtin import materialize_builtin
 from orpo_cli.data import TokenizedPair
 from orpo_cli.engine import _build_optimizer
 from orpo_cli.forward import orpo_forward
-from orpo_cli.modeling import load_model
+from orpo_cli.models.builtin import materialize_builtin
+from orpo_cli.models.loading import load_model
 from orpo_cli.plan import (
     ModelShape,
     PairLengths,

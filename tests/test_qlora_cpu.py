@@ -18,9 +18,9 @@ import torch
 from typer.testing import CliRunner
 
 from orpo_cli.adapters.lora import LoraAdapter
-from orpo_cli.builtin import materialize_builtin
 from orpo_cli.cli import app
-from orpo_cli.modeling import keep_4bit_weights_unpacked, load_model
+from orpo_cli.models.builtin import materialize_builtin
+from orpo_cli.models.loading import keep_4bit_weights_unpacked, load_model
 from orpo_cli.recipe import LoraSettings, ModelSettings, QuantizationSettings
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")

@@ -50,7 +50,7 @@ print(json.dumps({"dtype": str(merged.dtype), "max_diff": float((a - b).abs().ma
 def _first_probe(run) -> list[int]:
     """The first of the export check's probes: the first eval pair's prompt + chosen."""
     from orpo_cli.data import prepare_data
-    from orpo_cli.tuned import load_saved_tokenizer, read_recipe
+    from orpo_cli.models.tuned import load_saved_tokenizer, read_recipe
 
     recipe = read_recipe(run.recipe)
     pair = prepare_data(recipe.data, recipe.orpo, load_saved_tokenizer(run.tokenizer)).eval[0]
@@ -112,7 +112,7 @@ def test_tokenized_pairs_follow_its_chat_template(smollm2_run):
 
     from orpo_cli.data import prepare_data
     from orpo_cli.demo_data import short_answer_rows
-    from orpo_cli.tuned import read_recipe
+    from orpo_cli.models.tuned import read_recipe
 
     recipe = read_recipe(smollm2_run.recipe)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_run.tokenizer)

@@ -87,7 +87,7 @@ def check_target_modules(model: nn.Module, targets: list[str]) -> None:
         pass
     modules = dict(model.named_modules())
     names = sorted({name.rsplit(".", 1)[-1] for name, module in modules.items() if isinstance(module, adaptable)})
-    from orpo_cli.modeling import model_name
+    from orpo_cli.models.loading import model_name
 
     for target in targets:
         matched = [m for name, m in modules.items() if name and (name == target or name.endswith("." + target))]

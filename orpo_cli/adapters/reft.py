@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from orpo_cli.errors import UserError, stage
-from orpo_cli.modeling import model_name as _model_name
+from orpo_cli.models.loading import model_name as _model_name
 from orpo_cli.recipe import ReftSettings
 from orpo_cli.reft import (
     ATTRIBUTE,

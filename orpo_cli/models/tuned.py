@@ -58,7 +58,7 @@ def read_recipe(path: Path) -> Recipe:
 
 def detect(path: Path) -> str:
     """What `path` holds: "run", "bundle" or "model"; anything else is a user error."""
-    from orpo_cli.builtin import check_builtin, is_builtin
+    from orpo_cli.models.builtin import check_builtin, is_builtin
 
     if is_builtin(str(path)):
         check_builtin(str(path))
@@ -82,7 +82,7 @@ def detect(path: Path) -> str:
 
 def load_tuned(path: Path) -> Tuned:
     """Whatever `path` holds (see the module docstring), loaded for inference."""
-    from orpo_cli.builtin import is_builtin, resolve_model_path
+    from orpo_cli.models.builtin import is_builtin, resolve_model_path
 
     kind = detect(path)
     if is_builtin(str(path)):
@@ -96,7 +96,7 @@ def load_tuned(path: Path) -> Tuned:
 
 def inference_device(recipe: Recipe | None) -> torch.device:
     """Where eval and generate run: the GPU when there is one, unless the recipe pinned the CPU."""
-    from orpo_cli.modeling import pick_device
+    from orpo_cli.models.loading import pick_device
 
     return pick_device("cpu" if recipe is not None and recipe.model.device == "cpu" else "auto")
 
@@ -109,7 +109,7 @@ def load_base(
     full_precision: bool = False,
 ) -> nn.Module:
     """The recipe's base model as it trained (dtype, quantization), or unquantized fp32 with full_precision."""
-    from orpo_cli.modeling import check_quantization, load_model, resolve_dtype
+    from orpo_cli.models.loading import check_quantization, load_model, resolve_dtype
 
     settings = recipe.model if name_or_path is None else recipe.model.model_copy(update={"name_or_path": name_or_path})
     if full_precision:
@@ -176,7 +176,7 @@ def load_merged(path: Path, *, device: torch.device | None = None) -> Tuned:
     from transformers import AutoModelForCausalLM
 
     from orpo_cli.adapters.full import FullAdapter
-    from orpo_cli.modeling import quiet_libraries
+    from orpo_cli.models.loading import quiet_libraries
 
     quiet_libraries()
     path = Path(path)

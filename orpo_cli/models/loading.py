@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from orpo_cli.builtin import is_builtin, resolve_model_path
 from orpo_cli.errors import UserError, stage
+from orpo_cli.models.builtin import is_builtin, resolve_model_path
 from orpo_cli.recipe import ModelSettings, QuantizationSettings
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -180,7 +180,7 @@ def num_layers(model: torch.nn.Module) -> int:
 
 def model_name(model: torch.nn.Module) -> str:
     """The name a user knows the model by: builtin:NAME for a built-in, else its hub id or path."""
-    from orpo_cli.builtin import BUILTIN_PREFIX, list_builtins
+    from orpo_cli.models.builtin import BUILTIN_PREFIX, list_builtins
 
     path = str(getattr(getattr(model, "config", None), "name_or_path", "") or "the model")
     folder = Path(path)
