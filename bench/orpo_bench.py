@@ -19,7 +19,7 @@ number of steps. The parent prints one JSON line per implementation, then one li
 per objective:
 
 * ``tokens_per_s``: non-padding tokens of the chosen and rejected sequences (prompt counted in both, as
-  `orpo_cli.batching.count_tokens` does) over the wall time of the timed steps;
+  `orpo_cli.training.batching.count_tokens` does) over the wall time of the timed steps;
 * ``s_per_step``: mean wall time of a timed step (the first ``--warmup`` steps are not timed);
 * ``peak_mem_mb``: peak resident memory of the child (``ru_maxrss``) on a CPU, peak CUDA memory allocated
   on a GPU;
@@ -36,7 +36,7 @@ How each side is driven:
   preparation made (so both see identical tokens), the sampler is sequential over a dataset already
   in orpo-tune's order, and ``compute_loss`` records the loss. Steps are timed by a callback at
   ``on_step_end``.
-* orpo-tune: ``orpo_cli.recipe.validate_recipe`` + ``orpo_cli.run.start_run``, the same path as
+* orpo-tune: ``orpo_cli.recipe.validate_recipe`` + ``orpo_cli.training.setup.start_run``, the same path as
   ``orpo-tune train``, with ``log_every: 1`` (TRL logs every step too); steps are timed where the engine
   calls ``Reporter.advance``, right after each optimizer step, and the first loss is read from
   ``metrics.jsonl``.
@@ -234,9 +234,9 @@ def _recipe_dict(args: argparse.Namespace, work: Path, nll_on_prompt: bool, out:
 def _ordered_pairs(args: argparse.Namespace, work: Path) -> tuple[list[Any], int]:
     """orpo-tune's pairs for this data, in the order its engine visits them, and the tokenizer's pad id."""
     from orpo_cli.data import prepare_data
-    from orpo_cli.engine import micro_batches
     from orpo_cli.models.loading import load_tokenizer
     from orpo_cli.recipe import validate_recipe
+    from orpo_cli.training.loop import micro_batches
 
     recipe = validate_recipe(_recipe_dict(args, work, True, work / "unused"))
     tokenizer = load_tokenizer(recipe.model.name_or_path)
@@ -247,7 +247,7 @@ def _ordered_pairs(args: argparse.Namespace, work: Path) -> tuple[list[Any], int
 
 
 def _step_tokens(args: argparse.Namespace, ordered: list[Any]) -> list[int]:
-    from orpo_cli.batching import count_tokens
+    from orpo_cli.training.batching import count_tokens
 
     return [count_tokens(ordered[i * args.batch : (i + 1) * args.batch]) for i in range(args.warmup + args.steps)]
 
@@ -475,13 +475,13 @@ def _run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def _run_ours(args: argparse.Namespace, work: Path, nll_on_prompt: bool) -> dict[str, Any]:
     import orpo_cli.progress
     from orpo_cli.recipe import validate_recipe
-    from orpo_cli.run import start_run
     from orpo_cli.rundir import RunDir
+    from orpo_cli.training.setup import start_run
 
     if args.layout:
-        import orpo_cli.engine
+        import orpo_cli.training.loop
 
-        orpo_cli.engine.batch_layout = lambda _adapter, _model: args.layout  # an ablation knob of this benchmark only
+        orpo_cli.training.loop.batch_layout = lambda _adapter, _model: args.layout  # an ablation knob of this benchmark only
     device = _device(args)
     ordered, _pad = _ordered_pairs(args, work)
     tokens = _step_tokens(args, ordered)

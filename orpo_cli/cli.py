@@ -147,9 +147,9 @@ def train(
 ) -> None:
     """Train with ORPO: checkpoints, metrics and the adapter land in the run directory (docs/distributed.md
     for several GPUs or machines)."""
-    from orpo_cli.launch import Machines, QuietExit
     from orpo_cli.recipe import load_recipe
-    from orpo_cli.run import start_run
+    from orpo_cli.training.distributed import Machines, QuietExit
+    from orpo_cli.training.setup import start_run
 
     overrides = list(set_ or [])
     if max_steps is not None:

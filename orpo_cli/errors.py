@@ -302,7 +302,7 @@ def report(err: Exception, command: str) -> tuple[int, list[str]]:
     """
     import sys
 
-    from orpo_cli.launch import QuietExit
+    from orpo_cli.training.distributed import QuietExit
 
     debug = debug_enabled()
     if isinstance(err, QuietExit):  # a worker (or rank 0) already said why

@@ -21,12 +21,8 @@ from torch import nn
 from orpo_cli.adapters import Adapter
 from orpo_cli.adapters.full import FullAdapter
 from orpo_cli.atomic import atomic_write_text
-from orpo_cli.batching import collate_pairs
 from orpo_cli.data import TokenizedPair
 from orpo_cli.errors import UserError
-from orpo_cli.forward import batch_layout, orpo_forward
-from orpo_cli.loss import count_normalizers
-from orpo_cli.metrics import MetricTally
 from orpo_cli.models.tuned import (
     check_trained,
     inference_device,
@@ -38,6 +34,10 @@ from orpo_cli.models.tuned import (
 from orpo_cli.progress import Reporter
 from orpo_cli.recipe import DataSource, Recipe
 from orpo_cli.rundir import RunDir
+from orpo_cli.training.batching import collate_pairs
+from orpo_cli.training.forward import batch_layout, orpo_forward
+from orpo_cli.training.loss import count_normalizers
+from orpo_cli.training.metrics import MetricTally
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ The edited tokens are the real-token indices [0, kf) and [n − kl, n), where kf
 kl = min(K_last, n // 2), so the two groups never overlap. Counting real tokens instead of columns makes
 this the same under left or right padding, with or without a KV cache, and with the prompt prefilled in
 several chunks; every generated token has a real-token index ≥ n, so decode steps are never edited.
-When the model gets a 4-D mask instead (the prefix-shared training layout, prefix.py: one
+When the model gets a 4-D mask instead (the prefix-shared training layout, training/shared_prompt.py: one
 `[prompt | chosen | rejected]` row per pair), `position_ids` stand for the real-token index: the prompt
 holds positions 0..n-1 exactly once per row, so it is edited once and both responses attend to that copy.
 

@@ -301,7 +301,7 @@ def test_a_bug_before_the_run_directory_exists_is_one_line_naming_the_stage_and_
 
 
 def test_a_bug_during_training_writes_its_traceback_to_the_run_directory(tmp_path, monkeypatch):
-    import orpo_cli.engine as engine
+    import orpo_cli.training.loop as engine
 
     monkeypatch.setattr(engine, "orpo_forward", _boom)
     out = tmp_path / "run"

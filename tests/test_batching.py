@@ -1,13 +1,13 @@
-"""orpo_cli.batching: both batch layouts and their precomputed loss targets, on hand-made pairs."""
+"""orpo_cli.training.batching: both batch layouts and their precomputed loss targets, on hand-made pairs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from orpo_cli.batching import DEFAULT_LAYOUT, collate_pairs, count_tokens
 from orpo_cli.data import TokenizedPair
-from orpo_cli.prefix import Segments
+from orpo_cli.training.batching import DEFAULT_LAYOUT, collate_pairs, count_tokens
+from orpo_cli.training.shared_prompt import Segments
 
 PAD = 0
 X = -100

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from orpo_cli.cli import app
 from orpo_cli.data import TokenizedPair
-from orpo_cli.engine import micro_batches
+from orpo_cli.training.loop import micro_batches
 
 ROOT = Path(__file__).parents[1]
 RECIPE = ROOT / "recipes" / "tiny-lora.yaml"
@@ -274,7 +274,7 @@ def test_adapter_saved_from_a_weightless_replica_equals_the_direct_save(tmp_path
     from orpo_cli.adapters import build_adapter, trainable_state
     from orpo_cli.models.loading import load_model, resolve_dtype
     from orpo_cli.recipe import load_recipe
-    from orpo_cli.run import weightless_replica
+    from orpo_cli.training.setup import weightless_replica
 
     recipe = load_recipe(RECIPE, MICRO)
     adapter = build_adapter(recipe.adapter)
@@ -301,14 +301,14 @@ import sys, torch, torch.distributed as dist
 from pathlib import Path
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from orpo_cli.adapters import build_adapter, trainable_state
-from orpo_cli.batching import collate_pairs
-from orpo_cli.checkpoint import read_checkpoint, write_checkpoint
+from orpo_cli.training.batching import collate_pairs
+from orpo_cli.training.checkpoint import read_checkpoint, write_checkpoint
 from orpo_cli.data import TokenizedPair
-from orpo_cli.engine import _full_state, _load_full_state, gathered_trainable_weights
-from orpo_cli.forward import orpo_forward
+from orpo_cli.training.loop import _full_state, _load_full_state, gathered_trainable_weights
+from orpo_cli.training.forward import orpo_forward
 from orpo_cli.models.loading import load_model
 from orpo_cli.recipe import load_recipe
-from orpo_cli.run import fsdp_units, return_decoder_output
+from orpo_cli.training.setup import fsdp_units, return_decoder_output
 from orpo_cli.rundir import RunDir
 
 dist.init_process_group("gloo")
@@ -322,7 +322,7 @@ def build(dtype, seed=0):
     model = load_model(recipe.model, recipe.quantization, torch.device("cpu"), dtype)
     return adapter, adapter.attach(model, quantized=False, gradient_checkpointing=False)
 
-def shard(model):  # as run.py shapes accelerate's FSDP1 plugin
+def shard(model):  # as training/setup.py shapes accelerate's FSDP1 plugin
     return_decoder_output(model)
     return FSDP(model, auto_wrap_policy=fsdp_units(model), use_orig_params=True, device_id=torch.device("cpu"),
                 ignored_modules=[model.get_output_embeddings()])

@@ -8,9 +8,9 @@ from typer.testing import CliRunner
 
 from orpo_cli.cli import app
 from orpo_cli.data import TokenizedPair
-from orpo_cli.engine import micro_batches, plan_steps
 from orpo_cli.recipe import TrainSettings
 from orpo_cli.rundir import RunDir
+from orpo_cli.training.loop import micro_batches, plan_steps
 
 runner = CliRunner()
 

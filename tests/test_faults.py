@@ -12,9 +12,9 @@ import pytest
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from orpo_cli.checkpoint import latest_checkpoint
 from orpo_cli.cli import app
 from orpo_cli.rundir import RunDir
+from orpo_cli.training.checkpoint import latest_checkpoint
 
 ROOT = Path(__file__).parents[1]
 RECIPE = ROOT / "recipes" / "tiny-lora.yaml"
@@ -75,7 +75,7 @@ def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    import orpo_cli.engine as engine
+    import orpo_cli.training.loop as engine
 
     real = engine.orpo_forward
     calls = {"n": 0}
@@ -133,7 +133,7 @@ def test_an_incomplete_checkpoint_is_skipped_and_temporaries_are_cleaned(tmp_pat
 def test_out_of_memory_is_one_line_with_the_levers_and_keeps_the_checkpoints(tmp_path, monkeypatch, error):
     import torch
 
-    import orpo_cli.engine as engine
+    import orpo_cli.training.loop as engine
 
     real = engine.orpo_forward
     calls = {"n": 0}
@@ -166,10 +166,10 @@ def test_a_checkpoint_keeps_every_optimizer_state_and_resumes_it(tmp_path, name)
     import torch
 
     pytest.importorskip("bitsandbytes")
-    from orpo_cli.checkpoint import read_checkpoint, write_checkpoint
-    from orpo_cli.engine import _build_optimizer
     from orpo_cli.recipe import TrainSettings
     from orpo_cli.rundir import RunDir
+    from orpo_cli.training.checkpoint import read_checkpoint, write_checkpoint
+    from orpo_cli.training.loop import _build_optimizer
 
     def stepped(seed: int) -> tuple[torch.nn.Parameter, torch.optim.Optimizer]:
         torch.manual_seed(seed)

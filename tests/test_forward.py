@@ -1,4 +1,4 @@
-"""orpo_cli.forward: the model forward that feeds the loss, in both layouts, against TRL's ORPOTrainer."""
+"""orpo_cli.training.forward: the model forward that feeds the loss, in both layouts, against TRL's ORPOTrainer."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from orpo_cli.batching import collate_pairs
 from orpo_cli.data import TokenizedPair
-from orpo_cli.forward import orpo_forward
-from orpo_cli.loss import count_normalizers
+from orpo_cli.training.batching import collate_pairs
+from orpo_cli.training.forward import orpo_forward
+from orpo_cli.training.loss import count_normalizers
 
 PAD = 0
 VOCAB = 128

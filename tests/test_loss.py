@@ -1,4 +1,4 @@
-"""Tests of orpo_cli.loss: the formula by hand, parity with TRL's ORPOTrainer, accumulation, chunking."""
+"""Tests of orpo_cli.training.loss: the formula by hand, parity with TRL's ORPOTrainer, accumulation, chunking."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orpo_cli.loss import (
+from orpo_cli.training.loss import (
     ORPOTerms,
     count_normalizers,
     log1mexp,
@@ -426,7 +426,7 @@ def _tokenized(pairs):
 
 @pytest.mark.parametrize("nll_on_prompt", [False, True])
 def test_precomputed_targets_match_targets_from_labels(nll_on_prompt: bool) -> None:
-    from orpo_cli.batching import collate_pairs
+    from orpo_cli.training.batching import collate_pairs
 
     torch.manual_seed(7)
     pairs = _pairs(PAIR_LENGTHS, seed=7)
@@ -497,7 +497,7 @@ def test_collated_batches_need_no_data_dependent_shapes(layout: str) -> None:
     .item()) raises: the loss of a collated batch runs without one, so it never waits for the device."""
     from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode
 
-    from orpo_cli.batching import collate_pairs
+    from orpo_cli.training.batching import collate_pairs
 
     batch = collate_pairs(_tokenized(_pairs(PAIR_LENGTHS, seed=10)), PAD, layout=layout)
     real_hidden = torch.randn(*batch["input_ids"].shape, 8)

@@ -17,10 +17,7 @@ import pytest
 import torch
 
 from orpo_cli.adapters import build_adapter
-from orpo_cli.batching import collate_pairs
 from orpo_cli.data import TokenizedPair
-from orpo_cli.engine import _build_optimizer
-from orpo_cli.forward import orpo_forward
 from orpo_cli.models.builtin import materialize_builtin
 from orpo_cli.models.loading import load_model
 from orpo_cli.plan import (
@@ -35,6 +32,9 @@ from orpo_cli.plan import (
     trainable_tensors,
 )
 from orpo_cli.recipe import FullSettings, LoraSettings, ModelSettings, QuantizationSettings, TrainSettings
+from orpo_cli.training.batching import collate_pairs
+from orpo_cli.training.forward import orpo_forward
+from orpo_cli.training.loop import _build_optimizer
 
 CPU = torch.device("cpu")
 LENGTHS = (PairLengths(20, 30, 25), PairLengths(15, 40, 35), PairLengths(30, 10, 20))
@@ -101,7 +101,7 @@ def _measure(name: str, mode: str, layout: str, gc: bool, optimizer: str = "adam
 
     # What non-reentrant checkpointing keeps for its recomputation is held by the recompute closure, not by a
     # saved-tensor hook: count the floating tensors handed to every checkpointed call.
-    import orpo_cli.loss as loss_module
+    import orpo_cli.training.loss as loss_module
 
     def counting(fn):
         def wrapper(function, *args, **kwargs):
@@ -282,7 +282,7 @@ def _peak_above_end(fn) -> int:
 @pytest.mark.parametrize("targets", [100, 700])
 @pytest.mark.parametrize("mode", ["lora", "full"], ids=["frozen-head", "trainable-head"])
 def test_head_transient_matches_the_allocator(mode: str, targets: int) -> None:
-    from orpo_cli.loss import target_logps
+    from orpo_cli.training.loss import target_logps
 
     path, model, _ = _model("tiny-llama", mode, False)
     head = model.get_output_embeddings()
@@ -403,8 +403,8 @@ def test_eval_pass_peak_matches_the_allocator(mode: str, layout: str) -> None:
 def test_planner_constants_are_the_codes():
     """plan.py imports no torch, so it repeats two constants of the code it models: they must agree."""
     from orpo_cli import plan
-    from orpo_cli.loss import CHUNK_ROWS
-    from orpo_cli.prefix import PACK_WIDTH
+    from orpo_cli.training.loss import CHUNK_ROWS
+    from orpo_cli.training.shared_prompt import PACK_WIDTH
 
     assert plan.CHUNK_ROWS == CHUNK_ROWS
     assert StepSetup(pairs=LENGTHS).pack_width == PACK_WIDTH

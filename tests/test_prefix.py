@@ -1,4 +1,4 @@
-"""Prefix sharing (orpo_cli.prefix): the 4-D mask, the block attention, and loss/gradient parity with the
+"""Prefix sharing (orpo_cli.training.shared_prompt): the 4-D mask, the block attention, and loss/gradient parity with the
 padded layout on Llama and Qwen2, with LoRA and with ReFT, one pair per row and packed (padding-free)."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import orpo_cli.prefix as prefix
-from orpo_cli.batching import collate_pairs
+import orpo_cli.training.shared_prompt as prefix
 from orpo_cli.data import TokenizedPair
-from orpo_cli.forward import orpo_forward
-from orpo_cli.loss import orpo_loss
-from orpo_cli.prefix import Segments, attention_mask_4d, block_attention, to_padded
+from orpo_cli.training.batching import collate_pairs
+from orpo_cli.training.forward import orpo_forward
+from orpo_cli.training.loss import orpo_loss
+from orpo_cli.training.shared_prompt import Segments, attention_mask_4d, block_attention, to_padded
 
 VOCAB = 96
 LENGTHS = [(3, 4, 2), (5, 1, 6), (2, 7, 3), (1, 2, 2)]  # (prompt, chosen, rejected) per pair
@@ -222,7 +222,7 @@ def test_reft_edits_the_shared_prompt_as_it_edits_both_padded_rows(tmp_path):
         off = orpo_forward(model, adapter, collate_pairs(pairs, 0), lam=0.1, nll_on_prompt=True)
     assert abs(off.loss.item() - results["prefix"][0].loss.item()) > 1e-3
     # ReFT edits each row's prompt: it never gets packed rows, and refuses them if given.
-    from orpo_cli.forward import batch_layout
+    from orpo_cli.training.forward import batch_layout
 
     assert batch_layout(adapter, model) == "prefix"
     with pytest.raises(ValueError, match="rows but 3 prompt lengths"):
@@ -246,8 +246,8 @@ def test_lora_batches_are_packed_only_under_sdpa(attn):
     attention would score whole packed rows, so it gets one row per pair."""
     from orpo_cli.adapters.lora import LoraAdapter
     from orpo_cli.adapters.reft import ReftAdapter
-    from orpo_cli.forward import batch_layout
     from orpo_cli.recipe import LoraSettings, ReftSettings
+    from orpo_cli.training.forward import batch_layout
 
     model = _model("llama", attn)
     assert batch_layout(LoraAdapter(LoraSettings()), model) == ("packed" if attn == "sdpa" else "prefix")
@@ -259,8 +259,8 @@ def test_models_without_masked_attention_run_padded(monkeypatch):
     batch = collate_pairs(_pairs(seed=6), 0)
     ref = orpo_forward(model, _NoAdapter(), batch, lam=0.1, nll_on_prompt=False)
     seen = []
-    monkeypatch.setattr("orpo_cli.forward.supports_prefix", lambda m, b=None: False)
-    monkeypatch.setattr("orpo_cli.forward.to_padded", lambda b: seen.append(1) or to_padded(b))
+    monkeypatch.setattr("orpo_cli.training.forward.supports_prefix", lambda m, b=None: False)
+    monkeypatch.setattr("orpo_cli.training.forward.to_padded", lambda b: seen.append(1) or to_padded(b))
     got = orpo_forward(model, _NoAdapter(), batch, lam=0.1, nll_on_prompt=False)
     assert seen == [1]
     torch.testing.assert_close(got.loss, ref.loss, rtol=0, atol=1e-5)
@@ -278,7 +278,7 @@ def test_a_sliding_window_shorter_than_the_sequences_runs_padded(window, monkeyp
                                              sliding_window=window, attn_implementation="sdpa"))
     pairs = _pairs(seed=7)
     seen = []
-    monkeypatch.setattr("orpo_cli.forward.to_padded", lambda b: seen.append(1) or to_padded(b))
+    monkeypatch.setattr("orpo_cli.training.forward.to_padded", lambda b: seen.append(1) or to_padded(b))
     ref_terms, ref_grads = _reference(model, pairs, True)
     terms, grads = _run(model, collate_pairs(pairs, 0), True)
     _assert_same(terms, grads, ref_terms, ref_grads)

@@ -10,11 +10,9 @@ from typer.testing import CliRunner
 
 from orpo_cli.adapters import build_adapter
 from orpo_cli.adapters.reft import ReftAdapter, row_prompt_lengths
-from orpo_cli.batching import collate_pairs
 from orpo_cli.cli import app
 from orpo_cli.data import TokenizedPair
 from orpo_cli.errors import UserError
-from orpo_cli.forward import orpo_forward
 from orpo_cli.models.builtin import materialize_builtin
 from orpo_cli.recipe import ReftSettings
 from orpo_cli.reft import (
@@ -30,6 +28,8 @@ from orpo_cli.reft import (
     real_token_index,
     set_weights,
 )
+from orpo_cli.training.batching import collate_pairs
+from orpo_cli.training.forward import orpo_forward
 
 ROOT = Path(__file__).parents[1]
 

@@ -13,7 +13,7 @@ With ``nll_on_prompt=True`` the NLL covers every non-padding token of the chosen
 the response-only mean log-probabilities.
 
 Batch layout: :func:`orpo_loss` (the straightforward reference) reads the padded layout of
-:func:`orpo_cli.batching.collate_pairs`: for ``B`` pairs, ``input_ids``, ``attention_mask`` and ``labels`` are
+:func:`orpo_cli.training.batching.collate_pairs`: for ``B`` pairs, ``input_ids``, ``attention_mask`` and ``labels`` are
 ``[2B, L]``; rows ``0..B-1`` hold prompt + chosen response and rows ``B..2B-1`` prompt + rejected response,
 right-padded. ``labels`` holds the token id at response positions and ``-100`` at prompt and padding
 positions; it is *not* shifted (the logits at ``t-1`` predict ``labels[t]``). Where ``labels`` is not
@@ -237,7 +237,7 @@ def count_normalizers(
 
     No host sync: sum these over the micro-batches of an accumulation window and pass the totals as
     ``num_nll_tokens`` / ``num_pairs`` to :func:`orpo_loss` or :func:`orpo_loss_from_hidden`. Works on
-    either layout of :func:`orpo_cli.batching.collate_pairs` (from the precomputed targets' shapes) and on
+    either layout of :func:`orpo_cli.training.batching.collate_pairs` (from the precomputed targets' shapes) and on
     hand-made padded batches (from their masks).
 
     Returns:
@@ -350,7 +350,7 @@ def orpo_loss(
 
 @dataclass(frozen=True)
 class _IndexTargets:
-    """A batch's loss targets as flat hidden-row indices (see orpo_cli.batching.loss_targets)."""
+    """A batch's loss targets as flat hidden-row indices (see orpo_cli.training.batching.loss_targets)."""
 
     num_pairs: int
     chosen: torch.Tensor  # [3, Nc]: flat row, token id, pair
@@ -524,7 +524,7 @@ def orpo_loss_from_hidden(
 
     Args:
         hidden: ``[rows, L, H]`` decoder output after the final norm (the input of ``lm_head``), for
-            either layout of :func:`orpo_cli.batching.collate_pairs` (``[B, L, H]`` prefix-shared or
+            either layout of :func:`orpo_cli.training.batching.collate_pairs` (``[B, L, H]`` prefix-shared or
             ``[2B, L, H]`` padded). A hand-made padded batch without precomputed targets has them
             derived from its ``labels`` (one host sync).
         lm_head: the output projection, called as a function on ``[n, H]`` rows (an ``nn.Linear`` with or

@@ -18,25 +18,25 @@ import torch
 from torch import nn
 
 from orpo_cli.adapters import Adapter
-from orpo_cli.batching import collate_pairs, count_tokens
-from orpo_cli.checkpoint import (
+from orpo_cli.data import TokenizedPair
+from orpo_cli.errors import Interrupted, RunFailed, UserError, stage
+from orpo_cli.evaluate import preference_metrics
+from orpo_cli.progress import Reporter
+from orpo_cli.recipe import OrpoSettings, TrainSettings
+from orpo_cli.rundir import RunDir
+from orpo_cli.training.batching import collate_pairs, count_tokens
+from orpo_cli.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     read_checkpoint,
     save_checkpoint,
     write_checkpoint,
 )
-from orpo_cli.data import TokenizedPair
-from orpo_cli.errors import Interrupted, RunFailed, UserError, stage
-from orpo_cli.evaluate import preference_metrics
-from orpo_cli.forward import batch_layout, orpo_forward
-from orpo_cli.launch import WORLD_SIZE_KEY
-from orpo_cli.loss import count_normalizers
-from orpo_cli.metrics import MetricTally
-from orpo_cli.progress import Reporter
-from orpo_cli.recipe import OrpoSettings, TrainSettings
-from orpo_cli.rundir import RunDir
-from orpo_cli.signals import StopRequests
+from orpo_cli.training.distributed import WORLD_SIZE_KEY
+from orpo_cli.training.forward import batch_layout, orpo_forward
+from orpo_cli.training.loss import count_normalizers
+from orpo_cli.training.metrics import MetricTally
+from orpo_cli.training.signals import StopRequests
 
 
 @dataclass

@@ -182,7 +182,7 @@ def saved_world_size(run: RunDir) -> int | None:
     """World size recorded in the newest complete checkpoint (1 for checkpoints older than the record)."""
     from safetensors import safe_open
 
-    from orpo_cli.checkpoint import latest_checkpoint
+    from orpo_cli.training.checkpoint import latest_checkpoint
 
     found = latest_checkpoint(run)
     if found is None:

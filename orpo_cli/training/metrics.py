@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from orpo_cli.loss import ORPOTerms
+from orpo_cli.training.loss import ORPOTerms
 
 # Per-pair sums and per-step scalar sums; both kept as 0-dim tensors on the training device.
 _PAIR_KEYS = ("pairs", "chosen", "rejected", "correct", "log_odds", "log_sigmoid")

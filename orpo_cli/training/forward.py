@@ -7,7 +7,7 @@ captured by a hook and the loss projects only the rows it needs, in chunks (see 
 The batch layouts (see batching.py), chosen by the `layout` argument or, by default, by the batch itself:
 
 * ``prefix``: one ``[prompt | chosen | rejected]`` row per pair, the model called with a 4-D attention
-  mask and position ids (prefix.py), so each prompt runs once; with ``sdpa``, each pair's attention runs
+  mask and position ids (training/shared_prompt.py), so each prompt runs once; with ``sdpa``, each pair's attention runs
   on exactly the blocks the mask allows. Needs an attention implementation that applies custom 4-D
   masks (``sdpa``, ``eager``) and no sliding window shorter than the sequences; for any other model the
   batch is turned into the padded layout on the device first (`prefix.to_padded`, no host sync).
@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from orpo_cli.adapters import Adapter
-from orpo_cli.batching import LAYOUTS, Layout
-from orpo_cli.loss import ORPOTerms, orpo_loss_from_hidden
-from orpo_cli.prefix import (
+from orpo_cli.training.batching import LAYOUTS, Layout
+from orpo_cli.training.loss import ORPOTerms, orpo_loss_from_hidden
+from orpo_cli.training.shared_prompt import (
     attention_implementation,
     is_prefix_batch,
     model_inputs,

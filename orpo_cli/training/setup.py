@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from orpo_cli.errors import Interrupted, RunFailed, UserError, stage, use_run_log
-from orpo_cli.launch import Machines, QuietExit, check_processes, launch, plan_processes
 from orpo_cli.recipe import Recipe
 from orpo_cli.rundir import RunDir
+from orpo_cli.training.distributed import Machines, QuietExit, check_processes, launch, plan_processes
 
 # Keys that may change between a run and its --resume (how long, how often); anything else must match.
 _RESUMABLE_CHANGES = {
@@ -59,7 +59,6 @@ def start_run(
     from orpo_cli.adapters import build_adapter, count_parameters
     from orpo_cli.atomic import atomic_dir, atomic_write_text
     from orpo_cli.data import check_source, prepare_data
-    from orpo_cli.engine import fit
     from orpo_cli.models.loading import (
         check_model_source,
         check_quantization,
@@ -69,6 +68,7 @@ def start_run(
         resolve_dtype,
     )
     from orpo_cli.progress import Reporter
+    from orpo_cli.training.loop import fit
 
     run = run_dir_for(recipe)
     # ---- cheap checks first: errors in seconds, before anything is loaded or written
@@ -309,7 +309,7 @@ def _save_adapter(
     """Rank 0 writes the adapter; where the weights are sharded (FSDP, ZeRO-3) they are gathered first and
     put into a weightless copy of the model (meta tensors but for the trainable weights) to save from."""
     from orpo_cli.atomic import atomic_dir
-    from orpo_cli.engine import gathered_trainable_weights, shards_weights
+    from orpo_cli.training.loop import gathered_trainable_weights, shards_weights
 
     source = accelerator.unwrap_model(model)
     if shards_weights(accelerator):

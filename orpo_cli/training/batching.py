@@ -3,11 +3,11 @@
 `collate_pairs(pairs, pad_token_id, layout=...)` builds one of two layouts:
 
 * ``"prefix"`` (the default): one ``[prompt | chosen | rejected]`` row per pair, the prompt computed once;
-  see :mod:`orpo_cli.prefix`. Keys ``input_ids``, ``attention_mask``, ``position_ids``, ``segment_ids``,
+  see :mod:`orpo_cli.training.shared_prompt`. Keys ``input_ids``, ``attention_mask``, ``position_ids``, ``segment_ids``,
   ``pair_ids`` ``[B, W]``, ``prompt_lengths``, ``chosen_lengths``, ``rejected_lengths`` ``[B]``, the host-side
   ``segments``, and the loss targets below.
 * ``"packed"``: the same, padding-free: several pairs one after another in each row (rows of about
-  :data:`orpo_cli.prefix.PACK_WIDTH` columns), so that padding is left only at the end of each row. The
+  :data:`orpo_cli.training.shared_prompt.PACK_WIDTH` columns), so that padding is left only at the end of each row. The
   keys are the prefix layout's, with fewer rows than pairs. For adapters that read nothing per row
   (`Adapter.packs_pairs`): LoRA and full fine-tuning, not ReFT.
 * ``"padded"``: the straightforward layout, as TRL's; for B pairs
@@ -65,7 +65,7 @@ def collate_pairs(
     """Collate B pairs in `layout` (default :data:`DEFAULT_LAYOUT`); see the module docstring."""
     layout = layout or DEFAULT_LAYOUT
     if layout in ("prefix", "packed"):
-        from orpo_cli.prefix import collate_prefix
+        from orpo_cli.training.shared_prompt import collate_prefix
 
         return collate_prefix(pairs, pad_token_id, pad_to_multiple_of, pack=layout == "packed")
     if layout != "padded":

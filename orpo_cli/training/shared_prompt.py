@@ -19,7 +19,7 @@ and pads each pair once instead of padding both rows to the longest sequence of 
 
 The prefix batch also carries what adapters read in the padded layout: a 2-D ``attention_mask``
 (1 on real tokens) and ``prompt_lengths`` ``[B]``, one row per pair. The loss targets are precomputed
-here too (see :func:`orpo_cli.batching.loss_targets`): which hidden row predicts which token.
+here too (see :func:`orpo_cli.training.batching.loss_targets`): which hidden row predicts which token.
 
 Attention. A dense ``[B, W, W]`` mask makes the kernel score every query against every key of its row,
 the chosen-rejected block and the padding included. With ``sdpa`` the forward therefore also passes the
@@ -143,9 +143,9 @@ def collate_prefix(
     (each column's part: prompt 0, chosen 1, rejected 2, padding 3), ``pair_ids`` (each column's pair,
     -1 on padding), ``prompt_lengths``, ``chosen_lengths``, ``rejected_lengths`` (each ``[B]``),
     ``segments`` (lengths and places on the host, see :class:`Segments`) and the loss targets of
-    :func:`orpo_cli.batching.loss_targets`.
+    :func:`orpo_cli.training.batching.loss_targets`.
     """
-    from orpo_cli.batching import loss_targets
+    from orpo_cli.training.batching import loss_targets
 
     if not pairs:
         raise ValueError("collate_prefix needs at least one pair")
@@ -364,13 +364,13 @@ def install_block_attention() -> None:
 
 
 def to_padded(batch: Mapping[str, Any], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
-    """The same pairs in the padded ``[2B, L]`` layout of :func:`orpo_cli.batching.collate_pairs`.
+    """The same pairs in the padded ``[2B, L]`` layout of :func:`orpo_cli.training.batching.collate_pairs`.
 
     For models that cannot run a prefix batch. No host sync: the padded layout is collated on the host
     from the segments with each token's *flat index* in the prefix batch standing in for its id, and
     the ids are then gathered on the device through those indices.
     """
-    from orpo_cli.batching import TARGET_KEYS, collate_pairs
+    from orpo_cli.training.batching import TARGET_KEYS, collate_pairs
 
     ids = batch["input_ids"]
     width = ids.shape[1]

@@ -1,0 +1,1 @@
+"""Training: the setup from a recipe, the loop, the ORPO loss and head, batch layouts, checkpoints, distributed plumbing."""
