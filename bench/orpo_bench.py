@@ -233,7 +233,7 @@ def _recipe_dict(args: argparse.Namespace, work: Path, nll_on_prompt: bool, out:
 
 def _ordered_pairs(args: argparse.Namespace, work: Path) -> tuple[list[Any], int]:
     """orpo-tune's pairs for this data, in the order its engine visits them, and the tokenizer's pad id."""
-    from orpo_cli.data import prepare_data
+    from orpo_cli.data.prepare import prepare_data
     from orpo_cli.models.loading import load_tokenizer
     from orpo_cli.recipe import validate_recipe
     from orpo_cli.training.loop import micro_batches

@@ -21,7 +21,7 @@ from torch import nn
 from orpo_cli.adapters import Adapter
 from orpo_cli.adapters.full import FullAdapter
 from orpo_cli.atomic import atomic_write_text
-from orpo_cli.data import TokenizedPair
+from orpo_cli.data.pairs import TokenizedPair
 from orpo_cli.errors import UserError
 from orpo_cli.models.tuned import (
     check_trained,
@@ -151,7 +151,7 @@ def heldout_metrics(
 
 def eval_pairs(recipe: Recipe, tokenizer: Any, data: Path | None) -> tuple[list[TokenizedPair], str]:
     """The run's eval split, rebuilt from its recipe, or every pair of `data` mapped with the run's settings."""
-    from orpo_cli.data import check_source, prepare_data
+    from orpo_cli.data.prepare import check_source, prepare_data
 
     if data is None:
         pairs = prepare_data(recipe.data, recipe.orpo, tokenizer).eval

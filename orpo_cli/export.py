@@ -339,7 +339,7 @@ def _export_bundle(run: RunDir, recipe: Recipe, out: Path, force: bool, reporter
 # ------------------------------------------------------------------------------------------ checking
 def _probes(recipe: Recipe, tokenizer: Any) -> list[tuple[list[int], int]]:
     """(ids, prompt length) of a few eval prompts with their chosen answers; fixed prompts if the data is gone."""
-    from orpo_cli.data import prepare_data
+    from orpo_cli.data.prepare import prepare_data
 
     try:
         data = prepare_data(recipe.data, recipe.orpo, tokenizer)

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from orpo_cli import prompts
 from orpo_cli.adapters import Adapter
+from orpo_cli.data import prompts
 from orpo_cli.errors import UserError
 from orpo_cli.recipe import Recipe
 

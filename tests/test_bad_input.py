@@ -285,7 +285,7 @@ def _boom(*args, **kwargs):
 
 
 def test_a_bug_before_the_run_directory_exists_is_one_line_naming_the_stage_and_the_log(tmp_path, monkeypatch):
-    import orpo_cli.data as data
+    import orpo_cli.data.prepare as data
 
     monkeypatch.setattr(data, "_chat_template", _boom)  # the first step, cached data or not
     monkeypatch.delenv(DEBUG_ENV, raising=False)
@@ -315,7 +315,7 @@ def test_a_bug_during_training_writes_its_traceback_to_the_run_directory(tmp_pat
 
 @pytest.mark.parametrize("how", ["--debug", DEBUG_ENV])
 def test_debug_prints_the_traceback(tmp_path, monkeypatch, how):
-    import orpo_cli.data as data
+    import orpo_cli.data.prepare as data
 
     monkeypatch.setattr(data, "_chat_template", _boom)  # the first step, cached data or not
     recipe = tmp_path / "recipe.yaml"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orpo_cli.data import TokenizedPair
+from orpo_cli.data.pairs import TokenizedPair
 from orpo_cli.training.batching import DEFAULT_LAYOUT, collate_pairs, count_tokens
 from orpo_cli.training.shared_prompt import Segments
 

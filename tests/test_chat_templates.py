@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from orpo_cli.data import DROP_TEMPLATE, prepare_data
+from orpo_cli.data.pairs import DROP_TEMPLATE
+from orpo_cli.data.prepare import prepare_data
 from orpo_cli.errors import UserError
 from orpo_cli.recipe import DataSettings, OrpoSettings
 

@@ -10,18 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from orpo_cli import data as data_mod
-from orpo_cli.data import (
-    DROP_EMPTY,
-    DROP_FIT,
-    DROP_NO_PROMPT,
-    DROP_SAME,
-    DROP_SAME_TRUNCATED,
-    check_source,
-    load_rows,
-    prepare_data,
-)
-from orpo_cli.demo_data import demo_rows
+from orpo_cli.data import sources, tokenizing
+from orpo_cli.data.builtin_sets import demo_rows
+from orpo_cli.data.pairs import DROP_EMPTY, DROP_FIT, DROP_NO_PROMPT, DROP_SAME, DROP_SAME_TRUNCATED
+from orpo_cli.data.prepare import check_source, prepare_data
+from orpo_cli.data.sources import load_rows
 from orpo_cli.errors import UserError
 from orpo_cli.recipe import DataSettings, DataSource, OrpoSettings
 
@@ -451,7 +444,7 @@ def test_cache_hit_skips_tokenizing(tok, tmp_path, monkeypatch):
 
     with monkeypatch.context() as patch:
         patch.setattr(type(tok), "__call__", boom)
-        patch.setattr(data_mod, "_encode", boom)
+        patch.setattr(tokenizing, "_encode", boom)
         second = prepare_data(settings, OrpoSettings(), tok, cache_dir=tmp_path)
     assert second.stats.from_cache and "loaded from cache" in second.stats.summary()
     assert (second.train, second.eval) == (first.train, first.eval)
@@ -561,7 +554,7 @@ def test_builtin_demo_source(tok, tmp_path):
     ],
 )
 def test_guess_format_names_the_shape_of_a_row(row, expected):
-    from orpo_cli.data import guess_format
+    from orpo_cli.data.formats import guess_format
     from orpo_cli.recipe import ColumnMap
 
     assert guess_format(row, ColumnMap()) == expected
@@ -578,20 +571,20 @@ def test_conversational_with_plain_strings_is_an_error_naming_the_row_and_the_fo
 
 
 def test_csv_with_long_fields_reads_and_unreadable_csv_is_one_line(tmp_path, monkeypatch):
-    from orpo_cli.data import load_rows
+    from orpo_cli.data.sources import load_rows
 
     long = tmp_path / "long.csv"
     long.write_text("prompt,chosen,rejected\nq," + "word " * 40000 + ",b\n", encoding="utf-8")
     assert len(load_rows(DataSettings(train=str(long)).train)[0]["chosen"]) == 200000
     # what the csv module refuses (here: its default 128 KiB field cap, kept) is one line naming the file
-    data_mod.csv.field_size_limit(131072)  # the default; load_rows raises it again on its next call
-    monkeypatch.setattr(data_mod.csv, "field_size_limit", lambda *args: 131072)
+    sources.csv.field_size_limit(131072)  # the default; load_rows raises it again on its next call
+    monkeypatch.setattr(sources.csv, "field_size_limit", lambda *args: 131072)
     with pytest.raises(UserError, match=r"long.csv:\d+: invalid CSV: field larger than field limit"):
         load_rows(DataSettings(train=str(long)).train)
 
 
 def test_builtin_short_answers_rows():
-    from orpo_cli.demo_data import SHORT_ANSWERS_ROWS, short_answer_rows
+    from orpo_cli.data.builtin_sets import SHORT_ANSWERS_ROWS, short_answer_rows
 
     rows = short_answer_rows()
     assert rows == short_answer_rows() and rows != short_answer_rows(seed=1)  # a pure function of the seed

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from orpo_cli.cli import app
-from orpo_cli.data import TokenizedPair
+from orpo_cli.data.pairs import TokenizedPair
 from orpo_cli.training.loop import micro_batches
 
 ROOT = Path(__file__).parents[1]
@@ -303,7 +303,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from orpo_cli.adapters import build_adapter, trainable_state
 from orpo_cli.training.batching import collate_pairs
 from orpo_cli.training.checkpoint import read_checkpoint, write_checkpoint
-from orpo_cli.data import TokenizedPair
+from orpo_cli.data.pairs import TokenizedPair
 from orpo_cli.training.loop import _full_state, _load_full_state, gathered_trainable_weights
 from orpo_cli.training.forward import orpo_forward
 from orpo_cli.models.loading import load_model

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from orpo_cli.cli import app
-from orpo_cli.data import TokenizedPair
+from orpo_cli.data.pairs import TokenizedPair
 from orpo_cli.recipe import TrainSettings
 from orpo_cli.rundir import RunDir
 from orpo_cli.training.loop import micro_batches, plan_steps

@@ -22,7 +22,7 @@ def _eval(*args):
 
 
 def _small_data(path: Path, rows: int = 3) -> Path:
-    from orpo_cli.demo_data import demo_rows
+    from orpo_cli.data.builtin_sets import demo_rows
 
     path.write_text("".join(json.dumps(r) + "\n" for r in demo_rows()[:rows]), encoding="utf-8")
     return path
@@ -92,7 +92,7 @@ def test_table_data_file_and_samples(tiny_lora_run, copy_run, tmp_path):
     assert saved["num_pairs"] == 3 and saved["data"] == str(data)
     lines = (run.root / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 2
-    from orpo_cli.demo_data import demo_rows
+    from orpo_cli.data.builtin_sets import demo_rows
 
     questions = {r["prompt"] for r in demo_rows()[:3]}
     for line in lines:

@@ -51,7 +51,7 @@ def _digest(path: Path) -> str:
 
 
 def _probe_ids(run) -> list[int]:
-    from orpo_cli.data import prepare_data
+    from orpo_cli.data.prepare import prepare_data
     from orpo_cli.models.tuned import load_saved_tokenizer, read_recipe
 
     recipe = read_recipe(run.recipe)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from orpo_cli.data import TokenizedPair
+from orpo_cli.data.pairs import TokenizedPair
 from orpo_cli.training.batching import collate_pairs
 from orpo_cli.training.forward import orpo_forward
 from orpo_cli.training.loss import count_normalizers

@@ -419,7 +419,7 @@ def test_rejects_bad_layout() -> None:
 
 
 def _tokenized(pairs):
-    from orpo_cli.data import TokenizedPair
+    from orpo_cli.data.pairs import TokenizedPair
 
     return [TokenizedPair(p, c, r) for p, c, r in pairs]
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from orpo_cli.adapters import build_adapter
-from orpo_cli.data import TokenizedPair
+from orpo_cli.data.pairs import TokenizedPair
 from orpo_cli.models.builtin import materialize_builtin
 from orpo_cli.models.loading import load_model
 from orpo_cli.plan import (

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import orpo_cli.training.shared_prompt as prefix
-from orpo_cli.data import TokenizedPair
+from orpo_cli.data.pairs import TokenizedPair
 from orpo_cli.training.batching import collate_pairs
 from orpo_cli.training.forward import orpo_forward
 from orpo_cli.training.loss import orpo_loss

@@ -49,7 +49,7 @@ print(json.dumps({"dtype": str(merged.dtype), "max_diff": float((a - b).abs().ma
 
 def _first_probe(run) -> list[int]:
     """The first of the export check's probes: the first eval pair's prompt + chosen."""
-    from orpo_cli.data import prepare_data
+    from orpo_cli.data.prepare import prepare_data
     from orpo_cli.models.tuned import load_saved_tokenizer, read_recipe
 
     recipe = read_recipe(run.recipe)
@@ -110,8 +110,8 @@ def test_missing_package_is_one_line_naming_the_install_command(tmp_path, monkey
 def test_tokenized_pairs_follow_its_chat_template(smollm2_run):
     from transformers import AutoTokenizer
 
-    from orpo_cli.data import prepare_data
-    from orpo_cli.demo_data import short_answer_rows
+    from orpo_cli.data.builtin_sets import short_answer_rows
+    from orpo_cli.data.prepare import prepare_data
     from orpo_cli.models.tuned import read_recipe
 
     recipe = read_recipe(smollm2_run.recipe)

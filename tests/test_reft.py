@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from orpo_cli.adapters import build_adapter
 from orpo_cli.adapters.reft import ReftAdapter, row_prompt_lengths
 from orpo_cli.cli import app
-from orpo_cli.data import TokenizedPair
+from orpo_cli.data.pairs import TokenizedPair
 from orpo_cli.errors import UserError
 from orpo_cli.models.builtin import materialize_builtin
 from orpo_cli.recipe import ReftSettings

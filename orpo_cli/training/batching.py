@@ -43,7 +43,7 @@ from typing import Literal
 
 import torch
 
-from orpo_cli.data import TokenizedPair
+from orpo_cli.data.pairs import TokenizedPair
 
 IGNORE_INDEX = -100
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from orpo_cli.adapters import Adapter
-from orpo_cli.data import TokenizedPair
+from orpo_cli.data.pairs import TokenizedPair
 from orpo_cli.errors import Interrupted, RunFailed, UserError, stage
 from orpo_cli.evaluate import preference_metrics
 from orpo_cli.progress import Reporter

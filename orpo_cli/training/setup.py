@@ -58,7 +58,7 @@ def start_run(
 
     from orpo_cli.adapters import build_adapter, count_parameters
     from orpo_cli.atomic import atomic_dir, atomic_write_text
-    from orpo_cli.data import check_source, prepare_data
+    from orpo_cli.data.prepare import check_source, prepare_data
     from orpo_cli.models.loading import (
         check_model_source,
         check_quantization,

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orpo_cli.data import TokenizedPair
+from orpo_cli.data.pairs import TokenizedPair
 
 IGNORE_INDEX = -100
 
