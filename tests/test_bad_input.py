@@ -332,7 +332,7 @@ def test_debug_prints_the_traceback(tmp_path, monkeypatch, how):
 
 
 def test_a_library_error_raised_by_our_own_code_is_not_blamed_on_the_user():
-    from orpo_cli.adapters.reft import row_prompt_lengths
+    from orpo_cli.adapters.reft.adapter import row_prompt_lengths
     from orpo_cli.errors import InternalError, UserError, stage
 
     mismatched = {"attention_mask": torch.ones(3, 4), "prompt_lengths": torch.tensor([1, 2])}

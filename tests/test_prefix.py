@@ -193,12 +193,12 @@ def test_gradient_checkpointing_recomputes_the_same_blocks():
 
 
 def test_reft_edits_the_shared_prompt_as_it_edits_both_padded_rows(tmp_path):
-    pytest.importorskip("orpo_cli.adapters.reft")
+    pytest.importorskip("orpo_cli.adapters.reft.adapter")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from orpo_cli.adapters.reft import ReftAdapter
+    from orpo_cli.adapters.reft.adapter import ReftAdapter
+    from orpo_cli.adapters.reft.interventions import find_stack
     from orpo_cli.recipe import ReftSettings
-    from orpo_cli.reft import find_stack
 
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -245,7 +245,7 @@ def test_lora_batches_are_packed_only_under_sdpa(attn):
     """Packed rows pay off only where the block attention confines each pair to its columns (sdpa); eager
     attention would score whole packed rows, so it gets one row per pair."""
     from orpo_cli.adapters.lora import LoraAdapter
-    from orpo_cli.adapters.reft import ReftAdapter
+    from orpo_cli.adapters.reft.adapter import ReftAdapter
     from orpo_cli.recipe import LoraSettings, ReftSettings
     from orpo_cli.training.forward import batch_layout
 

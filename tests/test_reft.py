@@ -9,13 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from orpo_cli.adapters import build_adapter
-from orpo_cli.adapters.reft import ReftAdapter, row_prompt_lengths
-from orpo_cli.cli import app
-from orpo_cli.data.pairs import TokenizedPair
-from orpo_cli.errors import UserError
-from orpo_cli.models.builtin import materialize_builtin
-from orpo_cli.recipe import ReftSettings
-from orpo_cli.reft import (
+from orpo_cli.adapters.reft.adapter import ReftAdapter, row_prompt_lengths
+from orpo_cli.adapters.reft.interventions import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     DiReFT,
@@ -28,6 +23,11 @@ from orpo_cli.reft import (
     real_token_index,
     set_weights,
 )
+from orpo_cli.cli import app
+from orpo_cli.data.pairs import TokenizedPair
+from orpo_cli.errors import UserError
+from orpo_cli.models.builtin import materialize_builtin
+from orpo_cli.recipe import ReftSettings
 from orpo_cli.training.batching import collate_pairs
 from orpo_cli.training.forward import orpo_forward
 

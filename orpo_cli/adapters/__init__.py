@@ -5,7 +5,7 @@ from __future__ import annotations
 from orpo_cli.adapters.base import Adapter, count_parameters, trainable_state
 from orpo_cli.adapters.full import FullAdapter
 from orpo_cli.adapters.lora import LoraAdapter
-from orpo_cli.adapters.reft import ReftAdapter
+from orpo_cli.adapters.reft.adapter import ReftAdapter
 from orpo_cli.recipe import FullSettings, LoraSettings, ReftSettings
 
 

@@ -1,4 +1,4 @@
-"""ReFT (LoReFT, NoReFT, DiReFT) behind the adapter interface; the interventions themselves live in orpo_cli/reft.py.
+"""ReFT (LoReFT, NoReFT, DiReFT) behind the adapter interface; the interventions live in interventions.py.
 
 The interventions hang on the model as `model.reft_interventions` (a `ReftStack`), so they train, are
 checkpointed and restored by name like any parameter; the base model is frozen. A ReFT adapter is not
@@ -25,10 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from orpo_cli.errors import UserError, stage
-from orpo_cli.models.loading import model_name as _model_name
-from orpo_cli.recipe import ReftSettings
-from orpo_cli.reft import (
+from orpo_cli.adapters.reft.interventions import (
     ATTRIBUTE,
     CONFIG_NAME,
     FORMAT_VERSION,
@@ -40,6 +37,9 @@ from orpo_cli.reft import (
     get_weights,
     set_weights,
 )
+from orpo_cli.errors import UserError, stage
+from orpo_cli.models.loading import model_name as _model_name
+from orpo_cli.recipe import ReftSettings
 
 
 class ReftAdapter:
