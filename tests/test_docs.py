@@ -32,16 +32,16 @@ def test_recipe_reference_lists_every_key_once():
 
 
 def test_qlora_memory_tables_are_the_planners():
-    from orpo_cli.plan_docs import DOC, render
+    from orpo_cli.plan.docs import DOC, render
 
     on_disk = DOC.read_text(encoding="utf-8")
     assert on_disk == render(on_disk), (
-        "docs/qlora-memory.md's tables are stale: regenerate them with `python -m orpo_cli.plan_docs`"
+        "docs/qlora-memory.md's tables are stale: regenerate them with `python -m orpo_cli.plan.docs`"
     )
 
 
 def test_qlora_memory_staleness_check_can_fail():
-    from orpo_cli.plan_docs import DOC, render
+    from orpo_cli.plan.docs import DOC, render
 
     on_disk = DOC.read_text(encoding="utf-8")
     stale = on_disk.replace("| Mistral-7B | 7.24B |", "| Mistral-7B | 7.99B |")

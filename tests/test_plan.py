@@ -20,7 +20,7 @@ from orpo_cli.adapters import build_adapter
 from orpo_cli.data.pairs import TokenizedPair
 from orpo_cli.models.builtin import materialize_builtin
 from orpo_cli.models.loading import load_model
-from orpo_cli.plan import (
+from orpo_cli.plan.memory import (
     ModelShape,
     PairLengths,
     StepSetup,
@@ -332,7 +332,7 @@ def test_plan_matches_a_real_step_of_smollm2(mode: str, layout: str, gc: bool) -
 def test_shipped_smollm2_config_is_the_built_models() -> None:
     """The shipped config the planner uses for builtin:smollm2-135m-instruct describes the model it builds."""
     _needs_smollm2()
-    from orpo_cli.plan_report import model_config
+    from orpo_cli.plan.report import model_config
 
     built = json.loads((materialize_builtin("smollm2-135m-instruct") / "config.json").read_text())
     shipped, source = model_config("builtin:smollm2-135m-instruct")
@@ -401,8 +401,8 @@ def test_eval_pass_peak_matches_the_allocator(mode: str, layout: str) -> None:
 
 
 def test_planner_constants_are_the_codes():
-    """plan.py imports no torch, so it repeats two constants of the code it models: they must agree."""
-    from orpo_cli import plan
+    """plan/memory.py imports no torch, so it repeats two constants of the code it models: they must agree."""
+    from orpo_cli.plan import memory as plan
     from orpo_cli.training.loss import CHUNK_ROWS
     from orpo_cli.training.shared_prompt import PACK_WIDTH
 

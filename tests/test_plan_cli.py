@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from orpo_cli.cli import app
 from orpo_cli.errors import UserError
-from orpo_cli.plan import (
+from orpo_cli.plan.memory import (
     GIB,
     GPUS,
     ModelShape,
@@ -23,7 +23,7 @@ from orpo_cli.plan import (
     plan_step,
     verdict,
 )
-from orpo_cli.plan_report import SHIPPED_CONFIGS, model_config, shipped_config
+from orpo_cli.plan.report import SHIPPED_CONFIGS, model_config, shipped_config
 
 ROOT = Path(__file__).parents[1]
 MISTRAL = ROOT / "recipes" / "mistral-7b-qlora-ultrafeedback.yaml"
@@ -144,7 +144,7 @@ def test_levers_follow_the_issue_order_and_empty_when_it_fits():
 def test_train_on_cpu_reports_the_plan_in_one_line(tmp_path):
     import torch
 
-    from orpo_cli.plan_report import check_before_training
+    from orpo_cli.plan.report import check_before_training
     from orpo_cli.recipe import load_recipe
 
     recipe = tmp_path / "r.yaml"
@@ -169,7 +169,7 @@ def test_train_on_cuda_refuses_a_recipe_far_over_free_memory(monkeypatch):
     """The CUDA branch with the device's answer faked: 2 GiB free refuses the Mistral QLoRA recipe, 40 GiB passes."""
     import torch
 
-    from orpo_cli.plan_report import check_before_training
+    from orpo_cli.plan.report import check_before_training
     from orpo_cli.recipe import load_recipe
 
     recipe = load_recipe(MISTRAL)

@@ -86,7 +86,7 @@ def start_run(
     check_model_source(recipe.model)
     check_source(recipe.data)
     if plan_check and not procs.launched:  # the launching process checks once for all its workers
-        from orpo_cli.plan_report import check_before_training
+        from orpo_cli.plan.report import check_before_training
 
         check_before_training(recipe, world_size=procs.world_size, device=device, echo=_to_stderr)
     if procs.needs_launch:  # every check passed here once: now the workers, each back in this function

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from orpo_cli.errors import UserError
-from orpo_cli.plan import (
+from orpo_cli.plan.memory import (
     DEFAULT_MFU,
     GIB,
     REFUSE_MARGIN,
