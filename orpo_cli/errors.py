@@ -23,6 +23,8 @@ import traceback
 from pathlib import Path
 from types import TracebackType
 
+from orpo_cli.storage import cache_root
+
 
 class UserError(Exception):
     """A mistake the user can fix; the CLI prints str(err) on one line and exits with code 2."""
@@ -205,15 +207,10 @@ def _file_system(err: BaseException, doing: str | None = None) -> str | None:
     return f"{where}{what}{when}{cache}; {_FS_FIX[code]}"
 
 
-def _cache_root() -> Path:
-    cache = os.environ.get("ORPO_TUNE_CACHE")
-    return Path(cache).expanduser() if cache else Path.home() / ".cache" / "orpo-tune"
-
-
 def _in_cache(path: Path | None) -> bool:
     if path is None:
         return False
-    root = _cache_root().absolute()
+    root = cache_root().absolute()
     return path.absolute() == root or root in path.absolute().parents
 
 
@@ -277,7 +274,7 @@ def write_traceback(err: BaseException, command: str) -> Path | None:
         candidates.append(run_dir / "error.log")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"error-{command}-{stamp}-{os.getpid()}.log"
-    candidates.append(_cache_root() / "logs" / name)
+    candidates.append(cache_root() / "logs" / name)
     import tempfile
 
     candidates.append(Path(tempfile.gettempdir()) / name)

@@ -25,6 +25,9 @@ from pydantic import (
 
 from orpo_cli.errors import UserError
 
+# model.name_or_path and a data source's path name a built-in model or data set as builtin:NAME
+BUILTIN_PREFIX = "builtin:"
+
 
 class _Section(BaseModel):
     # allow_inf_nan=False: `.inf` and `.nan` mean nothing in any field of a recipe (an infinite lr trains

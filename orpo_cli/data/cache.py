@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from orpo_cli.data.pairs import DataStats, PreparedData, TokenizedPair
-from orpo_cli.data.sources import BUILTIN_PREFIX
-from orpo_cli.recipe import DataSettings, DataSource, OrpoSettings
+from orpo_cli.recipe import BUILTIN_PREFIX, DataSettings, DataSource, OrpoSettings
+from orpo_cli.storage import cache_root, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,7 @@ _CACHE_VERSION = "orpo-data-3"  # bump when the output of this module changes fo
 def _cache_dir(cache_dir: Path | None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
-    root = os.environ.get("ORPO_TUNE_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "orpo-tune") / "data"
+    return cache_root() / "data"
 
 
 def _cache_key(data: DataSettings, orpo: OrpoSettings, tokenizer: Any) -> str:
@@ -51,11 +50,7 @@ def _source_fingerprint(source: DataSource) -> dict[str, Any]:
         return fingerprint
     local = Path(source.path).expanduser()
     if local.is_file():
-        digest = hashlib.sha256()
-        with open(local, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        fingerprint["sha256"] = digest.hexdigest()
+        fingerprint["sha256"] = file_sha256(local)
     return fingerprint  # a hub id (or directory) is keyed by its name, subset and split
 
 

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from orpo_cli.errors import UserError
-from orpo_cli.recipe import DataSource
+from orpo_cli.recipe import BUILTIN_PREFIX, DataSource
 
-BUILTIN_PREFIX = "builtin:"
 BUILTIN_DATASETS = ("demo", "short-answers")
 _FILE_KINDS = ("jsonl", "json", "csv", "parquet")
 

@@ -55,8 +55,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orpo_cli.errors import UserError
-
-BUILTIN_PREFIX = "builtin:"
+from orpo_cli.recipe import BUILTIN_PREFIX
+from orpo_cli.storage import cache_root
 
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|end|>"
@@ -211,7 +211,7 @@ def materialize_builtin(name: str, cache_dir: Path | None = None) -> Path:
     reused without rebuilding. Raises :class:`UserError` for an unknown name.
     """
     spec = _lookup(name)
-    builtin_dir = (cache_dir if cache_dir is not None else _default_cache_root()) / "builtin"
+    builtin_dir = (cache_dir if cache_dir is not None else cache_root()) / "builtin"
     if isinstance(spec, PackagedSpec):
         final = builtin_dir / spec.cache_key
         if _is_complete(final):  # built once: the package may even be gone since
@@ -226,7 +226,7 @@ def check_builtin(name_or_path: str) -> None:
     """The cheap check for ``builtin:<name>``: a known name, and for a packaged model its package installed
     (or the model already built). Builds nothing; raises :class:`UserError`."""
     spec = _lookup(name_or_path.removeprefix(BUILTIN_PREFIX))
-    if isinstance(spec, PackagedSpec) and not _is_complete(_default_cache_root() / "builtin" / spec.cache_key):
+    if isinstance(spec, PackagedSpec) and not _is_complete(cache_root() / "builtin" / spec.cache_key):
         packaged_file(spec)
 
 
@@ -238,11 +238,6 @@ def _lookup(name: str) -> BuiltinSpec | PackagedSpec:
     close = difflib.get_close_matches(name, list_builtins(), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     raise UserError(f"model.name_or_path: unknown built-in model '{name}'; known: {known}{hint}")
-
-
-def _default_cache_root() -> Path:
-    env = os.environ.get("ORPO_TUNE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "orpo-tune"
 
 
 def _is_complete(directory: Path) -> bool:

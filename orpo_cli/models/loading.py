@@ -180,7 +180,8 @@ def num_layers(model: torch.nn.Module) -> int:
 
 def model_name(model: torch.nn.Module) -> str:
     """The name a user knows the model by: builtin:NAME for a built-in, else its hub id or path."""
-    from orpo_cli.models.builtin import BUILTIN_PREFIX, list_builtins
+    from orpo_cli.models.builtin import list_builtins
+    from orpo_cli.recipe import BUILTIN_PREFIX
 
     path = str(getattr(getattr(model, "config", None), "name_or_path", "") or "the model")
     folder = Path(path)

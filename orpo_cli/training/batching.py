@@ -44,8 +44,7 @@ from typing import Literal
 import torch
 
 from orpo_cli.data.pairs import TokenizedPair
-
-IGNORE_INDEX = -100
+from orpo_cli.training.loss import IGNORE_INDEX  # -100: the label a position without a loss target carries
 
 Layout = Literal["packed", "prefix", "padded"]
 LAYOUTS: tuple[str, ...] = ("packed", "prefix", "padded")

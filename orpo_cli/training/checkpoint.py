@@ -6,7 +6,6 @@ digests written last; `latest_checkpoint` skips (with a warning) one that is inc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -22,6 +21,7 @@ from torch import nn
 from orpo_cli.adapters import trainable_state
 from orpo_cli.atomic import atomic_dir, remove_stale_temporaries
 from orpo_cli.rundir import RunDir
+from orpo_cli.storage import file_sha256
 
 _STEP = re.compile(r"^step-(\d+)$")
 _FILES = (
@@ -67,7 +67,7 @@ def write_checkpoint(
             state["rng/cuda"] = torch.cuda.get_rng_state()
         save_file(_contiguous(state), str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, "python_rng": _py_rng_state()}))
-        digests = {name: _sha256(tmp / name) for name in _FILES}
+        digests = {name: file_sha256(tmp / name) for name in _FILES}
         (tmp / "manifest.json").write_text(json.dumps({"step": step, "sha256": digests}, indent=1))
     for old in list_checkpoints(run)[:-keep]:
         shutil.rmtree(old[1], ignore_errors=True)
@@ -150,7 +150,7 @@ def _verify(path: Path) -> str | None:
         file = path / name
         if not file.is_file():
             return f"missing {name}"
-        if _sha256(file) != digests.get(name):
+        if file_sha256(file) != digests.get(name):
             return f"{name} does not match its digest (corrupted)"
     return None
 
@@ -201,9 +201,3 @@ def _py_rng_state() -> list[Any]:
     return [version, list(internal), gauss]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

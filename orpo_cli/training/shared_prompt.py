@@ -49,8 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orpo_cli.data.pairs import TokenizedPair
-
-IGNORE_INDEX = -100
+from orpo_cli.training.loss import IGNORE_INDEX  # -100: the label a position without a loss target carries
 
 # Attention implementations that apply a custom 4-D mask exactly.
 MASKED_ATTENTION = ("sdpa", "eager")
