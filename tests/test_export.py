@@ -170,7 +170,6 @@ class _UnmergeableLora:
         from orpo_cli.adapters.lora import LoraAdapter
 
         self._inner = LoraAdapter(settings)
-        self.kind = "lora"
 
     def __getattr__(self, name):
         if name == "merge":

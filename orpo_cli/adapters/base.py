@@ -14,7 +14,6 @@ from torch import nn
 class Adapter(Protocol):
     """What training, eval, export and generate need from an adapter."""
 
-    kind: str
     mergeable: bool  # True when export can fold the adapter into the base weights (LoRA, full fine-tuning)
     packs_pairs: bool  # True when several pairs may share a batch row (it reads nothing per row): LoRA, full
 

@@ -16,7 +16,6 @@ from orpo_cli.errors import stage
 class FullAdapter:
     mergeable = True
     packs_pairs = True
-    kind = "none"
 
     @stage("preparing full fine-tuning", blame="adapter")
     def attach(self, model: nn.Module, *, quantized: bool, gradient_checkpointing: bool) -> nn.Module:

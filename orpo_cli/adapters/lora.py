@@ -17,7 +17,6 @@ from orpo_cli.recipe import LoraSettings
 class LoraAdapter:
     mergeable = True
     packs_pairs = True
-    kind = "lora"
 
     def __init__(self, settings: LoraSettings):
         self.settings = settings

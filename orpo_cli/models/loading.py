@@ -167,17 +167,6 @@ def keep_4bit_weights_unpacked(model: torch.nn.Module) -> int:
     return n
 
 
-def num_layers(model: torch.nn.Module) -> int:
-    """Number of decoder layers of a causal LM (through any adapter wrapper)."""
-    config = getattr(model, "config", None)
-    n = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-    if n is None:
-        raise UserError(
-            "cannot tell how many decoder layers this model has (config has no num_hidden_layers)"
-        )
-    return int(n)
-
-
 def model_name(model: torch.nn.Module) -> str:
     """The name a user knows the model by: builtin:NAME for a built-in, else its hub id or path."""
     from orpo_cli.models.builtin import list_builtins

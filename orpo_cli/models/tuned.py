@@ -42,7 +42,6 @@ class Tuned:
     tokenizer: Any
     recipe: Recipe | None  # None for a model directory orpo-tune did not write
     device: torch.device
-    kind: str  # "run", "bundle" or "model"
 
 
 def read_recipe(path: Path) -> Recipe:
@@ -126,7 +125,7 @@ def load_run(run: RunDir, *, device: torch.device | None = None) -> Tuned:
     tokenizer = load_saved_tokenizer(run.tokenizer)
     adapter = adapters.build_adapter(recipe.adapter)
     model = adapter.load(load_base(recipe, device), run.adapter)
-    return Tuned(_ready(model), adapter, tokenizer, recipe, device, "run")
+    return Tuned(_ready(model), adapter, tokenizer, recipe, device)
 
 
 def check_trained(run: RunDir) -> None:
@@ -168,7 +167,7 @@ def load_bundle(path: Path, *, device: torch.device | None = None) -> Tuned:
     adapter = adapters.build_adapter(recipe.adapter)
     base = load_base(recipe, device, name_or_path=bundle_base(path, manifest))
     model = adapter.load(base, path / "adapter")
-    return Tuned(_ready(model), adapter, tokenizer, recipe, device, "bundle")
+    return Tuned(_ready(model), adapter, tokenizer, recipe, device)
 
 
 def load_merged(path: Path, *, device: torch.device | None = None) -> Tuned:
@@ -191,7 +190,7 @@ def load_merged(path: Path, *, device: torch.device | None = None) -> Tuned:
             raise UserError(f"{path}: cannot load it as a causal language model: {first}") from None
     model.to(device)
     # FullAdapter is the no-op adapter: nothing around forward, nothing to disable.
-    return Tuned(_ready(model), FullAdapter(), tokenizer, recipe, device, "model")
+    return Tuned(_ready(model), FullAdapter(), tokenizer, recipe, device)
 
 
 def load_saved_tokenizer(path: Path) -> Any:

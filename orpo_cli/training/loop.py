@@ -45,7 +45,6 @@ class FitResult:
     model: nn.Module | None = None  # as prepared by accelerate (DDP/FSDP/DeepSpeed-wrapped): save from it
     first_eval: dict[str, float] = field(default_factory=dict)
     last_eval: dict[str, float] = field(default_factory=dict)
-    last_train: dict[str, float] = field(default_factory=dict)
 
 
 def plan_steps(num_pairs: int, train: TrainSettings, world_size: int = 1) -> tuple[int, int]:
@@ -266,7 +265,6 @@ def fit(
                 }
                 _write(run, accelerator, record)
                 reporter.log(step, record)
-                result.last_train = record
                 tally.reset()
                 tokens_since_log, clock = 0, time.perf_counter()
             paused = time.perf_counter()  # eval and save time does not count towards tokens/s

@@ -45,7 +45,6 @@ from orpo_cli.recipe import ReftSettings
 class ReftAdapter:
     mergeable = False
     packs_pairs = False
-    kind = "reft"
 
     def __init__(self, settings: ReftSettings):
         self.settings = settings
