@@ -1,8 +1,9 @@
 """Held-out preference metrics: accuracy, log odds ratio, margins and NLL over a set of pairs.
 
-`preference_metrics` is what the training loop logs (TRL's names); `run_eval` is `orpo-tune eval`: the
-run's eval split rebuilt from its saved recipe, the tuned model and (with --base) the base model with the
-adapter switched off, the numbers in RUN/eval.json, and optionally sample answers in RUN/samples.jsonl.
+`preference_metrics` (orpo_cli.training.metrics) is what the training loop logs (TRL's names);
+`run_eval` is `orpo-tune eval`: the run's eval split rebuilt from its saved recipe, the tuned model and
+(with --base) the base model with the adapter switched off, the numbers in RUN/eval.json, and optionally
+sample answers in RUN/samples.jsonl.
 """
 
 from __future__ import annotations
@@ -34,59 +35,7 @@ from orpo_cli.models.tuned import (
 from orpo_cli.progress import Reporter
 from orpo_cli.recipe import DataSource, Recipe
 from orpo_cli.rundir import RunDir
-from orpo_cli.training.batching import collate_pairs
-from orpo_cli.training.forward import batch_layout, orpo_forward
-from orpo_cli.training.loss import count_normalizers
-from orpo_cli.training.metrics import MetricTally
-
-
-@torch.no_grad()
-def preference_metrics(
-    model: nn.Module,
-    adapter: Adapter,
-    pairs: Sequence[TokenizedPair],
-    *,
-    batch_size: int,
-    lam: float,
-    nll_on_prompt: bool,
-    pad_token_id: int,
-    device: torch.device,
-    prefix: str = "",
-    progress: Callable[[int], None] | None = None,
-) -> dict[str, float]:
-    """ORPO metrics over all `pairs` (TRL's names, with `prefix`), normalised over the whole set.
-
-    `progress`, when given, is called with the number of pairs of each batch once it is done.
-    """
-    was_training = model.training
-    model.eval()
-    layout = batch_layout(adapter, model)
-    batches = [
-        {k: v.to(device) for k, v in collate_pairs(pairs[i : i + batch_size], pad_token_id, layout=layout).items()}
-        for i in range(0, len(pairs), batch_size)
-    ]
-    # Normalise by the whole set so that summing the batches gives the exact set-level loss and NLL.
-    counts = [count_normalizers(b, nll_on_prompt) for b in batches]
-    num_tokens = sum(c[0] for c in counts)
-    num_pairs = sum(c[1] for c in counts)
-    tally = MetricTally(device)
-    loss = torch.zeros((), device=device)
-    nll = torch.zeros((), device=device)
-    done = 0
-    for batch in batches:
-        terms = orpo_forward(
-            model, adapter, batch, lam=lam, nll_on_prompt=nll_on_prompt, num_nll_tokens=num_tokens, num_pairs=num_pairs
-        )
-        tally.add_pairs(terms)
-        loss += terms.loss
-        nll += terms.nll
-        if progress is not None:
-            progress(min(batch_size, len(pairs) - done))
-            done += batch_size
-    tally.add_step(loss, nll)
-    model.train(was_training)
-    return tally.compute(lam, prefix=prefix)
-
+from orpo_cli.training.metrics import preference_metrics
 
 # ------------------------------------------------------------------------------------- orpo-tune eval
 EVAL_FILE = "eval.json"

@@ -20,7 +20,6 @@ from torch import nn
 from orpo_cli.adapters import Adapter
 from orpo_cli.data.pairs import TokenizedPair
 from orpo_cli.errors import Interrupted, RunFailed, UserError, stage
-from orpo_cli.evaluate import preference_metrics
 from orpo_cli.progress import Reporter
 from orpo_cli.recipe import OrpoSettings, TrainSettings
 from orpo_cli.rundir import RunDir
@@ -35,7 +34,7 @@ from orpo_cli.training.checkpoint import (
 from orpo_cli.training.distributed import WORLD_SIZE_KEY
 from orpo_cli.training.forward import batch_layout, orpo_forward
 from orpo_cli.training.loss import count_normalizers
-from orpo_cli.training.metrics import MetricTally
+from orpo_cli.training.metrics import MetricTally, preference_metrics
 from orpo_cli.training.signals import StopRequests
 
 

@@ -6,11 +6,18 @@ all-reduce) before dividing, so the logged means are over the global batch, iden
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
-from orpo_cli.training.loss import ORPOTerms
+from orpo_cli.adapters import Adapter
+from orpo_cli.data.pairs import TokenizedPair
+from orpo_cli.training.batching import collate_pairs
+from orpo_cli.training.forward import batch_layout, orpo_forward
+from orpo_cli.training.loss import ORPOTerms, count_normalizers
 
 # Per-pair sums and per-step scalar sums; both kept as 0-dim tensors on the training device.
 _PAIR_KEYS = ("pairs", "chosen", "rejected", "correct", "log_odds", "log_sigmoid")
@@ -89,3 +96,51 @@ class MetricTally:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sums)  # stack made a copy: the local sums stay as they are
         return sums
+
+
+@torch.no_grad()
+def preference_metrics(
+    model: nn.Module,
+    adapter: Adapter,
+    pairs: Sequence[TokenizedPair],
+    *,
+    batch_size: int,
+    lam: float,
+    nll_on_prompt: bool,
+    pad_token_id: int,
+    device: torch.device,
+    prefix: str = "",
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """ORPO metrics over all `pairs` (TRL's names, with `prefix`), normalised over the whole set.
+
+    `progress`, when given, is called with the number of pairs of each batch once it is done.
+    """
+    was_training = model.training
+    model.eval()
+    layout = batch_layout(adapter, model)
+    batches = [
+        {k: v.to(device) for k, v in collate_pairs(pairs[i : i + batch_size], pad_token_id, layout=layout).items()}
+        for i in range(0, len(pairs), batch_size)
+    ]
+    # Normalise by the whole set so that summing the batches gives the exact set-level loss and NLL.
+    counts = [count_normalizers(b, nll_on_prompt) for b in batches]
+    num_tokens = sum(c[0] for c in counts)
+    num_pairs = sum(c[1] for c in counts)
+    tally = MetricTally(device)
+    loss = torch.zeros((), device=device)
+    nll = torch.zeros((), device=device)
+    done = 0
+    for batch in batches:
+        terms = orpo_forward(
+            model, adapter, batch, lam=lam, nll_on_prompt=nll_on_prompt, num_nll_tokens=num_tokens, num_pairs=num_pairs
+        )
+        tally.add_pairs(terms)
+        loss += terms.loss
+        nll += terms.nll
+        if progress is not None:
+            progress(min(batch_size, len(pairs) - done))
+            done += batch_size
+    tally.add_step(loss, nll)
+    model.train(was_training)
+    return tally.compute(lam, prefix=prefix)
