@@ -236,7 +236,7 @@ def _ordered_pairs(args: argparse.Namespace, work: Path) -> tuple[list[Any], int
     from orpo_cli.data.prepare import prepare_data
     from orpo_cli.models.loading import load_tokenizer
     from orpo_cli.recipe import validate_recipe
-    from orpo_cli.training.loop import micro_batches
+    from orpo_cli.training.batching import micro_batches
 
     recipe = validate_recipe(_recipe_dict(args, work, True, work / "unused"))
     tokenizer = load_tokenizer(recipe.model.name_or_path)

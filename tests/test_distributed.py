@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from orpo_cli.cli import app
 from orpo_cli.data.pairs import TokenizedPair
-from orpo_cli.training.loop import micro_batches
+from orpo_cli.training.batching import micro_batches
 
 ROOT = Path(__file__).parents[1]
 RECIPE = ROOT / "recipes" / "tiny-lora.yaml"

@@ -10,7 +10,8 @@ from orpo_cli.cli import app
 from orpo_cli.data.pairs import TokenizedPair
 from orpo_cli.recipe import TrainSettings
 from orpo_cli.rundir import RunDir
-from orpo_cli.training.loop import micro_batches, plan_steps
+from orpo_cli.training.batching import micro_batches
+from orpo_cli.training.loop import plan_steps
 
 runner = CliRunner()
 

@@ -38,7 +38,8 @@ Labels come from positions, never from comparing ids with `pad_token_id`, so a p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -161,3 +162,38 @@ def count_tokens(pairs: Sequence[TokenizedPair]) -> int:
     for, not the work a layout does.
     """
     return sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+
+
+def micro_batches(
+    pairs: Sequence[TokenizedPair],
+    micro_batch_size: int,
+    seed: int,
+    start: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[list[TokenizedPair]]:
+    """Micro-batches of an endless stream of epochs, each a seeded permutation, from global index `start`.
+
+    The order depends only on (seed, epoch), so a resumed run sees exactly the batches it would have seen.
+    With `world_size` ranks, global micro-batch i is the i-th `micro_batch_size * world_size` pairs of the
+    order and rank r takes every world_size-th pair of it from the r-th: one process with
+    `micro_batch_size * world_size` pairs per micro-batch sees the same pairs in every optimizer step.
+    An epoch's last global micro-batch, if it has fewer pairs than ranks, borrows from the start of the
+    order, so that no rank is left without a pair to run forward and backward on.
+    """
+    step_size = micro_batch_size * world_size
+    per_epoch = math.ceil(len(pairs) / step_size)
+    index = start
+    order: list[int] = []
+    order_epoch = -1
+    while True:
+        epoch, position = divmod(index, per_epoch)
+        if epoch != order_epoch:
+            generator = torch.Generator().manual_seed(seed + epoch)
+            order = torch.randperm(len(pairs), generator=generator).tolist()
+            order_epoch = epoch
+        chunk = order[position * step_size : (position + 1) * step_size]
+        if len(chunk) < world_size:
+            chunk += order[: world_size - len(chunk)]
+        yield [pairs[i] for i in chunk[rank::world_size]]
+        index += 1

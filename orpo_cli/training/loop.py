@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ from orpo_cli.errors import Interrupted, RunFailed, UserError, stage
 from orpo_cli.progress import Reporter
 from orpo_cli.recipe import OrpoSettings, TrainSettings
 from orpo_cli.rundir import RunDir
-from orpo_cli.training.batching import collate_pairs, count_tokens
+from orpo_cli.training.batching import collate_pairs, count_tokens, micro_batches
 from orpo_cli.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -52,41 +52,6 @@ def plan_steps(num_pairs: int, train: TrainSettings, world_size: int = 1) -> tup
     if train.max_steps is not None:
         return per_epoch, train.max_steps
     return per_epoch, max(1, math.ceil(train.epochs * per_epoch / train.gradient_accumulation))
-
-
-def micro_batches(
-    pairs: Sequence[TokenizedPair],
-    micro_batch_size: int,
-    seed: int,
-    start: int,
-    rank: int = 0,
-    world_size: int = 1,
-) -> Iterator[list[TokenizedPair]]:
-    """Micro-batches of an endless stream of epochs, each a seeded permutation, from global index `start`.
-
-    The order depends only on (seed, epoch), so a resumed run sees exactly the batches it would have seen.
-    With `world_size` ranks, global micro-batch i is the i-th `micro_batch_size * world_size` pairs of the
-    order and rank r takes every world_size-th pair of it from the r-th: one process with
-    `micro_batch_size * world_size` pairs per micro-batch sees the same pairs in every optimizer step.
-    An epoch's last global micro-batch, if it has fewer pairs than ranks, borrows from the start of the
-    order, so that no rank is left without a pair to run forward and backward on.
-    """
-    step_size = micro_batch_size * world_size
-    per_epoch = math.ceil(len(pairs) / step_size)
-    index = start
-    order: list[int] = []
-    order_epoch = -1
-    while True:
-        epoch, position = divmod(index, per_epoch)
-        if epoch != order_epoch:
-            generator = torch.Generator().manual_seed(seed + epoch)
-            order = torch.randperm(len(pairs), generator=generator).tolist()
-            order_epoch = epoch
-        chunk = order[position * step_size : (position + 1) * step_size]
-        if len(chunk) < world_size:
-            chunk += order[: world_size - len(chunk)]
-        yield [pairs[i] for i in chunk[rank::world_size]]
-        index += 1
 
 
 def fit(
