@@ -272,7 +272,7 @@ def test_real_hh_rlhf_rows_with_two_assistant_turns_in_a_row_are_dropped(folder,
 
 # ------------------------------------------------------------------------------------------ inference
 def test_generation_renders_the_prompt_training_rendered(family, tmp_path):
-    """generate's prompt ids == data.py's, with the tokenizer as a run saves it and generate loads it."""
+    """generate's prompt ids == orpo_cli.data's, with the tokenizer as a run saves it and generate loads it."""
     from transformers import AutoTokenizer
 
     from orpo_cli.generation import chat_template_in_use, conversation, render_prompt

@@ -91,7 +91,7 @@ def test_user_errors_are_one_line_exit_2(tiny_lora_run, tmp_path, args, message)
 # ------------------------------------------------------------------------------------------ prompts
 @pytest.mark.parametrize("template", ["auto", "none"])
 def test_prompt_rendered_exactly_as_training_rendered_it(tmp_path, template):
-    """generate's prompt ids == data.py's prompt ids for the same row (chat template, or plain text + BOS)."""
+    """generate's prompt ids == orpo_cli.data's prompt ids for the same row (chat template, or plain text + BOS)."""
     from orpo_cli.data.prepare import prepare_data
     from orpo_cli.models.loading import load_tokenizer
     from orpo_cli.recipe import DataSettings, OrpoSettings
