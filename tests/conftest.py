@@ -85,7 +85,6 @@ def tiny_qlora_run(tmp_path_factory: pytest.TempPathFactory, orpo_cache: Path) -
 @pytest.fixture(scope="session")
 def tiny_reft_run(tmp_path_factory: pytest.TempPathFactory, orpo_cache: Path) -> RunDir:
     """recipes/tiny-reft.yaml, 10 steps (enough to move the interventions off their init), a 2% eval split."""
-    pytest.importorskip("orpo_cli.adapters.reft.adapter", reason="the ReFT adapter is not in this tree")
     return train_tiny_run(tmp_path_factory.mktemp("tiny-reft") / "run", "tiny-reft.yaml", *_SHORT)
 
 

@@ -193,7 +193,6 @@ def test_gradient_checkpointing_recomputes_the_same_blocks():
 
 
 def test_reft_edits_the_shared_prompt_as_it_edits_both_padded_rows(tmp_path):
-    pytest.importorskip("orpo_cli.adapters.reft.adapter")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from orpo_cli.adapters.reft.adapter import ReftAdapter
