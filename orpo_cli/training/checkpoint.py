@@ -23,6 +23,8 @@ from orpo_cli.atomic import atomic_dir, remove_stale_temporaries
 from orpo_cli.rundir import RunDir
 from orpo_cli.storage import file_sha256
 
+WORLD_SIZE_KEY = "engine/world_size"  # the processes that wrote a checkpoint, in its state.safetensors
+
 _STEP = re.compile(r"^step-(\d+)$")
 _FILES = (
     "trainable.safetensors",

@@ -23,11 +23,11 @@ from pathlib import Path
 from orpo_cli.errors import UserError
 from orpo_cli.recipe import Recipe
 from orpo_cli.rundir import RunDir
+from orpo_cli.training.checkpoint import WORLD_SIZE_KEY
 
 # Seconds the launcher gives workers, after SIGINT/SIGTERM, to finish their step and checkpoint before it
 # kills them (torchrun's own default, 30 s, is shorter than one checkpoint of a large model).
 STOP_TIMEOUT_S = 600
-WORLD_SIZE_KEY = "engine/world_size"  # saved in every checkpoint's state.safetensors
 
 
 class QuietExit(Exception):

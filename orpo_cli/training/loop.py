@@ -25,13 +25,13 @@ from orpo_cli.recipe import OrpoSettings, TrainSettings
 from orpo_cli.rundir import RunDir
 from orpo_cli.training.batching import collate_pairs, count_tokens, micro_batches
 from orpo_cli.training.checkpoint import (
+    WORLD_SIZE_KEY,
     latest_checkpoint,
     load_checkpoint,
     read_checkpoint,
     save_checkpoint,
     write_checkpoint,
 )
-from orpo_cli.training.distributed import WORLD_SIZE_KEY
 from orpo_cli.training.forward import batch_layout, orpo_forward
 from orpo_cli.training.loss import count_normalizers
 from orpo_cli.training.metrics import MetricTally, preference_metrics
