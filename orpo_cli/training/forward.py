@@ -112,12 +112,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def last_hidden(output: Any) -> torch.Tensor:
+    """The last hidden state in a decoder's output (a ModelOutput, or a tuple from some wrappers)."""
+    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+
 @contextlib.contextmanager
 def _capture_hidden(decoder: nn.Module) -> Iterator[dict[str, Any]]:
     captured: dict[str, Any] = {}
 
     def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-        captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        captured["hidden"] = last_hidden(output)
 
     handle = decoder.register_forward_hook(hook)
     try:

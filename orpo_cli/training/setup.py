@@ -274,10 +274,12 @@ def return_decoder_output(model: Any) -> None:
     hooks on the tensors its root module returns. The loss does not use the returned logits: it projects
     the decoder's hidden state itself (loss.py), so that is the tensor the root must return.
     """
+    from orpo_cli.training.forward import last_hidden
+
     seen: dict[str, Any] = {}
 
     def keep(_module: Any, _inputs: Any, output: Any) -> None:
-        seen["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        seen["hidden"] = last_hidden(output)
 
     def expose(_module: Any, _inputs: Any, output: Any) -> None:
         hidden = seen.pop("hidden", None)
