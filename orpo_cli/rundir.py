@@ -50,23 +50,29 @@ class RunDir:
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step}"
 
-    def prepare(self, *, resume: bool, force: bool) -> None:
-        """Refuse to overwrite a previous run unless asked: --resume continues it, --force replaces it."""
+    def check(self, *, resume: bool, force: bool) -> None:
+        """The --resume / --force rules, checked without touching anything: --resume continues a run,
+        --force replaces one, and without either a previous run is never overwritten."""
         if resume and force:
             raise UserError("--resume and --force contradict each other: pick one")
-        exists = self.root.exists() and any(self.root.iterdir())
         if resume:
             if not self.recipe.is_file():
                 raise UserError(
                     f"--resume: {self.root} holds no run to resume (no recipe.yaml); drop --resume"
                 )
             return
-        if exists and not force:
+        if self.root.exists() and any(self.root.iterdir()) and not force:
             raise UserError(
                 f"output_dir: {self.root} exists and is not empty; pass --resume to continue it, "
                 "--force to replace it, or --output-dir for a new one"
             )
-        if exists:
+
+    def prepare(self, *, resume: bool, force: bool) -> None:
+        """Apply `check`'s rules: keep a run to resume, empty one that --force replaces, create the directory."""
+        self.check(resume=resume, force=force)
+        if resume:
+            return
+        if self.root.exists() and any(self.root.iterdir()):
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
 

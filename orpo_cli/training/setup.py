@@ -72,12 +72,9 @@ def start_run(
 
     run = run_dir_for(recipe)
     # ---- cheap checks first: errors in seconds, before anything is loaded or written
-    if resume and force:
-        raise UserError("--resume and --force contradict each other: pick one")
     with stage("checking the run directory", blame="output_dir"):
+        run.check(resume=resume, force=force)
         resumed_changes = _check_same_recipe(run, recipe) if resume else {}
-        if not resume and run.root.exists() and any(run.root.iterdir()) and not force:
-            run.prepare(resume=False, force=False)  # raises the "exists" error
     machines = machines or Machines()
     procs = plan_processes(recipe, machines)
     check_processes(recipe, procs, resume=resume, run=run)
@@ -354,8 +351,6 @@ def _check_same_recipe(run: RunDir, recipe: Recipe) -> dict[str, tuple[Any, Any]
     resumable settings that do change, as {key: (was, now)}."""
     import yaml
 
-    if not run.recipe.is_file():
-        raise UserError(f"--resume: {run.root} holds no run to resume (no recipe.yaml); drop --resume")
     saved = yaml.safe_load(run.recipe.read_text(encoding="utf-8"))
     now = recipe.resolved()
     differ = _diff(saved, now)
