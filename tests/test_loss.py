@@ -574,3 +574,26 @@ def test_frozen_head_under_autocast_casts_the_weight_once_and_matches_bf16_autog
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
     torch.testing.assert_close(grad, ref_grad, rtol=0, atol=3e-2)  # bf16 products
     assert ref_grad.abs().max() > 0.1
+
+
+def test_every_metric_name_comes_from_the_one_table() -> None:
+    """loss.metrics and MetricTally.compute give exactly the table's names, in its order; the console columns,
+    the plot panels and train's closing eval table name only keys from it."""
+    from orpo_cli.plots import _PANELS
+    from orpo_cli.progress import _SHOWN
+    from orpo_cli.training.metric_names import METRICS
+    from orpo_cli.training.metrics import MetricTally
+    from orpo_cli.training.setup import EVAL_TABLE
+
+    torch.manual_seed(6)
+    batch = _our_batch(_pairs(PAIR_LENGTHS, seed=6))
+    terms = orpo_loss(torch.randn(*batch["input_ids"].shape, VOCAB), batch, lam=0.1)
+    assert list(metrics(terms, 0.1)) == list(METRICS)
+    tally = MetricTally(torch.device("cpu"))
+    tally.add_pairs(terms)
+    tally.add_step(terms.loss, terms.nll)
+    assert list(tally.compute(0.1)) == list(METRICS)
+    assert list(tally.compute(0.1, prefix="eval_")) == [f"eval_{k}" for k in METRICS]
+    shown = set(_SHOWN) - {"tokens_per_s"}  # the one console column that is not an ORPO metric
+    plotted = {key for _, series in _PANELS for key, _ in series}
+    assert shown <= set(METRICS) and plotted <= set(METRICS) and set(EVAL_TABLE) <= set(METRICS)

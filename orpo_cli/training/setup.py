@@ -12,6 +12,9 @@ from orpo_cli.recipe import Recipe
 from orpo_cli.rundir import RunDir
 from orpo_cli.training.distributed import Machines, QuietExit, check_processes, launch, plan_processes
 
+# The metrics (training/metric_names.py) of train's closing table: the loop's eval at step 0 vs the last step.
+EVAL_TABLE = ("rewards/accuracies", "log_odds_ratio", "rewards/margins", "nll_loss", "loss")
+
 # Keys that may change between a run and its --resume (how long, how often); anything else must match.
 _RESUMABLE_CHANGES = {
     "train.max_steps",
@@ -186,14 +189,13 @@ def start_run(
     accelerator.end_training()
 
     if result.first_eval or result.last_eval:
-        keys = ["rewards/accuracies", "log_odds_ratio", "rewards/margins", "nll_loss", "loss"]
         rows = [
             [
                 k,
                 result.first_eval.get(f"eval_{k}", float("nan")),
                 result.last_eval.get(f"eval_{k}", float("nan")),
             ]
-            for k in keys
+            for k in EVAL_TABLE
         ]
         reporter.table(
             f"eval: step 0 vs step {result.steps}", ["metric", "step 0", f"step {result.steps}"], rows
