@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
@@ -150,7 +150,18 @@ class FullSettings(_Section):
     kind: Literal["none"] = Field("none", description="No adapter: train every weight (small models only).")
 
 
-AdapterSettings = Annotated[LoraSettings | ReftSettings | FullSettings, Field(discriminator="kind")]
+# The adapter methods, by `adapter.kind`: the one list. The recipe's union type, its description, its error
+# texts, `init`'s section lookup and the recipe reference derive from it; orpo_cli.adapters maps each kind
+# to its implementation.
+ADAPTER_MODELS: dict[str, type[BaseModel]] = {
+    "lora": LoraSettings,
+    "reft": ReftSettings,
+    "none": FullSettings,
+}
+ADAPTER_KINDS = tuple(ADAPTER_MODELS)
+_KINDS_OR = f"{', '.join(ADAPTER_KINDS[:-1])} or {ADAPTER_KINDS[-1]}"  # "lora, reft or none"
+
+AdapterSettings = Annotated[Union[tuple(ADAPTER_MODELS.values())], Field(discriminator="kind")]  # noqa: UP007
 
 
 # ------------------------------------------------------------------------------------------------ orpo
@@ -365,7 +376,7 @@ class Recipe(_Section):
         default_factory=QuantizationSettings, description="bitsandbytes quantization of the base."
     )
     adapter: AdapterSettings = Field(
-        default_factory=LoraSettings, description="What trains: lora, reft or none."
+        default_factory=LoraSettings, description=f"What trains: {_KINDS_OR}."
     )
     orpo: OrpoSettings = Field(default_factory=OrpoSettings, description="The ORPO objective.")
     data: DataSettings = Field(description="Preference data and its mapping (required: at least data.train).")
@@ -558,9 +569,9 @@ def describe_errors(err: ValidationError) -> list[str]:
         if e["type"] == "finite_number":
             msg = "must be a finite number; .inf and .nan mean nothing in a recipe"
         elif e["type"] == "union_tag_invalid":
-            msg = f"unknown kind {e['input'].get('kind')!r}; use one of lora, reft, none"
+            msg = f"unknown kind {e['input'].get('kind')!r}; use one of {', '.join(ADAPTER_KINDS)}"
         elif e["type"] == "union_tag_not_found":
-            msg = "needs a `kind:` (lora, reft or none)"
+            msg = f"needs a `kind:` ({_KINDS_OR})"
         value = e.get("input")
         shown = (
             ""
@@ -605,13 +616,6 @@ def _walk(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None]:
         fields.append(str(part))
         model = section_model(model, str(part))
     return fields, holder
-
-
-ADAPTER_MODELS: dict[str, type[BaseModel]] = {
-    "lora": LoraSettings,
-    "reft": ReftSettings,
-    "none": FullSettings,
-}
 
 
 def section_model(model: type[BaseModel], key: str) -> type[BaseModel] | None:

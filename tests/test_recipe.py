@@ -226,3 +226,15 @@ def test_recipe_that_is_not_utf8_or_a_directory(tmp_path):
         load_recipe(path)
     with pytest.raises(UserError, match="is a directory"):
         load_recipe(tmp_path)
+
+
+def test_every_adapter_kind_has_one_implementation_and_one_error_text():
+    import orpo_cli.adapters as adapters
+    from orpo_cli.recipe import ADAPTER_KINDS, ADAPTER_MODELS, validate_recipe
+
+    assert list(adapters._ADAPTERS) == list(ADAPTER_KINDS) == list(ADAPTER_MODELS)
+    for kind, model in ADAPTER_MODELS.items():
+        assert model.model_fields["kind"].default == kind
+    assert Recipe.model_fields["adapter"].description == "What trains: lora, reft or none."
+    with pytest.raises(UserError, match=r"adapter: unknown kind 'dora'; use one of lora, reft, none"):
+        validate_recipe({"model": {"name_or_path": "m"}, "data": {"train": "d.jsonl"}, "adapter": {"kind": "dora"}})

@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from orpo_cli.adapters.base import Adapter, count_parameters, trainable_state
 from orpo_cli.adapters.full import FullAdapter
 from orpo_cli.adapters.lora import LoraAdapter
 from orpo_cli.adapters.reft.adapter import ReftAdapter
-from orpo_cli.recipe import FullSettings, LoraSettings, ReftSettings
+from orpo_cli.recipe import AdapterSettings
+
+# The implementation of each `adapter.kind` of the recipe (orpo_cli.recipe.ADAPTER_MODELS lists the kinds;
+# tests/test_recipe.py holds the two lists to each other).
+_ADAPTERS: dict[str, Callable[..., Adapter]] = {
+    "lora": LoraAdapter,
+    "reft": ReftAdapter,
+    "none": lambda _settings: FullAdapter(),
+}
 
 
-def build_adapter(settings: LoraSettings | ReftSettings | FullSettings) -> Adapter:
+def build_adapter(settings: AdapterSettings) -> Adapter:
     """The adapter a recipe's `adapter:` section asks for."""
-    if isinstance(settings, LoraSettings):
-        return LoraAdapter(settings)
-    if isinstance(settings, ReftSettings):
-        return ReftAdapter(settings)
-    if isinstance(settings, FullSettings):
-        return FullAdapter()
-    from orpo_cli.errors import UserError
+    build = _ADAPTERS.get(settings.kind)
+    if build is None:
+        from orpo_cli.errors import UserError
 
-    raise UserError(f"adapter.kind: {settings.kind} is not available in this version")
+        raise UserError(f"adapter.kind: {settings.kind} is not available in this version")
+    return build(settings)
 
 
 __all__ = ["Adapter", "build_adapter", "count_parameters", "trainable_state"]
