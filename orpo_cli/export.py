@@ -7,7 +7,7 @@ its chat template), the generation config, a model card README.md and the resolv
 (orpo-tune-recipe.yaml). The result is a plain transformers model: `AutoModelForCausalLM.from_pretrained(DIR)`.
 
 Adapters that cannot be merged (ReFT's interventions act on activations, not weights): a bundle that
-`orpo-tune generate` loads (see tuned.py): orpo-bundle.json naming the base model (a copy in DIR/base for
+`orpo-tune generate` loads (see models/tuned.py): orpo-bundle.json naming the base model (a copy in DIR/base for
 builtin: models, whose cache is machine-local; a reference otherwise), DIR/adapter as the adapter's own
 `save` writes it, the tokenizer and the resolved recipe.
 

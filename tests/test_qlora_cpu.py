@@ -3,7 +3,7 @@
 bitsandbytes (0.49+) on an AVX512-BF16 CPU repacks a 4-bit weight into an inference-only layout the first
 time the layer runs in eval mode without grad; training after that reads the packed bytes as NF4 and the
 gradients through those matmuls are wrong, and widths that are not a multiple of 32 crash the repacking.
-modeling.keep_4bit_weights_unpacked keeps the standard layout; these tests hold it to that.
+models.loading.keep_4bit_weights_unpacked keeps the standard layout; these tests hold it to that.
 """
 
 from __future__ import annotations
