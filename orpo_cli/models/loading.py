@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from orpo_cli.errors import UserError, stage
-from orpo_cli.models.builtin import is_builtin, resolve_model_path
+from orpo_cli.models.builtin import check_builtin, is_builtin, resolve_model_path
 from orpo_cli.recipe import ModelSettings, QuantizationSettings
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -41,7 +41,7 @@ def check_model_source(settings: ModelSettings) -> None:
     """Cheap check before anything heavy: a local-looking path must exist."""
     name = settings.name_or_path
     if is_builtin(name):
-        resolve_model_path(name)  # validates the builtin name (and materialises it once, cached)
+        check_builtin(name)  # a known name, its package installed; the (slow) first build waits for the load
         return
     if _looks_local(name) and not Path(name).expanduser().is_dir():
         raise UserError(f"model.name_or_path: no such model directory: {name}")
