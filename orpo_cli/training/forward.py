@@ -32,6 +32,7 @@ from torch import nn
 from orpo_cli.adapters import Adapter
 from orpo_cli.training.batching import LAYOUTS, Layout
 from orpo_cli.training.loss import ORPOTerms, orpo_loss_from_hidden
+from orpo_cli.training.recompute import recomputing
 from orpo_cli.training.shared_prompt import (
     attention_implementation,
     is_prefix_batch,
@@ -64,7 +65,7 @@ def orpo_forward(
         inputs = model_inputs(inner, batch)
     else:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    with adapter.forward_context(inner, batch), _capture_hidden(inner.get_decoder()) as captured:
+    with adapter.forward_context(inner, batch), recomputing(inner), _capture_hidden(inner.get_decoder()) as captured:
         model(**inputs, use_cache=False, logits_to_keep=1)
     return orpo_loss_from_hidden(
         captured["hidden"],

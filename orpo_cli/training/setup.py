@@ -72,6 +72,7 @@ def start_run(
     )
     from orpo_cli.progress import Reporter
     from orpo_cli.training.loop import fit
+    from orpo_cli.training.recompute import enable_recompute
 
     run = run_dir_for(recipe)
     # ---- cheap checks first: errors in seconds, before anything is loaded or written
@@ -134,6 +135,12 @@ def start_run(
         quantized=recipe.quantization.mode != "none" and not fsdp,
         gradient_checkpointing=recipe.train.gradient_checkpointing,
     )
+    # Norm and MLP activations recomputed in the backward (training/recompute.py): not under whole-layer
+    # checkpointing, which recomputes them anyway, nor where the weights are sharded (a recomputation in the
+    # backward would run outside the strategy's gather of the weights).
+    sharded = fsdp or accelerator.distributed_type == DistributedType.DEEPSPEED
+    if not recipe.train.gradient_checkpointing and not sharded:
+        enable_recompute(model)
     if fsdp:
         _shape_fsdp_units(accelerator, model, by_layer=recipe.distributed.fsdp.auto_wrap == "decoder_layers")
     trainable, total = count_parameters(model)
