@@ -62,7 +62,7 @@ bench: install
 # The same comparison at a real model's shape: SmolLM2-135M-Instruct's architecture and tokenizer
 # (builtin:smollm2-135m-instruct, random weights), 2 pairs per step, 1 + 3 steps; ~4 minutes on 2 cores.
 bench-real: install
-	$(PY) bench/orpo_bench.py --model builtin:smollm2-135m-instruct --steps 3 --warmup 1 --batch 2 $(BENCH_ARGS)
+	$(PY) bench/orpo_bench.py --model builtin:smollm2-135m-instruct --rows 200 --steps 3 --warmup 1 --batch 2 --nll-on-prompt true $(BENCH_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -110,6 +110,9 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer directory (default: the model's with --model, else the Phi-3 one)")
     p.add_argument("--data", default=None, help="a jsonl of UltraFeedback-style rows; default: generated")
+    p.add_argument("--rows", type=int, default=None,
+                   help="rows to generate (default: as many pairs as the steps take); the steps take the first "
+                   "pairs of their seeded shuffle")
     p.add_argument("--batch", type=int, default=4, help="pairs per step (default 4)")
     p.add_argument("--max-length", type=int, default=512, help="max prompt + response tokens (default 512)")
     p.add_argument("--steps", type=int, default=6, help="timed steps (default 6)")
@@ -246,6 +249,25 @@ def _ordered_pairs(args: argparse.Namespace, work: Path) -> tuple[list[Any], int
     return ordered, tokenizer.pad_token_id
 
 
+def token_floor(args: argparse.Namespace, ordered: list[Any]) -> dict[str, Any]:
+    """The tokens each implementation's model runs over the timed steps, and their ratio: the speed floor.
+
+    TRL runs 2B rows (chosen, then rejected) padded to the batch's longest prompt + response, the prompt in
+    both; orpo-tune runs each pair's prompt once and its two responses, packed (``input_ids`` of its packed
+    batch: the padding at the row's end included). The ratio TRL / orpo-tune is the speed-up that the token
+    count alone allows; its inverse the activation memory ratio it allows.
+    """
+    from orpo_cli.training.batching import collate_pairs
+
+    trl = ours = 0
+    for i in range(args.warmup, args.warmup + args.steps):
+        chunk = ordered[i * args.batch : (i + 1) * args.batch]
+        longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in chunk)
+        trl += 2 * len(chunk) * longest
+        ours += collate_pairs(chunk, 0, layout=args.layout or "packed")["input_ids"].numel()
+    return {"trl_tokens_run": trl, "ours_tokens_run": ours, "token_floor": round(trl / ours, 2)}
+
+
 def _step_tokens(args: argparse.Namespace, ordered: list[Any]) -> list[int]:
     from orpo_cli.training.batching import count_tokens
 
@@ -376,6 +398,7 @@ def _result(impl: str, args: argparse.Namespace, nll_on_prompt: bool | None, tok
         "peak_above_start_mb": round(_peak_mem_mb(clock.device) - clock.rss_at_start_mb, 1)
         if clock.device == "cpu" and clock.rss_at_start_mb is not None else None,
         "mfu": _mfu(args, clock.device, timed_tokens / sum(seconds), params),
+        **token_floor(args, _ordered_pairs(args, Path(args.workdir))[0]),
     }
 
 
@@ -601,7 +624,7 @@ def _prepare(args: argparse.Namespace, work: Path) -> None:
     if args.data:
         shutil.copyfile(args.data, work / "data.jsonl")
     else:
-        rows = generate_rows((args.warmup + args.steps) * args.batch)
+        rows = generate_rows(args.rows or (args.warmup + args.steps) * args.batch)
         (work / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     torch.manual_seed(SEED)
     default = torch.get_default_dtype()
@@ -677,7 +700,7 @@ def main(argv: list[str] | None = None) -> None:
             temp.cleanup()
 
 
-_RATIO_KEYS = ("tokens_per_s", "tokens_per_cpu_s", "peak_mem_mb", "peak_mem_above_start", "first_loss_diff")
+_RATIO_KEYS = ("tokens_per_s", "tokens_per_cpu_s", "peak_mem_mb", "peak_mem_above_start", "first_loss_diff", "token_floor")
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -699,6 +722,7 @@ def _ratios(ours: dict[str, Any], trl: dict[str, Any], nll: bool) -> dict[str, A
         "peak_mem_mb": round(ours["peak_mem_mb"] / trl["peak_mem_mb"], 3),
         "peak_mem_above_start": round(above(ours) / above(trl), 3) if trl["device"] == "cpu" else None,
         "first_loss_diff": abs(ours["first_loss"] - trl["first_loss"]),
+        "token_floor": ours["token_floor"],
         "same_objective": nll,
     }
 

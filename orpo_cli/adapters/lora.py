@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from orpo_cli.adapters.lora_inplace import add_updates_in_place
 from orpo_cli.errors import UserError, stage
 from orpo_cli.recipe import LoraSettings
 
@@ -45,7 +46,9 @@ class LoraAdapter:
             use_rslora=s.use_rslora,
             task_type="CAUSAL_LM",
         )
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
+        add_updates_in_place(model)
+        return model
 
     def forward_context(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> AbstractContextManager[None]:
         return contextlib.nullcontext()
