@@ -141,6 +141,7 @@ def test_eval_reft_run_base_is_adapter_off(tiny_reft_run, copy_run, tmp_path):
     out = json.loads(result.stdout)
     assert out["adapter"] == "reft"
     assert out["nll"] != out["base"]["nll"]  # the interventions are on for tuned, off for base
+    _assert_base_is_the_plain_base_model(run, tmp_path / "held.jsonl", out["base"])
 
 
 def test_eval_full_finetune_base_is_the_base_model_loaded_again(tiny_full_run, copy_run, tmp_path):
@@ -149,7 +150,27 @@ def test_eval_full_finetune_base_is_the_base_model_loaded_again(tiny_full_run, c
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["adapter"] == "none"
-    assert out["nll"] != out["base"]["nll"]
+    assert out["nll"] != out["base"]["nll"]  # the tuned weights are not the base's
+    _assert_base_is_the_plain_base_model(run, tmp_path / "held.jsonl", out["base"])
+
+
+def _assert_base_is_the_plain_base_model(run, data, reported):
+    """`reported` (eval's base numbers) equal the numbers of the base model loaded alone, with no adapter."""
+    from orpo_cli.adapters.full import FullAdapter
+    from orpo_cli.evaluate import eval_pairs, heldout_metrics
+    from orpo_cli.models.tuned import inference_device, load_base, load_saved_tokenizer, read_recipe
+
+    recipe = read_recipe(run.recipe)
+    tokenizer = load_saved_tokenizer(run.tokenizer)
+    pairs, _ = eval_pairs(recipe, tokenizer, data)
+    device = inference_device(recipe)
+    plain = heldout_metrics(
+        load_base(recipe, device), FullAdapter(), pairs, device=device, pad_token_id=tokenizer.pad_token_id,
+        batch_size=recipe.train.eval_batch_size or recipe.train.micro_batch_size,
+    )
+    assert set(plain) == set(reported)
+    for key, value in plain.items():
+        assert reported[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
 @pytest.mark.parametrize(
@@ -176,5 +197,18 @@ def test_unfinished_run_is_a_user_error(tiny_lora_run, copy_run):
     assert result.exit_code == 2 and "no trained adapter yet" in result.output
 
 
-def test_metric_labels_cover_the_required_keys():
-    assert KEYS <= set(EVAL_METRICS)
+def test_metric_labels_cover_the_required_keys(lora_eval):
+    """Every number eval.json holds has a label in EVAL_METRICS, and the table shows each under its label."""
+    from orpo_cli.evaluate import eval_table
+
+    _, out = lora_eval
+    numbers = {k for k, v in out.items() if isinstance(v, int | float)}
+    assert KEYS <= numbers
+    assert numbers == set(EVAL_METRICS)
+    columns, rows = eval_table(out)
+    assert columns == ["metric", "tuned", "base", "tuned - base"]
+    shown = {row[0]: row for row in rows}
+    for key in numbers:
+        row = shown[EVAL_METRICS[key]]
+        assert float(row[1]) == pytest.approx(out[key])
+        assert float(row[2]) == pytest.approx(out["base"][key])
