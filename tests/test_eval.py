@@ -14,7 +14,7 @@ from orpo_cli.cli import app
 from orpo_cli.evaluate import EVAL_METRICS
 
 runner = CliRunner()
-KEYS = {"accuracy", "log_odds_ratio", "margin", "nll", "perplexity", "num_pairs"}
+KEYS = {"accuracy", "mean_log_odds_ratio", "margin", "nll", "perplexity", "num_pairs"}
 
 
 def _eval(*args):
@@ -50,7 +50,7 @@ def test_orpo_helped_tuned_beats_base(lora_eval):
     assert abs(out["base"]["accuracy"] - 0.5) < 0.2  # a random-init model: near chance
     assert out["num_pairs"] == out["base"]["num_pairs"] == 125  # the demo's 10% held-out split
     assert out["margin"] > 0 > out["base"]["margin"] - 0.05
-    assert out["log_odds_ratio"] > out["base"]["log_odds_ratio"]
+    assert out["mean_log_odds_ratio"] > out["base"]["mean_log_odds_ratio"]
     assert out["nll"] < out["base"]["nll"]  # SFT term: the chosen answers got likelier
     for side in (out, out["base"]):
         assert side["perplexity"] == pytest.approx(math.exp(side["nll"]))
@@ -68,7 +68,7 @@ def test_numbers_match_the_training_eval_of_the_same_split(lora_eval):
     rel, acc = (1e-4, 1e-6) if not torch.cuda.is_available() else (5e-3, 0.03)
     assert out["accuracy"] == pytest.approx(last["eval_rewards/accuracies"], abs=acc)
     assert out["nll"] == pytest.approx(last["eval_nll_loss"], rel=rel)
-    assert out["log_odds_ratio"] == pytest.approx(last["eval_log_odds_chosen"], rel=rel * 10, abs=1e-5)
+    assert out["mean_log_odds_ratio"] == pytest.approx(last["eval_log_odds_chosen"], rel=rel * 10, abs=1e-5)
     assert out["or_loss"] == pytest.approx(-last["eval_log_odds_ratio"], rel=rel)
     assert out["base"]["accuracy"] == pytest.approx(first["eval_rewards/accuracies"], abs=acc)
     assert out["base"]["nll"] == pytest.approx(first["eval_nll_loss"], rel=rel)
@@ -212,3 +212,36 @@ def test_metric_labels_cover_the_required_keys(lora_eval):
         row = shown[EVAL_METRICS[key]]
         assert float(row[1]) == pytest.approx(out[key])
         assert float(row[2]) == pytest.approx(out["base"][key])
+
+
+def test_log_odds_ratio_is_trls_in_metrics_and_eval_json_names_the_mean_log_odds_ratio():
+    """Two pairs computed by hand: metrics.jsonl's log_odds_ratio is TRL's mean log sigmoid(log odds ratio),
+    eval.json's mean_log_odds_ratio the mean log odds ratio itself, and the two differ."""
+    from orpo_cli.evaluate import eval_numbers
+    from orpo_cli.training.loss import ORPOTerms, odds_ratio
+    from orpo_cli.training.metrics import MetricTally
+
+    chosen, rejected = [-0.5, -2.0], [-1.0, -1.5]
+    # log odds(p) = log p - log(1 - p) with log p the mean log-prob; the ratio is chosen's minus rejected's.
+    ratios = [(c - math.log(-math.expm1(c))) - (r - math.log(-math.expm1(r))) for c, r in zip(chosen, rejected, strict=True)]
+    assert ratios[0] == pytest.approx(0.9741, abs=1e-4) and ratios[1] == pytest.approx(-0.6071, abs=1e-4)
+    mean_ratio = sum(ratios) / 2
+    mean_log_sigmoid = sum(-math.log1p(math.exp(-x)) for x in ratios) / 2
+
+    tally = MetricTally(torch.device("cpu"))
+    c, r = torch.tensor(chosen), torch.tensor(rejected)
+    l_or, log_odds = odds_ratio(c, r)
+    zero = torch.zeros(())
+    tally.add_pairs(ORPOTerms(loss=zero, nll=zero, or_loss=l_or.mean(), chosen_logps=c, rejected_logps=r,
+                              log_odds=log_odds))
+    tally.add_step(zero, zero)
+    logged = tally.compute(lam=0.1)
+    assert logged["log_odds_ratio"] == pytest.approx(mean_log_sigmoid, rel=1e-5)
+    assert logged["log_odds_chosen"] == pytest.approx(mean_ratio, rel=1e-5)
+
+    numbers = eval_numbers(logged, num_pairs=2)
+    assert "log_odds_ratio" not in numbers
+    assert numbers["mean_log_odds_ratio"] == pytest.approx(mean_ratio, rel=1e-5)
+    assert numbers["or_loss"] == pytest.approx(-mean_log_sigmoid, rel=1e-5)
+    assert abs(mean_ratio - mean_log_sigmoid) > 0.5  # two quantities, two names
+    assert numbers["margin"] == pytest.approx(sum(chosen) / 2 - sum(rejected) / 2)
