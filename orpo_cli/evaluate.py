@@ -39,6 +39,8 @@ from orpo_cli.models.tuned import (
 from orpo_cli.progress import Reporter
 from orpo_cli.recipe import DataSource, Recipe
 from orpo_cli.rundir import RunDir
+from orpo_cli.training.batching import longest_sequence
+from orpo_cli.training.forward import batch_layout
 from orpo_cli.training.metrics import preference_metrics
 
 # ------------------------------------------------------------------------------------- orpo-tune eval
@@ -83,6 +85,7 @@ def heldout_metrics(
         nll_on_prompt=False,
         pad_token_id=pad_token_id,
         device=device,
+        layout=batch_layout(adapter, model, longest_sequence(pairs)),
         progress=progress,
     )
     return eval_numbers(m, len(pairs))

@@ -23,7 +23,7 @@ from orpo_cli.errors import Interrupted, RunFailed, UserError, stage
 from orpo_cli.progress import Reporter
 from orpo_cli.recipe import OrpoSettings, TrainSettings
 from orpo_cli.rundir import RunDir
-from orpo_cli.training.batching import collate_pairs, count_tokens, micro_batches
+from orpo_cli.training.batching import Layout, collate_pairs, count_tokens, micro_batches
 from orpo_cli.training.checkpoint import (
     WORLD_SIZE_KEY,
     latest_checkpoint,
@@ -32,7 +32,7 @@ from orpo_cli.training.checkpoint import (
     save_checkpoint,
     write_checkpoint,
 )
-from orpo_cli.training.forward import batch_layout, orpo_forward
+from orpo_cli.training.forward import orpo_forward
 from orpo_cli.training.loss import count_normalizers
 from orpo_cli.training.metrics import MetricTally, preference_metrics
 from orpo_cli.training.signals import StopRequests
@@ -65,18 +65,21 @@ def fit(
     run: RunDir,
     accelerator: Any,
     pad_token_id: int,
+    layout: Layout,
     seed: int,
     resume: bool,
     reporter: Reporter,
 ) -> FitResult:
-    """Train `model` (adapter attached) with ORPO; checkpoints and metrics go to `run`."""
+    """Train `model` (adapter attached) with ORPO; checkpoints and metrics go to `run`.
+
+    `layout`: the batch layout chosen at setup (forward.batch_layout); every batch, train and eval, uses it.
+    """
     from transformers import get_scheduler
 
     device = accelerator.device
     world, rank = accelerator.num_processes, accelerator.process_index
     per_epoch, total_steps = plan_steps(len(train_pairs), train, world)
     accum = train.gradient_accumulation
-    layout = batch_layout(adapter, model)  # padding-free rows where the adapter and attention allow them
     global_batch = train.micro_batch_size * accum * world
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]  # the optimizer's order
@@ -139,6 +142,7 @@ def fit(
             nll_on_prompt=orpo.nll_on_prompt,
             pad_token_id=pad_token_id,
             device=device,
+            layout=layout,
             prefix="eval_",
         )
         _write(run, accelerator, {"step": at_step, **metrics})
@@ -188,6 +192,7 @@ def fit(
                         nll_on_prompt=orpo.nll_on_prompt,
                         num_nll_tokens=num_tokens,
                         num_pairs=num_pairs,
+                        layout=layout,
                     )
                     # The loss is already the mean over the global batch; accelerate divides it by the
                     # accumulation steps and DDP/FSDP/DeepSpeed average gradients over ranks: undo both.

@@ -10,6 +10,7 @@ from typing import Any
 from orpo_cli.errors import Interrupted, RunFailed, UserError, stage, use_run_log
 from orpo_cli.recipe import Recipe
 from orpo_cli.rundir import RunDir
+from orpo_cli.training.batching import Layout
 from orpo_cli.training.distributed import Machines, QuietExit, check_processes, launch, plan_processes
 
 # The metrics (training/metric_names.py) of train's closing table: the loop's eval at step 0 vs the last step.
@@ -46,10 +47,18 @@ def run_dir_for(recipe: Recipe) -> RunDir:
 
 
 def start_run(
-    recipe: Recipe, *, resume: bool, force: bool, machines: Machines | None = None, plan_check: bool = False
+    recipe: Recipe,
+    *,
+    resume: bool,
+    force: bool,
+    machines: Machines | None = None,
+    plan_check: bool = False,
+    layout: Layout | None = None,
 ) -> RunDir:
     """Train the recipe into its run directory; returns the run directory. `plan_check`: refuse, before anything
     loads, a recipe `orpo-tune plan` predicts to need clearly more than the GPU's free memory (one line on a CPU).
+    `layout`: the batch layout; None (what train does) takes forward.batch_layout's choice for the adapter, the
+    model and the data. A benchmark's ablation may force another in one process (it is not passed to workers).
 
     When the recipe (or --nproc) asks for several processes and this is not already one of them, this
     process launches them (torchrun's launcher) and waits; each of them comes back here as a worker.
@@ -71,6 +80,8 @@ def start_run(
         resolve_dtype,
     )
     from orpo_cli.progress import Reporter
+    from orpo_cli.training.batching import longest_sequence
+    from orpo_cli.training.forward import batch_layout
     from orpo_cli.training.loop import fit
 
     run = run_dir_for(recipe)
@@ -136,6 +147,8 @@ def start_run(
     )
     if fsdp:
         _shape_fsdp_units(accelerator, model, by_layer=recipe.distributed.fsdp.auto_wrap == "decoder_layers")
+    # Once for the run: how every batch is laid out, from the adapter, the attention and the longest pair.
+    layout = layout or batch_layout(adapter, model, longest_sequence([*data.train, *data.eval]))
     trainable, total = count_parameters(model)
     reporter.note(
         f"model: {recipe.model.name_or_path} on {device} ({str(dtype).removeprefix('torch.')}, "
@@ -176,6 +189,7 @@ def start_run(
                 run=run,
                 accelerator=accelerator,
                 pad_token_id=tokenizer.pad_token_id,
+                layout=layout,
                 seed=recipe.seed,
                 resume=resume,
                 reporter=reporter,
