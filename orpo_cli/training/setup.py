@@ -66,7 +66,7 @@ def start_run(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import set_seed
 
     from orpo_cli.adapters import build_adapter, count_parameters
     from orpo_cli.atomic import atomic_dir, atomic_write_text
@@ -122,8 +122,8 @@ def start_run(
             project_dir=str(run.root),
             **accelerate_plugins(recipe.distributed, recipe.train),
         )
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
     strategy = Strategy(accelerator)  # what the loop does differently under it, decided here once
+    fsdp = strategy.fsdp
     reporter = Reporter(enabled=accelerator.is_main_process)
     set_seed(recipe.seed)
 

@@ -39,10 +39,9 @@ class Strategy:
         deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         kind = accelerator.distributed_type
         self.name = str(getattr(kind, "value", kind)).lower()  # "no", "multi_cpu", "fsdp", "deepspeed", ...
+        self.fsdp = accelerator.distributed_type == DistributedType.FSDP
         # FSDP/ZeRO-3: no rank holds the whole model, so its state must be gathered.
-        self.shards_weights = accelerator.distributed_type == DistributedType.FSDP or (
-            deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
-        )
+        self.shards_weights = self.fsdp or (deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3)
         self.resumable = not deepspeed  # ZeRO's optimizer shards have no place in a checkpoint
         self._deepspeed = deepspeed
         self._group = _cpu_group(self.world)
