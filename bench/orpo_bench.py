@@ -501,10 +501,6 @@ def _run_ours(args: argparse.Namespace, work: Path, nll_on_prompt: bool) -> dict
     from orpo_cli.rundir import RunDir
     from orpo_cli.training.setup import start_run
 
-    if args.layout:
-        import orpo_cli.training.loop
-
-        orpo_cli.training.loop.batch_layout = lambda _adapter, _model: args.layout  # an ablation knob of this benchmark only
     device = _device(args)
     ordered, _pad = _ordered_pairs(args, work)
     tokens = _step_tokens(args, ordered)
@@ -525,7 +521,7 @@ def _run_ours(args: argparse.Namespace, work: Path, nll_on_prompt: bool) -> dict
 
     orpo_cli.progress.Reporter.start = timed_start
     orpo_cli.progress.Reporter.advance = timed_advance
-    start_run(recipe, resume=False, force=True)
+    start_run(recipe, resume=False, force=True, layout=args.layout)  # None: the engine's own choice
     first_loss = next(r["loss"] for r in RunDir(out).read_metrics() if r.get("step") == 1 and "loss" in r)
     impl = "orpo-tune" + (f" ({args.layout})" if args.layout else "")
     return _result(impl, args, nll_on_prompt, tokens, clock, first_loss)

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     from orpo_cli.data.prepare import prepare_data
     from orpo_cli.models.loading import load_model, load_tokenizer
     from orpo_cli.recipe import validate_recipe
-    from orpo_cli.training.batching import collate_pairs, count_tokens, micro_batches
+    from orpo_cli.training.batching import collate_pairs, count_tokens, longest_sequence, micro_batches
     from orpo_cli.training.forward import batch_layout, orpo_forward
 
     work = Path(args.workdir)
@@ -79,14 +79,14 @@ def main(argv: list[str] | None = None) -> None:
     model = adapter.attach(model, quantized=False, gradient_checkpointing=recipe.train.gradient_checkpointing)
     _apply_recompute(model, recipe)
     model.train()
-    layout = args.layout or batch_layout(adapter, model)
+    layout = args.layout or batch_layout(adapter, model, longest_sequence(pairs))
     batch = collate_pairs(chunk, tokenizer.pad_token_id, layout=layout)
     tokens = int(batch["attention_mask"].sum())
     print(json.dumps({"layout": layout, "pairs": len(chunk), "tokens_in_batch": tokens,
                       "tokens_counted_as_trl": count_tokens(chunk), "columns": list(batch["input_ids"].shape)}))
 
     def step() -> Any:
-        terms = orpo_forward(model, adapter, batch, lam=recipe.orpo.lam, nll_on_prompt=True)
+        terms = orpo_forward(model, adapter, batch, lam=recipe.orpo.lam, nll_on_prompt=True, layout=layout)
         return terms.loss
 
     step().backward()  # warm-up: first-call allocations and caches

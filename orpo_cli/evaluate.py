@@ -1,9 +1,13 @@
-"""Held-out preference metrics: accuracy, log odds ratio, margins and NLL over a set of pairs.
+"""Held-out preference metrics: accuracy, mean log odds ratio, margins and NLL over a set of pairs.
 
 `preference_metrics` (orpo_cli.training.metrics) is what the training loop logs (TRL's names);
 `run_eval` is `orpo-tune eval`: the run's eval split rebuilt from its saved recipe, the tuned model and
 (with --base) the base model with the adapter switched off, the numbers in RUN/eval.json, and optionally
 sample answers in RUN/samples.jsonl.
+
+eval.json names its numbers for what they are, not with TRL's names: `mean_log_odds_ratio` is the mean log
+odds ratio, the quantity metrics.jsonl logs as `log_odds_chosen`; TRL's `log_odds_ratio` (the mean
+log sigmoid of it) appears here as its negation, `or_loss`.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from orpo_cli.models.tuned import (
 from orpo_cli.progress import Reporter
 from orpo_cli.recipe import DataSource, Recipe
 from orpo_cli.rundir import RunDir
+from orpo_cli.training.batching import longest_sequence
+from orpo_cli.training.forward import batch_layout
 from orpo_cli.training.metrics import preference_metrics
 
 # ------------------------------------------------------------------------------------- orpo-tune eval
@@ -44,11 +50,11 @@ SAMPLES_FILE = "samples.jsonl"
 # The numbers `orpo-tune eval` reports, in table order, with their labels.
 EVAL_METRICS = {
     "accuracy": "preference accuracy",
-    "log_odds_ratio": "mean log odds ratio",
+    "mean_log_odds_ratio": "mean log odds ratio (metrics.jsonl: log_odds_chosen)",
     "margin": "mean log-prob margin",
     "nll": "chosen NLL",
     "perplexity": "chosen perplexity",
-    "or_loss": "odds-ratio loss",
+    "or_loss": "odds-ratio loss L_OR (metrics.jsonl: -log_odds_ratio)",
     "chosen_logps": "chosen mean log-prob",
     "rejected_logps": "rejected mean log-prob",
     "num_pairs": "pairs",
@@ -67,10 +73,7 @@ def heldout_metrics(
 ) -> dict[str, float]:
     """The held-out numbers a user asks for, over all `pairs` (see EVAL_METRICS).
 
-    accuracy: share of pairs whose chosen response has the higher mean token log-prob; log_odds_ratio: the
-    paper's log odds ratio of chosen over rejected, averaged over pairs; margin: mean of (chosen - rejected)
-    mean log-probs; nll: token-level NLL of the chosen responses (prompt excluded, whatever the recipe's
-    nll_on_prompt) and perplexity = exp(nll); or_loss: the ORPO odds-ratio term -mean log sigmoid(log odds).
+    See `eval_numbers` for what each one is.
     """
     ordered = sorted(pairs, key=lambda p: len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)))
     m = preference_metrics(
@@ -82,19 +85,32 @@ def heldout_metrics(
         nll_on_prompt=False,
         pad_token_id=pad_token_id,
         device=device,
+        layout=batch_layout(adapter, model, longest_sequence(pairs)),
         progress=progress,
     )
+    return eval_numbers(m, len(pairs))
+
+
+def eval_numbers(m: dict[str, float], num_pairs: int) -> dict[str, float]:
+    """eval.json's numbers (EVAL_METRICS) from the training metrics `m` (TRL's names) of `num_pairs` pairs.
+
+    accuracy: share of pairs whose chosen response has the higher mean token log-prob; mean_log_odds_ratio:
+    the paper's log odds ratio of chosen over rejected, averaged over pairs (TRL's `log_odds_chosen`);
+    margin: mean of (chosen - rejected) mean log-probs; nll: token-level NLL of the chosen responses and
+    perplexity = exp(nll); or_loss: the ORPO odds-ratio term L_OR = -mean log sigmoid(log odds ratio), i.e.
+    minus TRL's `log_odds_ratio`.
+    """
     nll = m["nll_loss"]
     return {
         "accuracy": m["rewards/accuracies"],
-        "log_odds_ratio": m["log_odds_chosen"],
+        "mean_log_odds_ratio": m["log_odds_chosen"],
         "margin": m["logps/chosen"] - m["logps/rejected"],
         "nll": nll,
         "perplexity": math.exp(min(nll, 700.0)),
         "or_loss": -m["log_odds_ratio"],
         "chosen_logps": m["logps/chosen"],
         "rejected_logps": m["logps/rejected"],
-        "num_pairs": len(pairs),
+        "num_pairs": num_pairs,
     }
 
 

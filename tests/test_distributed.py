@@ -304,11 +304,11 @@ from orpo_cli.adapters import build_adapter, trainable_state
 from orpo_cli.training.batching import collate_pairs
 from orpo_cli.training.checkpoint import read_checkpoint, write_checkpoint
 from orpo_cli.data.pairs import TokenizedPair
-from orpo_cli.training.loop import _full_state, _load_full_state, gathered_trainable_weights
+from orpo_cli.training.strategy import _full_state, _load_full_state, gathered_trainable_weights
 from orpo_cli.training.forward import orpo_forward
 from orpo_cli.models.loading import load_model
 from orpo_cli.recipe import load_recipe
-from orpo_cli.training.setup import fsdp_units, return_decoder_output
+from orpo_cli.training.strategy import fsdp_units, return_decoder_output
 from orpo_cli.rundir import RunDir
 
 dist.init_process_group("gloo")

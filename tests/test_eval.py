@@ -14,7 +14,7 @@ from orpo_cli.cli import app
 from orpo_cli.evaluate import EVAL_METRICS
 
 runner = CliRunner()
-KEYS = {"accuracy", "log_odds_ratio", "margin", "nll", "perplexity", "num_pairs"}
+KEYS = {"accuracy", "mean_log_odds_ratio", "margin", "nll", "perplexity", "num_pairs"}
 
 
 def _eval(*args):
@@ -50,7 +50,7 @@ def test_orpo_helped_tuned_beats_base(lora_eval):
     assert abs(out["base"]["accuracy"] - 0.5) < 0.2  # a random-init model: near chance
     assert out["num_pairs"] == out["base"]["num_pairs"] == 125  # the demo's 10% held-out split
     assert out["margin"] > 0 > out["base"]["margin"] - 0.05
-    assert out["log_odds_ratio"] > out["base"]["log_odds_ratio"]
+    assert out["mean_log_odds_ratio"] > out["base"]["mean_log_odds_ratio"]
     assert out["nll"] < out["base"]["nll"]  # SFT term: the chosen answers got likelier
     for side in (out, out["base"]):
         assert side["perplexity"] == pytest.approx(math.exp(side["nll"]))
@@ -68,7 +68,7 @@ def test_numbers_match_the_training_eval_of_the_same_split(lora_eval):
     rel, acc = (1e-4, 1e-6) if not torch.cuda.is_available() else (5e-3, 0.03)
     assert out["accuracy"] == pytest.approx(last["eval_rewards/accuracies"], abs=acc)
     assert out["nll"] == pytest.approx(last["eval_nll_loss"], rel=rel)
-    assert out["log_odds_ratio"] == pytest.approx(last["eval_log_odds_chosen"], rel=rel * 10, abs=1e-5)
+    assert out["mean_log_odds_ratio"] == pytest.approx(last["eval_log_odds_chosen"], rel=rel * 10, abs=1e-5)
     assert out["or_loss"] == pytest.approx(-last["eval_log_odds_ratio"], rel=rel)
     assert out["base"]["accuracy"] == pytest.approx(first["eval_rewards/accuracies"], abs=acc)
     assert out["base"]["nll"] == pytest.approx(first["eval_nll_loss"], rel=rel)
@@ -141,6 +141,7 @@ def test_eval_reft_run_base_is_adapter_off(tiny_reft_run, copy_run, tmp_path):
     out = json.loads(result.stdout)
     assert out["adapter"] == "reft"
     assert out["nll"] != out["base"]["nll"]  # the interventions are on for tuned, off for base
+    _assert_base_is_the_plain_base_model(run, tmp_path / "held.jsonl", out["base"])
 
 
 def test_eval_full_finetune_base_is_the_base_model_loaded_again(tiny_full_run, copy_run, tmp_path):
@@ -149,7 +150,27 @@ def test_eval_full_finetune_base_is_the_base_model_loaded_again(tiny_full_run, c
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["adapter"] == "none"
-    assert out["nll"] != out["base"]["nll"]
+    assert out["nll"] != out["base"]["nll"]  # the tuned weights are not the base's
+    _assert_base_is_the_plain_base_model(run, tmp_path / "held.jsonl", out["base"])
+
+
+def _assert_base_is_the_plain_base_model(run, data, reported):
+    """`reported` (eval's base numbers) equal the numbers of the base model loaded alone, with no adapter."""
+    from orpo_cli.adapters.full import FullAdapter
+    from orpo_cli.evaluate import eval_pairs, heldout_metrics
+    from orpo_cli.models.tuned import inference_device, load_base, load_saved_tokenizer, read_recipe
+
+    recipe = read_recipe(run.recipe)
+    tokenizer = load_saved_tokenizer(run.tokenizer)
+    pairs, _ = eval_pairs(recipe, tokenizer, data)
+    device = inference_device(recipe)
+    plain = heldout_metrics(
+        load_base(recipe, device), FullAdapter(), pairs, device=device, pad_token_id=tokenizer.pad_token_id,
+        batch_size=recipe.train.eval_batch_size or recipe.train.micro_batch_size,
+    )
+    assert set(plain) == set(reported)
+    for key, value in plain.items():
+        assert reported[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
 @pytest.mark.parametrize(
@@ -176,5 +197,51 @@ def test_unfinished_run_is_a_user_error(tiny_lora_run, copy_run):
     assert result.exit_code == 2 and "no trained adapter yet" in result.output
 
 
-def test_metric_labels_cover_the_required_keys():
-    assert KEYS <= set(EVAL_METRICS)
+def test_metric_labels_cover_the_required_keys(lora_eval):
+    """Every number eval.json holds has a label in EVAL_METRICS, and the table shows each under its label."""
+    from orpo_cli.evaluate import eval_table
+
+    _, out = lora_eval
+    numbers = {k for k, v in out.items() if isinstance(v, int | float)}
+    assert KEYS <= numbers
+    assert numbers == set(EVAL_METRICS)
+    columns, rows = eval_table(out)
+    assert columns == ["metric", "tuned", "base", "tuned - base"]
+    shown = {row[0]: row for row in rows}
+    for key in numbers:
+        row = shown[EVAL_METRICS[key]]
+        assert float(row[1]) == pytest.approx(out[key])
+        assert float(row[2]) == pytest.approx(out["base"][key])
+
+
+def test_log_odds_ratio_is_trls_in_metrics_and_eval_json_names_the_mean_log_odds_ratio():
+    """Two pairs computed by hand: metrics.jsonl's log_odds_ratio is TRL's mean log sigmoid(log odds ratio),
+    eval.json's mean_log_odds_ratio the mean log odds ratio itself, and the two differ."""
+    from orpo_cli.evaluate import eval_numbers
+    from orpo_cli.training.loss import ORPOTerms, odds_ratio
+    from orpo_cli.training.metrics import MetricTally
+
+    chosen, rejected = [-0.5, -2.0], [-1.0, -1.5]
+    # log odds(p) = log p - log(1 - p) with log p the mean log-prob; the ratio is chosen's minus rejected's.
+    ratios = [(c - math.log(-math.expm1(c))) - (r - math.log(-math.expm1(r))) for c, r in zip(chosen, rejected, strict=True)]
+    assert ratios[0] == pytest.approx(0.9741, abs=1e-4) and ratios[1] == pytest.approx(-0.6071, abs=1e-4)
+    mean_ratio = sum(ratios) / 2
+    mean_log_sigmoid = sum(-math.log1p(math.exp(-x)) for x in ratios) / 2
+
+    tally = MetricTally(torch.device("cpu"))
+    c, r = torch.tensor(chosen), torch.tensor(rejected)
+    l_or, log_odds = odds_ratio(c, r)
+    zero = torch.zeros(())
+    tally.add_pairs(ORPOTerms(loss=zero, nll=zero, or_loss=l_or.mean(), chosen_logps=c, rejected_logps=r,
+                              log_odds=log_odds))
+    tally.add_step(zero, zero)
+    logged = tally.compute(lam=0.1)
+    assert logged["log_odds_ratio"] == pytest.approx(mean_log_sigmoid, rel=1e-5)
+    assert logged["log_odds_chosen"] == pytest.approx(mean_ratio, rel=1e-5)
+
+    numbers = eval_numbers(logged, num_pairs=2)
+    assert "log_odds_ratio" not in numbers
+    assert numbers["mean_log_odds_ratio"] == pytest.approx(mean_ratio, rel=1e-5)
+    assert numbers["or_loss"] == pytest.approx(-mean_log_sigmoid, rel=1e-5)
+    assert abs(mean_ratio - mean_log_sigmoid) > 0.5  # two quantities, two names
+    assert numbers["margin"] == pytest.approx(sum(chosen) / 2 - sum(rejected) / 2)

@@ -79,7 +79,8 @@ def test_first_loss_and_gradients_equal_trls(layout: str) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     trl = _trl_loss(model, pairs, lam=0.1)
     trl_grads = torch.autograd.grad(trl, params)
-    terms = orpo_forward(model, _NoAdapter(), collate_pairs(pairs, PAD, layout=layout), lam=0.1, nll_on_prompt=True)
+    terms = orpo_forward(model, _NoAdapter(), collate_pairs(pairs, PAD, layout=layout), lam=0.1, nll_on_prompt=True,
+                         layout=layout)
     grads = torch.autograd.grad(terms.loss, params)
     assert abs(terms.loss.item() - trl.item()) < 1e-5
     assert max((a - b).abs().max().item() for a, b in zip(grads, trl_grads, strict=True)) < 1e-5
@@ -111,7 +112,8 @@ def test_layout_argument_and_what_the_adapter_sees() -> None:
     prefix_batch = collate_pairs(pairs, PAD)
     adapter = _NoAdapter()
     default = orpo_forward(model, adapter, prefix_batch, lam=0.1, nll_on_prompt=False)
-    padded = orpo_forward(model, adapter, prefix_batch, lam=0.1, nll_on_prompt=False, layout="padded")
+    padded = orpo_forward(model, adapter, collate_pairs(pairs, PAD, layout="padded"), lam=0.1, nll_on_prompt=False,
+                          layout="padded")
     torch.testing.assert_close(default.loss, padded.loss, rtol=0, atol=1e-5)
     # The adapter sees one row per pair with the prompt lengths, or the [2B, L] rows when run padded.
     assert adapter.batches[0]["attention_mask"].shape[0] == len(pairs)
@@ -153,7 +155,7 @@ def test_forward_and_backward_need_no_data_dependent_shapes(layout: str) -> None
         fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         tokens, pairs = count_normalizers(fake, nll_on_prompt=True)
         terms = orpo_forward(model, _NoAdapter(), fake, lam=0.1, nll_on_prompt=True, num_nll_tokens=tokens,
-                             num_pairs=pairs)
+                             num_pairs=pairs, layout=layout)
         terms.loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(g is not None for g in grads)

@@ -56,11 +56,28 @@ def test_sampling_is_seeded(lora_export):
     assert others != {first}
 
 
-def test_interactive_chat_loop(lora_export):
+@pytest.mark.parametrize(("lines", "histories"), [
+    (["hello", "how are you?"], [0, 2]),  # the second message sees the first exchange
+    (["hello", "/reset", "how are you?"], [0, 0]),  # /reset forgot it
+    (["hello", "", "/exit", "never read"], [0]),  # an empty line is skipped; /exit ends the chat
+])
+def test_interactive_chat_loop(lora_export, monkeypatch, lines, histories):
+    """Each message is answered with the conversation so far as its history, which /reset empties."""
+    import orpo_cli.generation as generation
+
+    seen = []
+
+    def spy(prompt, system, history=()):
+        seen.append((prompt, len(history)))
+        return conversation(prompt, system, history)
+
+    monkeypatch.setattr(generation, "conversation", spy)
     result = runner.invoke(app, ["generate", str(lora_export), "--interactive", "--max-new-tokens", "4"],
-                           input="hello\n/reset\nhow are you?\n/exit\n")
+                           input="".join(line + "\n" for line in lines))
     assert result.exit_code == 0, result.output
-    assert result.stdout.count("> ") >= 3
+    messages = [line for line in lines if line and not line.startswith("/")][: len(histories)]
+    assert seen == list(zip(messages, histories, strict=True))
+    assert result.stdout.count("> ") >= len(histories)
 
 
 def test_reft_bundle_and_run_answer_alike(tiny_reft_run, tmp_path):

@@ -128,7 +128,7 @@ def _measure(name: str, mode: str, layout: str, gc: bool, optimizer: str = "adam
             "cpu", dtype=torch.bfloat16, enabled=autocast
         ):
             terms = orpo_forward(model, adapter, batch, lam=0.1, nll_on_prompt=False,
-                                 layout="padded" if layout == "padded" else None)
+                                 layout=layout)
     finally:
         loss_module.checkpoint = original_checkpoint
     gc_module.collect()
@@ -359,7 +359,7 @@ def test_whole_step_peak_matches_the_allocator(mode: str, layout: str, gc: bool)
     def step() -> None:  # two micro batches, as with accumulation: the second runs beside the first's gradients
         for _ in range(2):
             terms = orpo_forward(model, adapter, batch, lam=0.1, nll_on_prompt=False,
-                                 layout="padded" if layout == "padded" else None)
+                                 layout=layout)
             terms.loss.backward()
             del terms
         opt.step()
@@ -389,7 +389,7 @@ def test_eval_pass_peak_matches_the_allocator(mode: str, layout: str) -> None:
     def evaluate() -> None:
         with torch.no_grad():
             orpo_forward(model, adapter, batch, lam=0.1, nll_on_prompt=False,
-                         layout="padded" if layout == "padded" else None)
+                         layout=layout)
 
     evaluate()
     measured = _peak_above_end(evaluate)

@@ -18,8 +18,13 @@ def _run_dir(tmp_path, records):
     return run
 
 
-def test_plot_writes_a_png_with_every_panel(tmp_path):
+def test_plot_writes_a_png_with_every_panel(tmp_path, monkeypatch):
     matplotlib = pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
     records = []
     for step in range(0, 21, 5):
         records.append(
@@ -52,6 +57,14 @@ def test_plot_writes_a_png_with_every_panel(tmp_path):
     image = matplotlib.image.imread(str(png))
     assert image.shape[0] >= 600 and image.shape[1] >= 1200
     assert image.std() > 0.05  # curves drawn, not a blank canvas
+    # Every panel has a curve, and every metric written to metrics.jsonl is drawn, train and eval alike.
+    (figure,) = figures
+    axes = [ax for ax in figure.axes if ax.get_title()]
+    assert len(axes) == 6 and all(ax.lines for ax in axes)
+    drawn = [(list(line.get_xdata()), list(line.get_ydata())) for ax in axes for line in ax.lines]
+    for key in {k for r in records for k in r} - {"step"}:
+        points = [(r["step"], r[key]) for r in records if key in r]
+        assert ([p[0] for p in points], [p[1] for p in points]) in drawn, key
 
 
 def test_plot_without_metrics_is_a_clear_error(tmp_path):

@@ -12,16 +12,18 @@ from torch import nn
 
 import orpo_cli.training.shared_prompt as prefix
 from orpo_cli.data.pairs import TokenizedPair
-from orpo_cli.training.batching import collate_pairs
-from orpo_cli.training.forward import orpo_forward
+from orpo_cli.training.batching import collate_pairs, longest_sequence
+from orpo_cli.training.forward import batch_layout, orpo_forward
 from orpo_cli.training.loss import orpo_loss
-from orpo_cli.training.shared_prompt import Segments, attention_mask_4d, block_attention, to_padded
+from orpo_cli.training.shared_prompt import Segments, attention_mask_4d, block_attention
 
 VOCAB = 96
 LENGTHS = [(3, 4, 2), (5, 1, 6), (2, 7, 3), (1, 2, 2)]  # (prompt, chosen, rejected) per pair
 
 
 class _NoAdapter:
+    packs_pairs = False
+
     def forward_context(self, model, batch):
         return contextlib.nullcontext()
 
@@ -47,7 +49,7 @@ def _model(family: str, attn: str) -> nn.Module:
     return get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
 
 
-def _run(model, batch, nll_on_prompt: bool, layout=None):
+def _run(model, batch, nll_on_prompt: bool, layout="prefix"):
     terms = orpo_forward(model, _NoAdapter(), batch, lam=0.1, nll_on_prompt=nll_on_prompt, layout=layout)
     terms.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -161,8 +163,8 @@ def test_prefix_layout_gives_the_padded_loss_and_gradients(family, attn, monkeyp
         ref_terms, ref_grads = _reference(model, pairs, nll_on_prompt)
         batches = {layout: collate_pairs(pairs, 0, layout=layout) for layout in ("padded", "prefix", "packed")}
         batches["packed, 3 rows"] = prefix.collate_prefix(pairs, 0, pack=True, pack_width=20)
-        for batch in batches.values():
-            terms, grads = _run(model, batch, nll_on_prompt)
+        for name, batch in batches.items():
+            terms, grads = _run(model, batch, nll_on_prompt, layout=name.split(",")[0])
             _assert_same(terms, grads, ref_terms, ref_grads)
     assert batches["packed"]["input_ids"].shape == (1, sum(map(sum, LENGTHS)))  # one row, no padding at all
     assert batches["packed, 3 rows"]["segments"].starts == ((0, 0), (1, 0), (2, 0), (2, 12))
@@ -212,7 +214,8 @@ def test_reft_edits_the_shared_prompt_as_it_edits_both_padded_rows(tmp_path):
     pairs = _pairs(seed=4, lengths=[(6, 3, 2), (4, 1, 5), (7, 2, 2)])
     results = {}
     for layout in ("padded", "prefix"):
-        terms = orpo_forward(model, adapter, collate_pairs(pairs, 0, layout=layout), lam=0.1, nll_on_prompt=True)
+        terms = orpo_forward(model, adapter, collate_pairs(pairs, 0, layout=layout), lam=0.1, nll_on_prompt=True,
+                             layout=layout)
         terms.loss.backward()
         results[layout] = terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         model.zero_grad(set_to_none=True)
@@ -221,24 +224,13 @@ def test_reft_edits_the_shared_prompt_as_it_edits_both_padded_rows(tmp_path):
         off = orpo_forward(model, adapter, collate_pairs(pairs, 0), lam=0.1, nll_on_prompt=True)
     assert abs(off.loss.item() - results["prefix"][0].loss.item()) > 1e-3
     # ReFT edits each row's prompt: it never gets packed rows, and refuses them if given.
-    from orpo_cli.training.forward import batch_layout
-
-    assert batch_layout(adapter, model) == "prefix"
+    assert batch_layout(adapter, model, longest_sequence(pairs)) == "prefix"
     with pytest.raises(ValueError, match="rows but 3 prompt lengths"):
-        orpo_forward(model, adapter, collate_pairs(pairs, 0, layout="packed"), lam=0.1, nll_on_prompt=True)
+        orpo_forward(model, adapter, collate_pairs(pairs, 0, layout="packed"), lam=0.1, nll_on_prompt=True,
+                     layout="packed")
 
 
-# ------------------------------------------------------------------------------------------ fallbacks
-@pytest.mark.parametrize("layout", ["prefix", "packed"])
-def test_to_padded_rebuilds_the_padded_batch(layout):
-    pairs = _pairs(seed=5)
-    rebuilt = to_padded(collate_pairs(pairs, 0, layout=layout))
-    padded = collate_pairs(pairs, 0, layout="padded")
-    assert rebuilt.keys() == padded.keys()
-    for key, value in padded.items():
-        assert torch.equal(rebuilt[key], value), key
-
-
+# ------------------------------------------------------------------------- the layout, chosen at setup
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_lora_batches_are_packed_only_under_sdpa(attn):
     """Packed rows pay off only where the block attention confines each pair to its columns (sdpa); eager
@@ -246,29 +238,32 @@ def test_lora_batches_are_packed_only_under_sdpa(attn):
     from orpo_cli.adapters.lora import LoraAdapter
     from orpo_cli.adapters.reft.adapter import ReftAdapter
     from orpo_cli.recipe import LoraSettings, ReftSettings
-    from orpo_cli.training.forward import batch_layout
 
     model = _model("llama", attn)
-    assert batch_layout(LoraAdapter(LoraSettings()), model) == ("packed" if attn == "sdpa" else "prefix")
-    assert batch_layout(ReftAdapter(ReftSettings()), model) == "prefix"
+    assert batch_layout(LoraAdapter(LoraSettings()), model, 64) == ("packed" if attn == "sdpa" else "prefix")
+    assert batch_layout(ReftAdapter(ReftSettings()), model, 64) == "prefix"
 
 
 def test_models_without_masked_attention_run_padded(monkeypatch):
+    """A model whose attention cannot take a 4-D mask (flash-attention) gets the padded layout, chosen once at
+    setup, with the prefix layout's loss; a prefix batch is refused on it rather than run wrong."""
     model = _model("llama", "sdpa")
-    batch = collate_pairs(_pairs(seed=6), 0)
-    ref = orpo_forward(model, _NoAdapter(), batch, lam=0.1, nll_on_prompt=False)
-    seen = []
-    monkeypatch.setattr("orpo_cli.training.forward.supports_prefix", lambda m, b=None: False)
-    monkeypatch.setattr("orpo_cli.training.forward.to_padded", lambda b: seen.append(1) or to_padded(b))
-    got = orpo_forward(model, _NoAdapter(), batch, lam=0.1, nll_on_prompt=False)
-    assert seen == [1]
+    pairs = _pairs(seed=6)
+    ref = orpo_forward(model, _NoAdapter(), collate_pairs(pairs, 0), lam=0.1, nll_on_prompt=False)
+    flash = lambda _model: "flash_attention_2"  # noqa: E731
+    monkeypatch.setattr(prefix, "attention_implementation", flash)
+    monkeypatch.setattr("orpo_cli.training.forward.attention_implementation", flash)
+    layout = batch_layout(_NoAdapter(), model, longest_sequence(pairs))
+    assert layout == "padded"
+    got = orpo_forward(model, _NoAdapter(), collate_pairs(pairs, 0, layout=layout), lam=0.1, nll_on_prompt=False,
+                       layout=layout)
     torch.testing.assert_close(got.loss, ref.loss, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="sdpa or eager"):
-        orpo_forward(model, _NoAdapter(), batch, lam=0.1, nll_on_prompt=False, layout="prefix")
+        orpo_forward(model, _NoAdapter(), collate_pairs(pairs, 0), lam=0.1, nll_on_prompt=False, layout="prefix")
 
 
 @pytest.mark.parametrize("window", [3, 64])
-def test_a_sliding_window_shorter_than_the_sequences_runs_padded(window, monkeypatch):
+def test_a_sliding_window_shorter_than_the_sequences_runs_padded(window):
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
@@ -276,12 +271,11 @@ def test_a_sliding_window_shorter_than_the_sequences_runs_padded(window, monkeyp
                                              num_key_value_heads=2, intermediate_size=48, pad_token_id=0,
                                              sliding_window=window, attn_implementation="sdpa"))
     pairs = _pairs(seed=7)
-    seen = []
-    monkeypatch.setattr("orpo_cli.training.forward.to_padded", lambda b: seen.append(1) or to_padded(b))
+    layout = batch_layout(_NoAdapter(), model, longest_sequence(pairs))
+    assert layout == ("padded" if window == 3 else "prefix")  # the window (3) would cut these sequences: padded
     ref_terms, ref_grads = _reference(model, pairs, True)
-    terms, grads = _run(model, collate_pairs(pairs, 0), True)
+    terms, grads = _run(model, collate_pairs(pairs, 0, layout=layout), True, layout=layout)
     _assert_same(terms, grads, ref_terms, ref_grads)
-    assert seen == ([1] if window == 3 else [])  # the window (3) would cut these sequences: run padded
 
 
 def test_segments_masks_are_lower_right_causal():

@@ -39,12 +39,20 @@ def _llama(dtype: torch.dtype = torch.float32, dropout: float = 0.0) -> nn.Modul
 def _batch(layout: str) -> dict:
     g = torch.Generator().manual_seed(3)
     pairs = [TokenizedPair(*(torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in lengths)) for lengths in LENGTHS]
-    return collate_pairs(pairs, PAD, layout=layout)
+    batch = collate_pairs(pairs, PAD, layout=layout)
+    batch["_layout"] = layout  # read (and dropped) by _forward
+    return batch
+
+
+def _forward(model: nn.Module, batch: dict):
+    batch = dict(batch)
+    layout = batch.pop("_layout", "packed")
+    return orpo_forward(model, _NoAdapter(), batch, lam=0.1, nll_on_prompt=True, layout=layout)
 
 
 def _loss_and_grads(model: nn.Module, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
     params = [p for p in model.parameters() if p.requires_grad]
-    terms = orpo_forward(model, _NoAdapter(), batch, lam=0.1, nll_on_prompt=True)
+    terms = _forward(model, batch)
     return terms.loss.detach(), list(torch.autograd.grad(terms.loss, params))
 
 
@@ -77,7 +85,7 @@ def _saved_bytes(model: nn.Module, batch: dict) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(plain, lambda t: t):
-        loss = orpo_forward(model, _NoAdapter(), batch, lam=0.1, nll_on_prompt=True).loss
+        loss = _forward(model, batch).loss
     if state is not None:
         state.pack = inner
     loss.backward()
@@ -149,10 +157,10 @@ def test_no_effect_without_gradients_or_outside_the_context() -> None:
     state = model._orpo_recompute
     batch = _batch("packed")
     with torch.no_grad(), recomputing(model):
-        orpo_forward(model, _NoAdapter(), batch, lam=0.1, nll_on_prompt=True)
+        _forward(model, batch)
     assert not state.checked and not state.noted
     with recomputing(model):
-        orpo_forward(model, _NoAdapter(), batch, lam=0.1, nll_on_prompt=True)
+        _forward(model, batch)
     assert state.checked and not state.noted  # nothing noted outlives the forward
 
 

@@ -265,7 +265,7 @@ def test_prefix_shared_and_padded_batches_give_the_same_loss_and_gradients(micro
         adapter, model = _reft(micro_path, tied=False)
         model.train()
         batch = collate_pairs(_pairs(count=3), 0, layout=layout)
-        terms = orpo_forward(model, adapter, batch, lam=0.1, nll_on_prompt=False)
+        terms = orpo_forward(model, adapter, batch, lam=0.1, nll_on_prompt=False, layout=layout)
         terms.loss.backward()
         results.append(
             (terms.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})

@@ -20,8 +20,9 @@
   * ``prompt_lengths`` [B] (long): each pair's prompt length, shared by its chosen and rejected rows;
   * the loss targets below.
 
-Both layouts carry the loss targets, computed here on the CPU so that the training step never has to
-find them with a data-dependent (host-synchronising) boolean gather. A target is a token a loss term
+A run's layout is chosen once, at setup (`forward.batch_layout`), and every batch of the run is collated
+in it. Every layout carries the loss targets (`targets.loss_targets`), computed on the CPU so that the
+training step never has to find them with a data-dependent (host-synchronising) boolean gather. A target is a token a loss term
 scores and the *flat row* ``row * width + column`` of the hidden state that predicts it:
 
 * ``targets_chosen`` [3, Nc]: (flat row, token id, pair) of every chosen-response token;
@@ -46,15 +47,14 @@ import torch
 
 from orpo_cli.data.pairs import TokenizedPair
 from orpo_cli.training.loss import IGNORE_INDEX  # -100: the label a position without a loss target carries
+from orpo_cli.training.shared_prompt import collate_prefix
+from orpo_cli.training.targets import loss_targets
 
 Layout = Literal["packed", "prefix", "padded"]
 LAYOUTS: tuple[str, ...] = ("packed", "prefix", "padded")
 DEFAULT_LAYOUT: Layout = "prefix"
 """What `collate_pairs` builds when no layout is given: the fastest one whose loss and gradients are
 tested equal to the padded layout's (tests/test_prefix.py)."""
-
-TARGET_KEYS = ("targets_chosen", "targets_rejected", "targets_prompt")
-
 
 def collate_pairs(
     pairs: Sequence[TokenizedPair],
@@ -65,8 +65,6 @@ def collate_pairs(
     """Collate B pairs in `layout` (default :data:`DEFAULT_LAYOUT`); see the module docstring."""
     layout = layout or DEFAULT_LAYOUT
     if layout in ("prefix", "packed"):
-        from orpo_cli.training.shared_prompt import collate_prefix
-
         return collate_prefix(pairs, pad_token_id, pad_to_multiple_of, pack=layout == "packed")
     if layout != "padded":
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -114,45 +112,10 @@ def _collate_padded(
     }
 
 
-def loss_targets(
-    pairs: Sequence[TokenizedPair],
-    *,
-    width: int,
-    chosen_rows: torch.Tensor,
-    chosen_starts: torch.Tensor,
-    rejected_rows: torch.Tensor,
-    rejected_starts: torch.Tensor,
-    prompt_starts: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """The precomputed loss targets of a layout (see the module docstring).
-
-    Pair i's chosen response occupies columns ``chosen_starts[i] ...`` of row ``chosen_rows[i]``, its
-    rejected response ``rejected_starts[i] ...`` of row ``rejected_rows[i]``, and its prompt columns
-    ``S .. S+P-1`` of both rows, ``S = prompt_starts[i]`` (0 unless several pairs share a row). Response
-    token j is predicted by the column before it, except the first token of each response, which is
-    predicted by the last prompt column ``S + P - 1`` of its row.
-    """
-    chosen, rejected, prompt = [], [], []
-    for i, pair in enumerate(pairs):
-        n_prompt = len(pair.prompt_ids)
-        base = 0 if prompt_starts is None else int(prompt_starts[i])
-        if n_prompt == 0 or not pair.chosen_ids or not pair.rejected_ids:
-            raise ValueError(f"pair {i} has an empty prompt or response; every part needs at least one token")
-        for ids, row, start, out in (
-            (pair.chosen_ids, int(chosen_rows[i]), int(chosen_starts[i]), chosen),
-            (pair.rejected_ids, int(rejected_rows[i]), int(rejected_starts[i]), rejected),
-        ):
-            columns = torch.arange(start - 1, start - 1 + len(ids))
-            columns[0] = base + n_prompt - 1
-            out.append(torch.stack([row * width + columns, torch.tensor(ids, dtype=torch.long), torch.full_like(columns, i)]))
-        row = int(chosen_rows[i])
-        prompt_ids = torch.tensor(pair.prompt_ids[1:], dtype=torch.long)
-        prompt.append(torch.stack([row * width + base + torch.arange(n_prompt - 1), prompt_ids]))
-    return {
-        "targets_chosen": torch.cat(chosen, dim=1).long(),
-        "targets_rejected": torch.cat(rejected, dim=1).long(),
-        "targets_prompt": torch.cat(prompt, dim=1).long(),
-    }
+def longest_sequence(pairs: Sequence[TokenizedPair]) -> int:
+    """The most tokens one sequence of `pairs` holds: a prompt and its longer response (what a sliding
+    attention window must cover; see forward.batch_layout)."""
+    return max((len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), default=0)
 
 
 def count_tokens(pairs: Sequence[TokenizedPair]) -> int:

@@ -4,16 +4,18 @@ The top-level model is called (so DDP/FSDP wrappers and adapter hooks run as usu
 `logits_to_keep=1`, which skips the full-vocabulary projection; the decoder's last hidden state is
 captured by a hook and the loss projects only the rows it needs, in chunks (see loss.py).
 
-The batch layouts (see batching.py), chosen by the `layout` argument or, by default, by the batch itself:
+The batch layouts (see batching.py); a run's layout is chosen once, at setup, by `batch_layout` (from the
+adapter, the model's attention and the longest sequence of the data), every batch is collated in it, and
+`orpo_forward` is told it (`layout=`): nothing is worked out again per step.
 
 * ``prefix``: one ``[prompt | chosen | rejected]`` row per pair, the model called with a 4-D attention
   mask and position ids (training/shared_prompt.py), so each prompt runs once; with ``sdpa``, each pair's attention runs
   on exactly the blocks the mask allows. Needs an attention implementation that applies custom 4-D
-  masks (``sdpa``, ``eager``) and no sliding window shorter than the sequences; for any other model the
-  batch is turned into the padded layout on the device first (`prefix.to_padded`, no host sync).
-  The ``packed`` layout is the same with several pairs per row (padding-free); it runs the same way.
+  masks (``sdpa``, ``eager``) and no sliding window shorter than the sequences; any other model is given
+  the padded layout by `batch_layout`. The ``packed`` layout is the same with several pairs per row
+  (padding-free); it runs the same way.
 * ``padded``: ``[2B, L]`` chosen-then-rejected rows with a 2-D padding mask, as TRL does: the
-  straightforward computation, kept for parity tests and as the fallback.
+  straightforward computation, kept for parity tests and for the models that cannot take the others.
 
 Adapters see the batch they were given: `adapter.forward_context(model, batch)` wraps the forward in both
 layouts, and both carry a 2-D `attention_mask` and per-pair `prompt_lengths` (in the prefix layout one row
@@ -30,15 +32,14 @@ import torch
 from torch import nn
 
 from orpo_cli.adapters import Adapter
-from orpo_cli.training.batching import LAYOUTS, Layout
+from orpo_cli.training.batching import DEFAULT_LAYOUT, LAYOUTS, Layout
 from orpo_cli.training.loss import ORPOTerms, orpo_loss_from_hidden
 from orpo_cli.training.recompute import recomputing
 from orpo_cli.training.shared_prompt import (
+    MASKED_ATTENTION,
     attention_implementation,
-    is_prefix_batch,
     model_inputs,
     supports_prefix,
-    to_padded,
 )
 
 
@@ -51,20 +52,19 @@ def orpo_forward(
     nll_on_prompt: bool,
     num_nll_tokens: torch.Tensor | int | None = None,
     num_pairs: torch.Tensor | int | None = None,
-    layout: Layout | None = None,
+    layout: Layout = DEFAULT_LAYOUT,
 ) -> ORPOTerms:
-    """ORPO terms of one collated batch (see batching.collate_pairs for the layouts).
+    """ORPO terms of one batch collated in `layout` (see batching.collate_pairs; the same default), run in it.
 
-    `layout`: None runs the batch in the layout it was collated in (prefix batches fall back to padded
-    on models that cannot take a 4-D mask); ``"padded"`` runs it padded, turning a prefix batch into
-    that layout; ``"prefix"`` (or ``"packed"``) insists on prefix sharing and raises where it cannot run.
+    A prefix or packed `layout` raises where it cannot run: a batch collated otherwise, or a model whose
+    attention cannot take a 4-D mask (`batch_layout` gives those the padded layout).
     """
     inner = _unwrap(model)
-    batch = _in_layout(inner, batch, layout)
-    if is_prefix_batch(batch):
-        inputs = model_inputs(inner, batch)
-    else:
+    if layout == "padded":
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    else:
+        _check_prefix(inner, batch, layout)
+        inputs = model_inputs(inner, batch)
     with adapter.forward_context(inner, batch), recomputing(inner), _capture_hidden(inner.get_decoder()) as captured:
         model(**inputs, use_cache=False, logits_to_keep=1)
     return orpo_loss_from_hidden(
@@ -78,32 +78,34 @@ def orpo_forward(
     )
 
 
-def batch_layout(adapter: Adapter, model: nn.Module) -> Layout:
-    """The layout training and eval collate: padding-free rows where the adapter and the attention allow them.
+def batch_layout(adapter: Adapter, model: nn.Module, longest: int) -> Layout:
+    """The layout a run collates its batches in, chosen once: padding-free rows where the adapter and the
+    attention allow them, one row per pair where only the attention does, else the padded layout.
 
-    Packing needs an adapter that reads nothing per row (`Adapter.packs_pairs`) and ``sdpa`` attention, whose
+    `longest`: the longest sequence (a prompt and its longer response) of the data the run sees. Prefix rows
+    need custom 4-D masks and a sliding window, if any, covering `longest` (`supports_prefix`). Packing
+    also needs an adapter that reads nothing per row (`Adapter.packs_pairs`) and ``sdpa`` attention, whose
     block attention runs each pair on its own columns; any other attention would score every column of a
     packed row against every other (quadratic in the row's width), so it gets one row per pair.
     """
-    sdpa = attention_implementation(_unwrap(model)) == "sdpa"
+    inner = _unwrap(model)
+    if not supports_prefix(inner, longest):
+        return "padded"
+    sdpa = attention_implementation(inner) == "sdpa"
     return "packed" if adapter.packs_pairs and sdpa else "prefix"
 
 
-def _in_layout(model: nn.Module, batch: Mapping[str, torch.Tensor], layout: Layout | None) -> dict[str, Any]:
-    if layout is not None and layout not in LAYOUTS:
+def _check_prefix(model: nn.Module, batch: Mapping[str, Any], layout: str) -> None:
+    """Refuse a prefix/packed run that would fail or be wrong: a check of what the caller said, not a choice."""
+    if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    prefix = is_prefix_batch(batch)
-    if layout in ("prefix", "packed"):
-        if not prefix:
-            raise ValueError(f"layout={layout!r} needs a batch collated with layout='prefix' or 'packed'")
-        if not supports_prefix(model, batch):
-            raise ValueError(
-                f"layout={layout!r} needs sdpa or eager attention (custom 4-D masks) and no sliding window shorter "
-                f"than the sequences; this model uses {model.config._attn_implementation}"
-            )
-    if prefix and (layout == "padded" or not supports_prefix(model, batch)):
-        return to_padded(batch)
-    return dict(batch)
+    if "position_ids" not in batch:
+        raise ValueError(f"layout={layout!r} needs a batch collated with layout='prefix' or 'packed'")
+    if attention_implementation(model) not in MASKED_ATTENTION:
+        raise ValueError(
+            f"layout={layout!r} needs sdpa or eager attention (custom 4-D masks); this model uses "
+            f"{attention_implementation(model)}: collate its batches in the layout batch_layout gives"
+        )
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -350,7 +350,7 @@ def orpo_loss(
 
 @dataclass(frozen=True)
 class _IndexTargets:
-    """A batch's loss targets as flat hidden-row indices (see orpo_cli.training.batching.loss_targets)."""
+    """A batch's loss targets as flat hidden-row indices (see orpo_cli.training.targets.loss_targets)."""
 
     num_pairs: int
     chosen: torch.Tensor  # [3, Nc]: flat row, token id, pair

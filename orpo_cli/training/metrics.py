@@ -15,8 +15,8 @@ from torch import nn
 
 from orpo_cli.adapters import Adapter
 from orpo_cli.data.pairs import TokenizedPair
-from orpo_cli.training.batching import collate_pairs
-from orpo_cli.training.forward import batch_layout, orpo_forward
+from orpo_cli.training.batching import Layout, collate_pairs
+from orpo_cli.training.forward import orpo_forward
 from orpo_cli.training.loss import ORPOTerms, count_normalizers
 
 # Per-pair sums and per-step scalar sums; both kept as 0-dim tensors on the training device.
@@ -109,16 +109,17 @@ def preference_metrics(
     nll_on_prompt: bool,
     pad_token_id: int,
     device: torch.device,
+    layout: Layout,
     prefix: str = "",
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """ORPO metrics over all `pairs` (TRL's names, with `prefix`), normalised over the whole set.
+    """ORPO metrics over all `pairs` (TRL's names, with `prefix`), normalised over the whole set, in batches
+    collated in `layout` (forward.batch_layout's choice for the model and the pairs).
 
     `progress`, when given, is called with the number of pairs of each batch once it is done.
     """
     was_training = model.training
     model.eval()
-    layout = batch_layout(adapter, model)
     batches = [
         {k: v.to(device) for k, v in collate_pairs(pairs[i : i + batch_size], pad_token_id, layout=layout).items()}
         for i in range(0, len(pairs), batch_size)
@@ -133,7 +134,8 @@ def preference_metrics(
     done = 0
     for batch in batches:
         terms = orpo_forward(
-            model, adapter, batch, lam=lam, nll_on_prompt=nll_on_prompt, num_nll_tokens=num_tokens, num_pairs=num_pairs
+            model, adapter, batch, lam=lam, nll_on_prompt=nll_on_prompt, num_nll_tokens=num_tokens, num_pairs=num_pairs,
+            layout=layout,
         )
         tally.add_pairs(terms)
         loss += terms.loss

@@ -10,6 +10,7 @@ from typing import Any
 from orpo_cli.errors import Interrupted, RunFailed, UserError, stage, use_run_log
 from orpo_cli.recipe import Recipe
 from orpo_cli.rundir import RunDir
+from orpo_cli.training.batching import Layout
 from orpo_cli.training.distributed import Machines, QuietExit, check_processes, launch, plan_processes
 
 # The metrics (training/metric_names.py) of train's closing table: the loop's eval at step 0 vs the last step.
@@ -46,10 +47,18 @@ def run_dir_for(recipe: Recipe) -> RunDir:
 
 
 def start_run(
-    recipe: Recipe, *, resume: bool, force: bool, machines: Machines | None = None, plan_check: bool = False
+    recipe: Recipe,
+    *,
+    resume: bool,
+    force: bool,
+    machines: Machines | None = None,
+    plan_check: bool = False,
+    layout: Layout | None = None,
 ) -> RunDir:
     """Train the recipe into its run directory; returns the run directory. `plan_check`: refuse, before anything
     loads, a recipe `orpo-tune plan` predicts to need clearly more than the GPU's free memory (one line on a CPU).
+    `layout`: the batch layout; None (what train does) takes forward.batch_layout's choice for the adapter, the
+    model and the data. A benchmark's ablation may force another in one process (it is not passed to workers).
 
     When the recipe (or --nproc) asks for several processes and this is not already one of them, this
     process launches them (torchrun's launcher) and waits; each of them comes back here as a worker.
@@ -57,7 +66,7 @@ def start_run(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import set_seed
 
     from orpo_cli.adapters import build_adapter, count_parameters
     from orpo_cli.atomic import atomic_dir, atomic_write_text
@@ -71,8 +80,11 @@ def start_run(
         resolve_dtype,
     )
     from orpo_cli.progress import Reporter
+    from orpo_cli.training.batching import longest_sequence
+    from orpo_cli.training.forward import batch_layout
     from orpo_cli.training.loop import fit
     from orpo_cli.training.recompute import enable_recompute
+    from orpo_cli.training.strategy import Strategy, accelerate_plugins, shape_fsdp_units
 
     run = run_dir_for(recipe)
     # ---- cheap checks first: errors in seconds, before anything is loaded or written
@@ -109,9 +121,10 @@ def start_run(
             gradient_accumulation_steps=recipe.train.gradient_accumulation,
             log_with="tensorboard" if recipe.train.tensorboard else None,
             project_dir=str(run.root),
-            **_strategy_plugins(recipe),
+            **accelerate_plugins(recipe.distributed, recipe.train),
         )
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    strategy = Strategy(accelerator)  # what the loop does differently under it, decided here once
+    fsdp = strategy.fsdp
     reporter = Reporter(enabled=accelerator.is_main_process)
     set_seed(recipe.seed)
 
@@ -138,17 +151,20 @@ def start_run(
     # Norm and MLP activations recomputed in the backward (training/recompute.py): not under whole-layer
     # checkpointing, which recomputes them anyway, nor where the weights are sharded (a recomputation in the
     # backward would run outside the strategy's gather of the weights).
-    sharded = fsdp or accelerator.distributed_type == DistributedType.DEEPSPEED
-    if not recipe.train.gradient_checkpointing and not sharded:
+    if not recipe.train.gradient_checkpointing and not strategy.shards_weights:
         enable_recompute(model)
     if fsdp:
-        _shape_fsdp_units(accelerator, model, by_layer=recipe.distributed.fsdp.auto_wrap == "decoder_layers")
+        shape_fsdp_units(accelerator, model, by_layer=recipe.distributed.fsdp.auto_wrap == "decoder_layers")
+    # Once for the run: how every batch is laid out, from the adapter, the attention and the longest pair.
+    layout = layout or batch_layout(adapter, model, longest_sequence([*data.train, *data.eval]))
     trainable, total = count_parameters(model)
     reporter.note(
         f"model: {recipe.model.name_or_path} on {device} ({str(dtype).removeprefix('torch.')}, "
         f"quantization {recipe.quantization.mode}); adapter {recipe.adapter.kind}: "
         f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.4f}%)"
     )
+    if not strategy.resumable:
+        reporter.note(f"{strategy.name}: no resumable checkpoints are written (see docs/distributed.md)")
 
     # ---- the run directory: only now that everything checked out
     if accelerator.is_main_process:
@@ -182,7 +198,9 @@ def start_run(
                 orpo=recipe.orpo,
                 run=run,
                 accelerator=accelerator,
+                strategy=strategy,
                 pad_token_id=tokenizer.pad_token_id,
+                layout=layout,
                 seed=recipe.seed,
                 resume=resume,
                 reporter=reporter,
@@ -192,7 +210,7 @@ def start_run(
             raise QuietExit(130 if isinstance(err, Interrupted) else 1) from None
         raise
     with stage("saving the adapter"):
-        _save_adapter(recipe, adapter, result.model or model, trainable_names, accelerator, run)
+        _save_adapter(recipe, adapter, result.model or model, trainable_names, strategy, run)
     accelerator.end_training()
 
     if result.first_eval or result.last_eval:
@@ -213,115 +231,17 @@ def start_run(
     return run
 
 
-def _strategy_plugins(recipe: Recipe) -> dict[str, Any]:
-    """accelerate's plugin for distributed.strategy fsdp or deepspeed; ddp and auto need none."""
-    dist, train = recipe.distributed, recipe.train
-    if dist.strategy == "fsdp":
-        from accelerate.utils import FullyShardedDataParallelPlugin
-
-        fsdp = dist.fsdp
-        plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=1,
-            reshard_after_forward=fsdp.sharding_strategy.upper(),
-            auto_wrap_policy="transformer_based_wrap" if fsdp.auto_wrap == "decoder_layers" else "no_wrap",
-            cpu_offload=fsdp.cpu_offload,
-            use_orig_params=True,  # frozen and trainable weights may share a unit (adapters)
-            sync_module_states=False,  # every rank loaded the same weights
-            state_dict_type="FULL_STATE_DICT",
-        )
-        # accelerate's FSDP1 wrapper reads the deprecated `sharding_strategy` first, whose default would win.
-        plugin.sharding_strategy = plugin.reshard_after_forward
-        return {"fsdp_plugin": plugin}
-    if dist.strategy == "deepspeed":
-        from accelerate.utils import DeepSpeedPlugin
-
-        ds = dist.deepspeed
-        plugin = DeepSpeedPlugin(
-            zero_stage=ds.zero_stage,
-            gradient_accumulation_steps=train.gradient_accumulation,
-            gradient_clipping=train.max_grad_norm or 0.0,
-            offload_optimizer_device="cpu" if ds.offload_optimizer else "none",
-            zero3_save_16bit_model=ds.zero_stage == 3,
-        )
-        # No dataloader goes through accelerate, so deepspeed is told the micro batch here; and it may step
-        # a torch optimizer on the CPU when offloading (its own CPUAdam is faster but compiles at start).
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = train.micro_batch_size
-        plugin.deepspeed_config["zero_force_ds_cpu_optimizer"] = False
-        return {"deepspeed_plugin": plugin}
-    return {}
-
-
-def _shape_fsdp_units(accelerator: Any, model: Any, *, by_layer: bool) -> None:
-    """How FSDP cuts the model into units, set on accelerate's plugin before `prepare`.
-
-    The output layer stays whole on every rank (an FSDP-ignored module, as under DDP): the loss projects
-    hidden states through it after the model's forward, when FSDP has put its weights back into shards.
-    By layer: each decoder layer is a unit and, apart from them, each module with trainable weights, so
-    frozen low-precision weights and trainable fp32 ones never share one flat tensor (FSDP needs one dtype).
-    """
-    head = model.get_output_embeddings()
-    if any(p.requires_grad for p in head.parameters()):
-        raise UserError(
-            "distributed.strategy: fsdp cannot train the output layer (lm_head): the loss uses it outside the "
-            "model's forward, so it stays unsharded and its gradients would not be combined across ranks; "
-            "leave lm_head out of adapter.target_modules, or use strategy ddp or deepspeed"
-        )
-    plugin = accelerator.state.fsdp_plugin
-    plugin.ignored_modules = [head]
-    if by_layer:
-        plugin.auto_wrap_policy = fsdp_units(model)
-    return_decoder_output(model)
-
-
-def return_decoder_output(model: Any) -> None:
-    """Make `model`'s forward also return its decoder's last hidden state (as `hidden_states`).
-
-    FSDP starts its backward bookkeeping (the callback that waits for every gradient reduce-scatter) from
-    hooks on the tensors its root module returns. The loss does not use the returned logits: it projects
-    the decoder's hidden state itself (loss.py), so that is the tensor the root must return.
-    """
-    from orpo_cli.training.forward import last_hidden
-
-    seen: dict[str, Any] = {}
-
-    def keep(_module: Any, _inputs: Any, output: Any) -> None:
-        seen["hidden"] = last_hidden(output)
-
-    def expose(_module: Any, _inputs: Any, output: Any) -> None:
-        hidden = seen.pop("hidden", None)
-        if hidden is not None and getattr(output, "hidden_states", None) is None:
-            output.hidden_states = (hidden,)
-
-    model.get_decoder().register_forward_hook(keep)
-    model.register_forward_hook(expose)
-
-
-def fsdp_units(model: Any) -> Any:
-    """FSDP's wrap policy: each decoder layer (the model's `_no_split_modules`) is a unit, and so is each
-    module that owns trainable parameters (LoRA's A/B, ReFT's interventions), whatever the adapter."""
-    from torch.distributed.fsdp.wrap import CustomPolicy
-
-    layer_names = set(getattr(model, "_no_split_modules", None) or [])
-
-    def is_unit(module: Any) -> bool:
-        return type(module).__name__ in layer_names or any(
-            p.requires_grad for p in module.parameters(recurse=False)
-        )
-
-    return CustomPolicy(is_unit)
-
-
 def _save_adapter(
-    recipe: Recipe, adapter: Any, model: Any, trainable: list[str], accelerator: Any, run: RunDir
+    recipe: Recipe, adapter: Any, model: Any, trainable: list[str], strategy: Any, run: RunDir
 ) -> None:
     """Rank 0 writes the adapter; where the weights are sharded (FSDP, ZeRO-3) they are gathered first and
     put into a weightless copy of the model (meta tensors but for the trainable weights) to save from."""
     from orpo_cli.atomic import atomic_dir
-    from orpo_cli.training.loop import gathered_trainable_weights, shards_weights
 
+    accelerator = strategy.accelerator
     source = accelerator.unwrap_model(model)
-    if shards_weights(accelerator):
-        weights = gathered_trainable_weights(model, accelerator, trainable)
+    weights = strategy.trainable_weights(model, trainable)  # None: the unwrapped model holds them whole
+    if weights is not None:
         source = weightless_replica(recipe, adapter, weights) if accelerator.is_main_process else None
     if accelerator.is_main_process:
         with atomic_dir(run.adapter, replace=True) as tmp:

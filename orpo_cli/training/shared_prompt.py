@@ -19,7 +19,7 @@ and pads each pair once instead of padding both rows to the longest sequence of 
 
 The prefix batch also carries what adapters read in the padded layout: a 2-D ``attention_mask``
 (1 on real tokens) and ``prompt_lengths`` ``[B]``, one row per pair. The loss targets are precomputed
-here too (see :func:`orpo_cli.training.batching.loss_targets`): which hidden row predicts which token.
+here too (see :func:`orpo_cli.training.targets.loss_targets`): which hidden row predicts which token.
 
 Attention. A dense ``[B, W, W]`` mask makes the kernel score every query against every key of its row,
 the chosen-rejected block and the padding included. With ``sdpa`` the forward therefore also passes the
@@ -34,9 +34,9 @@ Custom 4-D masks reach the attention kernels as-is in transformers 5 (``masking_
 mask untouched) for the ``sdpa`` and ``eager`` implementations: ``sdpa`` takes the boolean mask (True =
 attend), ``eager`` adds it to the scores, so it gets the additive float form (0 / dtype minimum). Other
 kernels (flash-attention, flex) drop or reject such masks: :func:`supports_prefix` says whether a model
-can take this layout, and :func:`to_padded` turns a prefix batch back into the padded layout for the
-ones that cannot (on the device, without a host sync). No flash-attention varlen path is implemented:
-varlen kernels cannot express "rejected sees the prompt but not chosen" in one call.
+can take this layout, once at setup (training/forward.py `batch_layout`); the ones that cannot are collated
+in the padded layout from the start. No flash-attention varlen path is implemented: varlen kernels cannot
+express "rejected sees the prompt but not chosen" in one call.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orpo_cli.data.pairs import TokenizedPair
-from orpo_cli.training.loss import IGNORE_INDEX  # -100: the label a position without a loss target carries
+from orpo_cli.training.targets import loss_targets
 
 # Attention implementations that apply a custom 4-D mask exactly.
 MASKED_ATTENTION = ("sdpa", "eager")
@@ -142,10 +142,8 @@ def collate_prefix(
     (each column's part: prompt 0, chosen 1, rejected 2, padding 3), ``pair_ids`` (each column's pair,
     -1 on padding), ``prompt_lengths``, ``chosen_lengths``, ``rejected_lengths`` (each ``[B]``),
     ``segments`` (lengths and places on the host, see :class:`Segments`) and the loss targets of
-    :func:`orpo_cli.training.batching.loss_targets`.
+    :func:`orpo_cli.training.targets.loss_targets`.
     """
-    from orpo_cli.training.batching import loss_targets
-
     if not pairs:
         raise ValueError("collate_prefix needs at least one pair")
     lengths = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
@@ -205,11 +203,6 @@ def collate_prefix(
     return batch
 
 
-def is_prefix_batch(batch: Mapping[str, torch.Tensor]) -> bool:
-    """Whether `batch` is in the prefix-shared layout (one row per pair)."""
-    return "position_ids" in batch and "chosen_lengths" in batch
-
-
 def attention_mask_4d(batch: Mapping[str, torch.Tensor], additive_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The ``[rows, 1, W, W]`` mask of a prefix batch, built on the batch's device (no host sync).
 
@@ -241,12 +234,12 @@ def attention_implementation(model: nn.Module) -> str:
     return str(name)
 
 
-def supports_prefix(model: nn.Module, batch: Mapping[str, Any] | None = None) -> bool:
-    """Whether `model` can run prefix batches exactly (`batch`'s, when given).
+def supports_prefix(model: nn.Module, longest: int | None = None) -> bool:
+    """Whether `model` can run prefix batches exactly (of sequences up to `longest` tokens, when given).
 
     It must apply custom 4-D masks (``sdpa``, ``eager``), and a sliding attention window, if the model has
-    one, must cover every sequence of the batch: transformers leaves custom 4-D masks as they are, so a
-    window would not be applied. The padded layout (2-D masks) applies it.
+    one, must cover every sequence, a prompt and its longer response (`longest`): transformers leaves custom
+    4-D masks as they are, so a window would not be applied. The padded layout (2-D masks) applies it.
     """
     if attention_implementation(model) not in MASKED_ATTENTION:
         return False
@@ -255,9 +248,7 @@ def supports_prefix(model: nn.Module, batch: Mapping[str, Any] | None = None) ->
     window = getattr(config, "sliding_window", None)
     if window is None or getattr(config, "use_sliding_window", True) is False:
         return True
-    if batch is None or "segments" not in batch:
-        return False
-    return all(p + max(c, r) <= window for p, c, r in batch["segments"].lengths)
+    return longest is not None and longest <= window
 
 
 def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -360,40 +351,3 @@ def install_block_attention() -> None:
 
     sdpa_with_prefix._orpo_prefix = True  # type: ignore[attr-defined]
     AttentionInterface.register("sdpa", sdpa_with_prefix)
-
-
-def to_padded(batch: Mapping[str, Any], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
-    """The same pairs in the padded ``[2B, L]`` layout of :func:`orpo_cli.training.batching.collate_pairs`.
-
-    For models that cannot run a prefix batch. No host sync: the padded layout is collated on the host
-    from the segments with each token's *flat index* in the prefix batch standing in for its id, and
-    the ids are then gathered on the device through those indices.
-    """
-    from orpo_cli.training.batching import TARGET_KEYS, collate_pairs
-
-    ids = batch["input_ids"]
-    width = ids.shape[1]
-    stand_ins = []
-    segments = batch["segments"]
-    for (p, c, r), (row, column) in zip(segments.lengths, segments.starts, strict=True):
-        first = row * width + column
-        flat = list(range(first, first + p + c + r))
-        stand_ins.append(TokenizedPair(flat[:p], flat[p : p + c], flat[p + c :]))
-    index = collate_pairs(stand_ins, pad_token_id=-1, layout="padded")
-    index = {k: v.to(ids.device) for k, v in index.items()}
-    source = ids.reshape(-1)
-
-    def gathered(where: torch.Tensor, fill: int) -> torch.Tensor:
-        return torch.where(where >= 0, source[where.clamp(min=0)], torch.full_like(where, fill))
-
-    padded = {
-        "input_ids": gathered(index["input_ids"], pad_token_id),
-        "attention_mask": index["attention_mask"],
-        "labels": gathered(index["labels"], IGNORE_INDEX),
-        "prompt_lengths": index["prompt_lengths"],
-    }
-    for key in TARGET_KEYS:
-        targets = index[key].clone()
-        targets[1] = source[targets[1]]
-        padded[key] = targets
-    return padded
