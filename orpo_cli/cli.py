@@ -191,8 +191,9 @@ def plan(
     down, and the time at a stated MFU, from the model's config alone (no weights are loaded)."""
     from rich.console import Console
 
-    from orpo_cli.plan.memory import find_gpu, parse_memory
+    from orpo_cli.plan.gpus import find_gpu
     from orpo_cli.plan.report import build_report, render
+    from orpo_cli.plan.units import parse_memory
     from orpo_cli.recipe import load_recipe
 
     _at_least("--pairs", pairs, 1)

@@ -20,17 +20,9 @@ from orpo_cli.adapters import build_adapter
 from orpo_cli.data.pairs import TokenizedPair
 from orpo_cli.models.builtin import materialize_builtin
 from orpo_cli.models.loading import load_model
-from orpo_cli.plan.memory import (
-    ModelShape,
-    PairLengths,
-    StepSetup,
-    activation_bytes,
-    batch_shape,
-    head_transient,
-    plan_step,
-    recompute_bytes,
-    trainable_tensors,
-)
+from orpo_cli.plan.memory import activation_bytes, head_transient, recompute_bytes, trainable_tensors
+from orpo_cli.plan.shapes import ModelShape, PairLengths, StepSetup, batch_shape
+from orpo_cli.plan.step import plan_step
 from orpo_cli.recipe import FullSettings, LoraSettings, ModelSettings, QuantizationSettings, TrainSettings
 from orpo_cli.training.batching import collate_pairs
 from orpo_cli.training.forward import orpo_forward

@@ -10,20 +10,12 @@ from typer.testing import CliRunner
 
 from orpo_cli.cli import app
 from orpo_cli.errors import UserError
-from orpo_cli.plan.memory import (
-    GIB,
-    GPUS,
-    ModelShape,
-    PairLengths,
-    StepSetup,
-    find_gpu,
-    levers,
-    nf4_bytes,
-    parse_memory,
-    plan_step,
-    verdict,
-)
+from orpo_cli.plan.gpus import GPUS, find_gpu
+from orpo_cli.plan.memory import nf4_bytes
 from orpo_cli.plan.report import SHIPPED_CONFIGS, model_config, shipped_config
+from orpo_cli.plan.shapes import ModelShape, PairLengths, StepSetup
+from orpo_cli.plan.step import levers, plan_step, verdict
+from orpo_cli.plan.units import GIB, parse_memory
 
 ROOT = Path(__file__).parents[1]
 MISTRAL = ROOT / "recipes" / "mistral-7b-qlora-ultrafeedback.yaml"

@@ -14,19 +14,15 @@ from pathlib import Path
 from orpo_cli.plan.memory import (
     CUBLAS_WORKSPACE_BYTES,
     CUDA_CONTEXT_BYTES,
-    GIB,
-    TIGHT_MARGIN,
-    ModelShape,
-    StepSetup,
-    batch_shape,
     head_transient,
     optimizer_state_bytes,
-    plan_step,
     trainable_tensors,
     weight_bytes,
-    worst_case_pairs,
 )
 from orpo_cli.plan.report import shipped_config
+from orpo_cli.plan.shapes import ModelShape, StepSetup, batch_shape, worst_case_pairs
+from orpo_cli.plan.step import TIGHT_MARGIN, plan_step
+from orpo_cli.plan.units import GIB
 
 DOC = Path(__file__).parents[2] / "docs" / "qlora-memory.md"
 MODELS = (  # (name in the tables, shipped config)

@@ -15,25 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from orpo_cli.errors import UserError
-from orpo_cli.plan.memory import (
-    DEFAULT_MFU,
-    GIB,
-    REFUSE_MARGIN,
-    Gpu,
-    Lever,
-    ModelShape,
-    StepPlan,
-    StepSetup,
-    gib,
-    human_flops,
-    human_seconds,
-    levers,
-    pairs_of,
-    plan_step,
-    step_seconds,
-    verdict,
-    worst_case_pairs,
-)
+from orpo_cli.plan.gpus import DEFAULT_MFU, Gpu, step_seconds
+from orpo_cli.plan.shapes import ModelShape, StepSetup, pairs_of, worst_case_pairs
+from orpo_cli.plan.step import REFUSE_MARGIN, Lever, StepPlan, levers, plan_step, verdict
+from orpo_cli.plan.units import GIB, gib, human_flops, human_seconds
 from orpo_cli.recipe import LoraSettings, Recipe, ReftSettings
 
 # hub ids (lower case) -> shipped config file (orpo_cli/assets/model_configs, README.md there gives the sources)
