@@ -80,7 +80,7 @@ def _root(
 @_user_errors
 def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Check a recipe and print it fully resolved (every default filled in) as YAML."""
-    from orpo_cli.recipe import load_recipe
+    from orpo_cli.recipe_loading import load_recipe
 
     typer.echo(load_recipe(recipe, set_ or []).to_yaml(), nl=False)
 
@@ -147,7 +147,7 @@ def train(
 ) -> None:
     """Train with ORPO: checkpoints, metrics and the adapter land in the run directory (docs/distributed.md
     for several GPUs or machines)."""
-    from orpo_cli.recipe import load_recipe
+    from orpo_cli.recipe_loading import load_recipe
     from orpo_cli.training.distributed import Machines, QuietExit
     from orpo_cli.training.setup import start_run
 
@@ -194,7 +194,7 @@ def plan(
     from orpo_cli.plan.gpus import find_gpu
     from orpo_cli.plan.report import build_report, render
     from orpo_cli.plan.units import parse_memory
-    from orpo_cli.recipe import load_recipe
+    from orpo_cli.recipe_loading import load_recipe
 
     _at_least("--pairs", pairs, 1)
     _at_least("--prompt-tokens", prompt_tokens, 1)

@@ -273,7 +273,7 @@ def test_adapter_saved_from_a_weightless_replica_equals_the_direct_save(tmp_path
     """What FSDP/ZeRO-3 runs do at the end (gather, then save from meta + gathered weights), checked on CPU."""
     from orpo_cli.adapters import build_adapter, trainable_state
     from orpo_cli.models.loading import load_model, resolve_dtype
-    from orpo_cli.recipe import load_recipe
+    from orpo_cli.recipe_loading import load_recipe
     from orpo_cli.training.setup import weightless_replica
 
     recipe = load_recipe(RECIPE, MICRO)
@@ -307,7 +307,7 @@ from orpo_cli.data.pairs import TokenizedPair
 from orpo_cli.training.loop import _full_state, _load_full_state, gathered_trainable_weights
 from orpo_cli.training.forward import orpo_forward
 from orpo_cli.models.loading import load_model
-from orpo_cli.recipe import load_recipe
+from orpo_cli.recipe_loading import load_recipe
 from orpo_cli.training.setup import fsdp_units, return_decoder_output
 from orpo_cli.rundir import RunDir
 

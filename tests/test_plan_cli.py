@@ -137,7 +137,7 @@ def test_train_on_cpu_reports_the_plan_in_one_line(tmp_path):
     import torch
 
     from orpo_cli.plan.report import check_before_training
-    from orpo_cli.recipe import load_recipe
+    from orpo_cli.recipe_loading import load_recipe
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {name_or_path: builtin:micro-llama}\ndata: {train: builtin:demo}\n"
@@ -162,7 +162,7 @@ def test_train_on_cuda_refuses_a_recipe_far_over_free_memory(monkeypatch):
     import torch
 
     from orpo_cli.plan.report import check_before_training
-    from orpo_cli.recipe import load_recipe
+    from orpo_cli.recipe_loading import load_recipe
 
     recipe = load_recipe(MISTRAL)
     cuda = torch.device("cuda", 0)

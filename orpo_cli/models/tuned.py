@@ -25,7 +25,8 @@ from torch import nn
 from orpo_cli import adapters
 from orpo_cli.adapters import Adapter
 from orpo_cli.errors import UserError, stage
-from orpo_cli.recipe import QuantizationSettings, Recipe, parse_yaml, validate_recipe
+from orpo_cli.recipe import QuantizationSettings, Recipe
+from orpo_cli.recipe_loading import parse_yaml, validate_recipe
 from orpo_cli.rundir import RunDir
 
 BUNDLE_MANIFEST = "orpo-bundle.json"

@@ -141,7 +141,7 @@ def micro_batch_table(gc: bool) -> str:
 def worked_example() -> str:
     """The Mistral-7B QLoRA recipe's plan, term by term."""
     from orpo_cli.plan.report import build_report
-    from orpo_cli.recipe import load_recipe
+    from orpo_cli.recipe_loading import load_recipe
 
     recipe = load_recipe(Path(__file__).parents[2] / "recipes" / "mistral-7b-qlora-ultrafeedback.yaml")
     plan = build_report(recipe, memory=24 * GIB, memory_source="24 GiB", gpu=None).plan
