@@ -93,7 +93,7 @@ def _measure(name: str, mode: str, layout: str, gc: bool, optimizer: str = "adam
 
     # What non-reentrant checkpointing keeps for its recomputation is held by the recompute closure, not by a
     # saved-tensor hook: count the floating tensors handed to every checkpointed call.
-    import orpo_cli.training.loss as loss_module
+    import orpo_cli.training.head as loss_module
 
     def counting(fn):
         def wrapper(function, *args, **kwargs):
@@ -274,7 +274,7 @@ def _peak_above_end(fn) -> int:
 @pytest.mark.parametrize("targets", [100, 700])
 @pytest.mark.parametrize("mode", ["lora", "full"], ids=["frozen-head", "trainable-head"])
 def test_head_transient_matches_the_allocator(mode: str, targets: int) -> None:
-    from orpo_cli.training.loss import target_logps
+    from orpo_cli.training.head import target_logps
 
     path, model, _ = _model("tiny-llama", mode, False)
     head = model.get_output_embeddings()
@@ -395,7 +395,7 @@ def test_eval_pass_peak_matches_the_allocator(mode: str, layout: str) -> None:
 def test_planner_constants_are_the_codes():
     """plan/memory.py imports no torch, so it repeats two constants of the code it models: they must agree."""
     from orpo_cli.plan import memory as plan
-    from orpo_cli.training.loss import CHUNK_ROWS
+    from orpo_cli.training.head import CHUNK_ROWS
     from orpo_cli.training.shared_prompt import PACK_WIDTH
 
     assert plan.CHUNK_ROWS == CHUNK_ROWS

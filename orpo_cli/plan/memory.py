@@ -13,7 +13,7 @@ optimizer, layout, lengths, micro batch, checkpointing, distribution) and adds u
   residual stream at the norms, the LoRA inputs, the MLP intermediates, the attention inputs and outputs of
   the layout the batch runs in (block attention for packed and prefix rows, transformers' sdpa with a
   float mask for padded rows), the checkpointed layer inputs instead when gradient checkpointing is on;
-* the loss head's transient (loss.py: one chunk of logits, and under autocast a low-precision copy of the head),
+* the loss head's transient (training/head.py: one chunk of logits, and under autocast a low-precision copy of the head),
   the batch's dense 4-D mask, and an allowance for the backward pass's working set;
 * per rank under DDP, FSDP and DeepSpeed ZeRO (that sum is plan/step.py).
 
@@ -49,7 +49,7 @@ _NF4_BLOCK = 64
 _NESTED_BLOCK = 256
 _OPT8_BLOCK = 256
 _OPT8_MIN_SIZE = 4096
-CHUNK_ROWS = 256  # loss.CHUNK_ROWS, repeated so that planning imports no torch
+CHUNK_ROWS = 256  # training/head.CHUNK_ROWS, repeated so that planning imports no torch
 
 
 # ------------------------------------------------------------------------------------------- weights
