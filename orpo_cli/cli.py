@@ -277,7 +277,8 @@ def export(
                                         "complete).")] = False,
 ) -> None:
     """Export a merged model (LoRA, full fine-tuning) or, for ReFT, a bundle that `generate` loads."""
-    from orpo_cli.export import MERGE_TOLERANCE_FACTOR, check_out, export_run, parse_dtype, rounding_line
+    from orpo_cli.export import check_out, export_run, parse_dtype, rounding_line
+    from orpo_cli.export_checks import MERGE_TOLERANCE_FACTOR
     from orpo_cli.progress import Reporter
     from orpo_cli.rundir import open_run
 
