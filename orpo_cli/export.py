@@ -41,8 +41,7 @@ import torch
 from torch import nn
 
 from orpo_cli import __version__
-from orpo_cli.adapters import Adapter
-from orpo_cli.adapters.full import FullAdapter
+from orpo_cli.adapters import Adapter, NoAdapter
 from orpo_cli.atomic import TMP_MARK, atomic_dir
 from orpo_cli.errors import RunFailed, UserError
 from orpo_cli.export_checks import (
@@ -127,7 +126,7 @@ def export_run(
         return _export_merged(run, recipe, adapter, Path(out), dtype, force, reporter)
     if dtype is not None:
         reporter.note(f"--dtype {dtype} is ignored for a bundle: its base loads as the recipe says")
-    return _export_bundle(run, recipe, Path(out), force, reporter)
+    return _export_bundle(run, recipe, adapter, Path(out), force, reporter)
 
 
 # ------------------------------------------------------------------------------------------ merged
@@ -141,11 +140,11 @@ def _export_merged(
     tokenizer = load_saved_tokenizer(run.tokenizer)
     probes = probe_prompts(recipe, tokenizer)
     tokens = sum(len(ids) for ids, _ in probes)
-    if recipe.adapter.kind == "none":
+    if adapter.trains_base:
         reporter.note(f"export: loading the fully fine-tuned weights of {run.root}")
     else:
         reporter.note(f"export: loading {recipe.model.name_or_path} in full precision (fp32) to merge the "
-                      f"{recipe.adapter.kind} adapter into it")
+                      f"{adapter.name} adapter into it")
     model = adapter.load(load_base(recipe, cpu, full_precision=True), run.adapter)
     model.eval()
     reference = probe_logits(model, adapter, probes, cpu)
@@ -159,7 +158,7 @@ def _export_merged(
     del model
 
     # 1. The merge, in fp32, before anything is written: a wrong merge fails here in seconds.
-    merged_logits = probe_logits(merged, FullAdapter(), probes, cpu)
+    merged_logits = probe_logits(merged, NoAdapter(), probes, cpu)
     floor = noise_floor(merged, probes, merged_logits)
     tolerance = MERGE_TOLERANCE_FACTOR * floor
     diff = max_abs_diff(reference, merged_logits)
@@ -176,7 +175,7 @@ def _export_merged(
     # back as a user will.
     for param in merged.parameters():
         param.data = param.data.to(DTYPES[dtype]).float()  # fp32 holds every bf16/fp16 value exactly
-    rounded = probe_logits(merged, FullAdapter(), probes, cpu)
+    rounded = probe_logits(merged, NoAdapter(), probes, cpu)
     merged = merged.to(DTYPES[dtype])
     _prepare_for_save(merged, tokenizer)
     with atomic_dir(out, replace=force) as tmp:
@@ -189,7 +188,7 @@ def _export_merged(
                             f"(weights out of {dtype}'s range); use --dtype bf16 or fp32; nothing was written to {out}")
         _pause_for_tests()
         reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32).eval()
-        reload_diff = max_abs_diff(rounded, probe_logits(reloaded, FullAdapter(), probes, cpu))
+        reload_diff = max_abs_diff(rounded, probe_logits(reloaded, NoAdapter(), probes, cpu))
         del reloaded
         if not reload_diff <= tolerance:
             raise RunFailed(
@@ -206,7 +205,7 @@ def _export_merged(
                 "adapter's change is smaller than the dtype's step; --dtype fp32 keeps all of it"
             )
         result = ExportResult(out, True, dtype, diff, tolerance, tokens, notes, floor, reload_diff, rounding, effect)
-        (tmp / "README.md").write_text(_model_card(run, recipe, result), encoding="utf-8")
+        (tmp / "README.md").write_text(_model_card(run, recipe, adapter, result), encoding="utf-8")
     return result
 
 
@@ -261,10 +260,12 @@ def _prepare_for_save(model: nn.Module, tokenizer: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------ bundle
-def _export_bundle(run: RunDir, recipe: Recipe, out: Path, force: bool, reporter: Reporter) -> ExportResult:
+def _export_bundle(
+    run: RunDir, recipe: Recipe, adapter: Adapter, out: Path, force: bool, reporter: Reporter
+) -> ExportResult:
     from orpo_cli.models.builtin import is_builtin, resolve_model_path
 
-    kind = recipe.adapter.kind
+    kind = adapter.name
     device = inference_device(recipe)
     tuned = load_run(run, device=device)
     probes = probe_prompts(recipe, tuned.tokenizer)
@@ -307,7 +308,7 @@ def _export_bundle(run: RunDir, recipe: Recipe, out: Path, force: bool, reporter
             "AutoModelForCausalLM.from_pretrained alone cannot load it"
         ]
         result = ExportResult(out, False, None, diff, tolerance, sum(len(ids) for ids, _ in probes), notes)
-        (tmp / "README.md").write_text(_bundle_card(run, recipe, result, base, copied), encoding="utf-8")
+        (tmp / "README.md").write_text(_bundle_card(run, recipe, kind, result, base, copied), encoding="utf-8")
     return result
 
 
@@ -347,13 +348,13 @@ def _alive(pid: int) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ model cards
-def _model_card(run: RunDir, recipe: Recipe, result: ExportResult) -> str:
+def _model_card(run: RunDir, recipe: Recipe, adapter: Adapter, result: ExportResult) -> str:
     name = recipe.name or run.root.name
     base = recipe.model.name_or_path
     front = f"---\nbase_model: {base}\nlibrary_name: transformers\ntags: [orpo, orpo-tune]\n---\n\n"
     if base.startswith("builtin:"):
         front = "---\nlibrary_name: transformers\ntags: [orpo, orpo-tune]\n---\n\n"
-    how = "merged into the weights" if recipe.adapter.kind != "none" else "(full fine-tuning: every weight trained)"
+    how = "(full fine-tuning: every weight trained)" if adapter.trains_base else "merged into the weights"
     lines = [
         f"# {name}",
         "",
@@ -407,11 +408,11 @@ def rounding_line(result: ExportResult) -> str:
     return line
 
 
-def _bundle_card(run: RunDir, recipe: Recipe, result: ExportResult, base: str, copied: bool) -> str:
+def _bundle_card(run: RunDir, recipe: Recipe, kind: str, result: ExportResult, base: str, copied: bool) -> str:
     lines = [
-        f"# {recipe.name or run.root.name} ({recipe.adapter.kind} bundle)",
+        f"# {recipe.name or run.root.name} ({kind} bundle)",
         "",
-        f"An orpo-tune export of run `{run.root}`. The {recipe.adapter.kind} adapter edits activations, so it "
+        f"An orpo-tune export of run `{run.root}`. The {kind} adapter edits activations, so it "
         "cannot be merged into the weights: this directory holds the base model "
         + ("(a copy, in `base/`)" if copied else f"(a reference: `{base}`)")
         + f", the adapter (`adapter/`), the tokenizer (`tokenizer/`) and the resolved recipe (`{EXPORT_RECIPE}`).",

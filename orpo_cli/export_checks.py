@@ -9,8 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from orpo_cli.adapters import Adapter
-from orpo_cli.adapters.full import FullAdapter
+from orpo_cli.adapters import InferenceAdapter, NoAdapter
 from orpo_cli.errors import UserError
 from orpo_cli.recipe import Recipe
 
@@ -45,7 +44,7 @@ def noise_floor(model: nn.Module, probes: list[tuple[list[int], int]], clean: li
     for i, p in enumerate(params):
         p.data.view(torch.int32).add_(steps(i, p).to(p.device))
     try:
-        noisy = probe_logits(model, FullAdapter(), probes, torch.device("cpu"))
+        noisy = probe_logits(model, NoAdapter(), probes, torch.device("cpu"))
     finally:
         for i, p in enumerate(params):
             p.data.view(torch.int32).sub_(steps(i, p).to(p.device))
@@ -76,7 +75,7 @@ def probe_prompts(recipe: Recipe, tokenizer: Any) -> list[tuple[list[int], int]]
 
 @torch.no_grad()
 def probe_logits(
-    model: nn.Module, adapter: Adapter, probes: list[tuple[list[int], int]], device: torch.device
+    model: nn.Module, adapter: InferenceAdapter, probes: list[tuple[list[int], int]], device: torch.device
 ) -> list[torch.Tensor]:
     out = []
     for ids, prompt_length in probes:

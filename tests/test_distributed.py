@@ -254,6 +254,33 @@ def test_deepspeed_missing_and_zero3_with_4bit_are_refused(tmp_path, fake_gpus, 
     )
 
 
+
+@pytest.mark.parametrize(
+    ("adapter", "message"),
+    [
+        ("{kind: reft}", "adapter.kind: reft does not combine with fsdp: its interventions run from hooks, outside "
+         "the modules fsdp gathers weights for; use strategy ddp (ReFT's trainable weights are tiny)"),
+        ("{kind: none}", "adapter.kind: none (full fine-tuning) does not combine with fsdp here: the loss uses the "
+         "output layer outside the model's forward, so fsdp keeps it whole and cannot train it; use strategy ddp "
+         "or deepspeed"),
+    ],
+)
+def test_adapters_that_cannot_be_sharded_are_refused_under_fsdp(tmp_path, fake_gpus, adapter, message):
+    fake_gpus(2)
+    output = _refused(tmp_path, "--nproc", "2", "--set", "distributed.strategy=fsdp", "--set", f"adapter={adapter}")
+    assert message in " ".join(output.split())
+
+
+def test_only_lora_combines_with_fsdp():
+    from orpo_cli.adapters import build_adapter
+    from orpo_cli.recipe import ADAPTER_MODELS
+
+    refusals = {kind: build_adapter(model()).fsdp_refusal for kind, model in ADAPTER_MODELS.items()}
+    assert refusals["lora"] is None
+    assert all(text.startswith(f"adapter.kind: {kind} ") for kind, text in refusals.items() if text is not None)
+    assert {kind for kind, text in refusals.items() if text is not None} == {"reft", "none"}
+
+
 def test_recipe_and_launcher_must_agree(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")

@@ -237,6 +237,7 @@ def test_every_adapter_kind_has_one_implementation_and_one_error_text():
     assert list(adapters._ADAPTERS) == list(ADAPTER_KINDS) == list(ADAPTER_MODELS)
     for kind, model in ADAPTER_MODELS.items():
         assert model.model_fields["kind"].default == kind
+        assert adapters.build_adapter(model()).name == kind  # what messages and a bundle's manifest call it
     assert Recipe.model_fields["adapter"].description == "What trains: lora, reft or none."
     with pytest.raises(UserError, match=r"adapter: unknown kind 'dora'; use one of lora, reft, none"):
         validate_recipe({"model": {"name_or_path": "m"}, "data": {"train": "d.jsonl"}, "adapter": {"kind": "dora"}})

@@ -15,8 +15,11 @@ from orpo_cli.recipe import LoraSettings
 
 
 class LoraAdapter:
+    name = "lora"
     mergeable = True
     packs_pairs = True
+    trains_base = False
+    fsdp_refusal = None
 
     def __init__(self, settings: LoraSettings):
         self.settings = settings
