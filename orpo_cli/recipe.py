@@ -95,7 +95,17 @@ class LoraSettings(_Section):
         return v
 
 
-_POSITIONS = re.compile(r"^(f\d+)?(\+?l\d+)?$")
+_POSITIONS = re.compile(r"(?:f(\d+))?(?:\+?l(\d+))?")
+
+
+def parse_reft_positions(spec: str) -> tuple[int, int]:
+    """(K first, K last) of a ReFT position spec `fK`, `lK` or `fK+lK` (surrounding blanks ignored); ValueError
+    otherwise. The one grammar: the recipe validates `adapter.positions` with it, the ReFT adapter parses with it."""
+    text = spec.strip()
+    match = _POSITIONS.fullmatch(text)
+    if not text or match is None or text.startswith("+"):
+        raise ValueError(f"'{text}' is not a position spec; use fK, lK or fK+lK, e.g. f1+l1")
+    return int(match.group(1) or 0), int(match.group(2) or 0)
 
 
 class ReftSettings(_Section):
@@ -124,10 +134,8 @@ class ReftSettings(_Section):
     @field_validator("positions")
     @classmethod
     def _check_positions(cls, v: str) -> str:
-        v = v.strip()
-        if not v or not _POSITIONS.match(v) or v.startswith("+"):
-            raise ValueError(f"'{v}' is not a position spec; use fK, lK or fK+lK, e.g. f1+l1")
-        return v
+        parse_reft_positions(v)
+        return v.strip()
 
     @field_validator("layers")
     @classmethod

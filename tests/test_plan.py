@@ -400,3 +400,20 @@ def test_planner_constants_are_the_codes():
 
     assert plan.CHUNK_ROWS == CHUNK_ROWS
     assert StepSetup(pairs=LENGTHS).pack_width == PACK_WIDTH
+
+
+@pytest.mark.parametrize(("positions", "tied"), [("f1+l1", False), ("f0+l1", False), ("f2", False), ("f1+l1", True)])
+def test_planner_counts_reft_interventions_as_the_adapter_builds_them(positions: str, tied: bool) -> None:
+    """Untied, each group of positions that edits any token has its own intervention (f0+l1: one)."""
+    from orpo_cli.adapters.base import count_parameters
+    from orpo_cli.plan.report import step_setup
+    from orpo_cli.recipe_loading import validate_recipe
+
+    path = str(materialize_builtin("tiny-llama"))
+    adapter = {"kind": "reft", "layers": [0, 1], "positions": positions, "tied": tied, "rank": 2}
+    recipe = validate_recipe({"model": {"name_or_path": path}, "data": {"train": "d.jsonl"}, "adapter": adapter})
+    model = load_model(ModelSettings(name_or_path=path), QuantizationSettings(), CPU, torch.float32)
+    model = build_adapter(recipe.adapter).attach(model, quantized=False, gradient_checkpointing=False)
+    shape = ModelShape.from_config(json.loads((Path(path) / "config.json").read_text()))
+    planned = plan_step(shape, step_setup(recipe, shape, cuda=False, world_size=1)).trainable_params
+    assert planned == count_parameters(model)[0]
