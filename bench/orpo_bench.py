@@ -36,7 +36,7 @@ How each side is driven:
   preparation made (so both see identical tokens), the sampler is sequential over a dataset already
   in orpo-tune's order, and ``compute_loss`` records the loss. Steps are timed by a callback at
   ``on_step_end``.
-* orpo-tune: ``orpo_cli.recipe.validate_recipe`` + ``orpo_cli.training.setup.start_run``, the same path as
+* orpo-tune: ``orpo_cli.recipe_loading.validate_recipe`` + ``orpo_cli.training.setup.start_run``, the same path as
   ``orpo-tune train``, with ``log_every: 1`` (TRL logs every step too); steps are timed where the engine
   calls ``Reporter.advance``, right after each optimizer step, and the first loss is read from
   ``metrics.jsonl``.
@@ -238,7 +238,7 @@ def _ordered_pairs(args: argparse.Namespace, work: Path) -> tuple[list[Any], int
     """orpo-tune's pairs for this data, in the order its engine visits them, and the tokenizer's pad id."""
     from orpo_cli.data.prepare import prepare_data
     from orpo_cli.models.loading import load_tokenizer
-    from orpo_cli.recipe import validate_recipe
+    from orpo_cli.recipe_loading import validate_recipe
     from orpo_cli.training.batching import micro_batches
 
     recipe = validate_recipe(_recipe_dict(args, work, True, work / "unused"))
@@ -497,7 +497,7 @@ def _run_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- orpo-tune
 def _run_ours(args: argparse.Namespace, work: Path, nll_on_prompt: bool) -> dict[str, Any]:
     import orpo_cli.progress
-    from orpo_cli.recipe import validate_recipe
+    from orpo_cli.recipe_loading import validate_recipe
     from orpo_cli.rundir import RunDir
     from orpo_cli.training.setup import start_run
 

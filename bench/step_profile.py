@@ -102,9 +102,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _apply_recompute(model: Any, recipe: Any) -> None:
+    from orpo_cli.adapters.lora_inplace import add_updates_in_place
     from orpo_cli.training.recompute import enable_recompute
 
-    if getattr(recipe.train, "recompute", True) and not recipe.train.gradient_checkpointing:
+    add_updates_in_place(model)  # as training/setup.py does
+    if not recipe.train.gradient_checkpointing:
         enable_recompute(model)
 
 

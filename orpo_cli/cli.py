@@ -80,7 +80,7 @@ def _root(
 @_user_errors
 def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Check a recipe and print it fully resolved (every default filled in) as YAML."""
-    from orpo_cli.recipe import load_recipe
+    from orpo_cli.recipe_loading import load_recipe
 
     typer.echo(load_recipe(recipe, set_ or []).to_yaml(), nl=False)
 
@@ -147,7 +147,7 @@ def train(
 ) -> None:
     """Train with ORPO: checkpoints, metrics and the adapter land in the run directory (docs/distributed.md
     for several GPUs or machines)."""
-    from orpo_cli.recipe import load_recipe
+    from orpo_cli.recipe_loading import load_recipe
     from orpo_cli.training.distributed import Machines, QuietExit
     from orpo_cli.training.setup import start_run
 
@@ -191,9 +191,10 @@ def plan(
     down, and the time at a stated MFU, from the model's config alone (no weights are loaded)."""
     from rich.console import Console
 
-    from orpo_cli.plan.memory import find_gpu, parse_memory
+    from orpo_cli.plan.gpus import find_gpu
     from orpo_cli.plan.report import build_report, render
-    from orpo_cli.recipe import load_recipe
+    from orpo_cli.plan.units import parse_memory
+    from orpo_cli.recipe_loading import load_recipe
 
     _at_least("--pairs", pairs, 1)
     _at_least("--prompt-tokens", prompt_tokens, 1)
@@ -276,7 +277,8 @@ def export(
                                         "complete).")] = False,
 ) -> None:
     """Export a merged model (LoRA, full fine-tuning) or, for ReFT, a bundle that `generate` loads."""
-    from orpo_cli.export import MERGE_TOLERANCE_FACTOR, check_out, export_run, parse_dtype, rounding_line
+    from orpo_cli.export import check_out, export_run, parse_dtype, rounding_line
+    from orpo_cli.export_checks import MERGE_TOLERANCE_FACTOR
     from orpo_cli.progress import Reporter
     from orpo_cli.rundir import open_run
 

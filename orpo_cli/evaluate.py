@@ -23,8 +23,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from orpo_cli.adapters import Adapter
-from orpo_cli.adapters.full import FullAdapter
+from orpo_cli.adapters import Adapter, NoAdapter
 from orpo_cli.atomic import atomic_write_text
 from orpo_cli.data.pairs import TokenizedPair
 from orpo_cli.errors import UserError
@@ -174,7 +173,7 @@ def run_eval(
     if base or samples:
         # The base model: the adapter switched off where it can be, else (full fine-tuning) loaded again.
         off = tuned.adapter.disabled(tuned.model)
-        model, adapter = (tuned.model, tuned.adapter) if off is not None else (load_base(recipe, device), FullAdapter())
+        model, adapter = (tuned.model, tuned.adapter) if off is not None else (load_base(recipe, device), NoAdapter())
         with off if off is not None else contextlib.nullcontext():
             if base:
                 result["base"] = measure(model, adapter, "base")

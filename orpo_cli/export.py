@@ -13,7 +13,8 @@ builtin: models, whose cache is machine-local; a reference otherwise), DIR/adapt
 
 Either way the export is checked before it is put in place, on the logits of a few eval prompts; beyond
 a tolerance the export fails and nothing is left. A merged export is checked in two steps that keep the
-merge's error apart from the rounding to --dtype (see `_export_merged` and docs/export-and-serving.md):
+merge's error apart from the rounding to --dtype (see `_export_merged`, export_checks.py and
+docs/export-and-serving.md):
 
 1. the merge, in fp32: merged model vs base + adapter, within `MERGE_TOLERANCE_FACTOR` times this model's
    fp32 noise floor (what one fp32 rounding of every weight does to its logits, measured on the probes);
@@ -40,10 +41,18 @@ import torch
 from torch import nn
 
 from orpo_cli import __version__
-from orpo_cli.adapters import Adapter
-from orpo_cli.adapters.full import FullAdapter
+from orpo_cli.adapters import Adapter, NoAdapter
 from orpo_cli.atomic import TMP_MARK, atomic_dir
 from orpo_cli.errors import RunFailed, UserError
+from orpo_cli.export_checks import (
+    BUNDLE_RTOL,
+    MERGE_TOLERANCE_FACTOR,
+    diff_stats,
+    max_abs_diff,
+    noise_floor,
+    probe_logits,
+    probe_prompts,
+)
 from orpo_cli.models.tuned import (
     BUNDLE_FORMAT,
     BUNDLE_MANIFEST,
@@ -61,19 +70,10 @@ from orpo_cli.recipe import Recipe
 from orpo_cli.rundir import RunDir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# A merge rounds every merged weight once in fp32, so a correct one sits at about 1x the model's fp32 noise
-# floor (measured 0.85-1.2x on SmolLM2-135M and the built-ins); a wrong one (an adapter applied twice, a
-# layer's delta left out) sits thousands of times above it.
-MERGE_TOLERANCE_FACTOR = 10.0
-# A bundle reloads the very same base and adapter: relative to max(1, max |logit|) of the run's model.
-BUNDLE_RTOL = 1e-4
 # Rounding to --dtype that takes away more than this share of the adapter's effect (RMS over the probe
 # logits) gets a note suggesting --dtype fp32.
 _ROUNDING_NOTE_SHARE = 0.5
-_NOISE_SEED = 20240314
 PAUSE_ENV = "ORPO_TUNE_EXPORT_PAUSE"  # tests only: seconds to wait, files half-written, before the rename
-_PROBES = 4
-_PROBE_TOKENS = 128
 
 
 @dataclass
@@ -126,7 +126,7 @@ def export_run(
         return _export_merged(run, recipe, adapter, Path(out), dtype, force, reporter)
     if dtype is not None:
         reporter.note(f"--dtype {dtype} is ignored for a bundle: its base loads as the recipe says")
-    return _export_bundle(run, recipe, Path(out), force, reporter)
+    return _export_bundle(run, recipe, adapter, Path(out), force, reporter)
 
 
 # ------------------------------------------------------------------------------------------ merged
@@ -138,30 +138,30 @@ def _export_merged(
     cpu = torch.device("cpu")
     dtype = dtype or _stored_dtype(recipe)
     tokenizer = load_saved_tokenizer(run.tokenizer)
-    probes = _probes(recipe, tokenizer)
+    probes = probe_prompts(recipe, tokenizer)
     tokens = sum(len(ids) for ids, _ in probes)
-    if recipe.adapter.kind == "none":
+    if adapter.trains_base:
         reporter.note(f"export: loading the fully fine-tuned weights of {run.root}")
     else:
         reporter.note(f"export: loading {recipe.model.name_or_path} in full precision (fp32) to merge the "
-                      f"{recipe.adapter.kind} adapter into it")
+                      f"{adapter.name} adapter into it")
     model = adapter.load(load_base(recipe, cpu, full_precision=True), run.adapter)
     model.eval()
-    reference = _logits(model, adapter, probes, cpu)
+    reference = probe_logits(model, adapter, probes, cpu)
     notes = [_quantization_gap(run, recipe, probes, reference)] if recipe.quantization.mode != "none" else []
     off = adapter.disabled(model)
     base = None
     if off is not None:
         with off:
-            base = _logits(model, adapter, probes, cpu)
+            base = probe_logits(model, adapter, probes, cpu)
     merged = adapter.merge(model)
     del model
 
     # 1. The merge, in fp32, before anything is written: a wrong merge fails here in seconds.
-    merged_logits = _logits(merged, FullAdapter(), probes, cpu)
+    merged_logits = probe_logits(merged, NoAdapter(), probes, cpu)
     floor = noise_floor(merged, probes, merged_logits)
     tolerance = MERGE_TOLERANCE_FACTOR * floor
-    diff = _max_abs_diff(reference, merged_logits)
+    diff = max_abs_diff(reference, merged_logits)
     if not diff <= tolerance:  # also catches NaN
         raise RunFailed(
             f"export verification failed: the merged model's logits differ from base + adapter by {diff:.3g} > "
@@ -175,7 +175,7 @@ def _export_merged(
     # back as a user will.
     for param in merged.parameters():
         param.data = param.data.to(DTYPES[dtype]).float()  # fp32 holds every bf16/fp16 value exactly
-    rounded = _logits(merged, FullAdapter(), probes, cpu)
+    rounded = probe_logits(merged, NoAdapter(), probes, cpu)
     merged = merged.to(DTYPES[dtype])
     _prepare_for_save(merged, tokenizer)
     with atomic_dir(out, replace=force) as tmp:
@@ -188,7 +188,7 @@ def _export_merged(
                             f"(weights out of {dtype}'s range); use --dtype bf16 or fp32; nothing was written to {out}")
         _pause_for_tests()
         reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32).eval()
-        reload_diff = _max_abs_diff(rounded, _logits(reloaded, FullAdapter(), probes, cpu))
+        reload_diff = max_abs_diff(rounded, probe_logits(reloaded, NoAdapter(), probes, cpu))
         del reloaded
         if not reload_diff <= tolerance:
             raise RunFailed(
@@ -196,8 +196,8 @@ def _export_merged(
                 f"rounded to {dtype} by max |Δlogit| = {reload_diff:.3g} > tolerance {tolerance:.3g}; "
                 f"nothing was written to {out}"
             )
-        rounding = _diff_stats(rounded, reference)
-        effect = _diff_stats(reference, base) if base is not None else None
+        rounding = diff_stats(rounded, reference)
+        effect = diff_stats(reference, base) if base is not None else None
         if dtype != "fp32" and effect is not None and rounding[1] > _ROUNDING_NOTE_SHARE * effect[1]:
             notes.append(
                 f"rounding to {dtype} moves the logits by RMS {rounding[1]:.3g}, more than "
@@ -205,35 +205,9 @@ def _export_merged(
                 "adapter's change is smaller than the dtype's step; --dtype fp32 keeps all of it"
             )
         result = ExportResult(out, True, dtype, diff, tolerance, tokens, notes, floor, reload_diff, rounding, effect)
-        (tmp / "README.md").write_text(_model_card(run, recipe, result), encoding="utf-8")
+        (tmp / "README.md").write_text(_model_card(run, recipe, adapter, result), encoding="utf-8")
     return result
 
-
-@torch.no_grad()
-def noise_floor(model: nn.Module, probes: list[tuple[list[int], int]], clean: list[torch.Tensor]) -> float:
-    """Max |Δlogit| on `probes` when every fp32 weight of `model` is rounded once more, at random.
-
-    A merge computes each merged weight in fp32 and rounds it once; this draws an independent rounding
-    error of the same size (each weight one ulp up or down with probability 1/24 each: the variance of a
-    uniform error in ±½ ulp) and measures what it does to the logits (`clean`: the unperturbed ones). The
-    perturbation is integer arithmetic on the weights' bits, so it is undone exactly: `model` is unchanged.
-    """
-    params = [p for p in model.parameters() if p.dtype == torch.float32]
-
-    def steps(i: int, p: torch.Tensor) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(_NOISE_SEED + i)
-        draw = torch.randint(0, 24, p.shape, generator=generator, dtype=torch.int32)
-        step = (draw == 0).to(torch.int32) - (draw == 1).to(torch.int32)
-        return step * (p.data != 0)  # a zero's bits minus one would be a NaN
-
-    for i, p in enumerate(params):
-        p.data.view(torch.int32).add_(steps(i, p).to(p.device))
-    try:
-        noisy = _logits(model, FullAdapter(), probes, torch.device("cpu"))
-    finally:
-        for i, p in enumerate(params):
-            p.data.view(torch.int32).sub_(steps(i, p).to(p.device))
-    return _max_abs_diff(clean, noisy)
 
 
 def _quantization_gap(
@@ -245,7 +219,7 @@ def _quantization_gap(
         trained = load_run(run)
     except UserError as err:  # e.g. an 8-bit run exported on a machine without a GPU
         return f"the run trained on a {q.mode} base; could not load it to compare ({err})"
-    gap = _max_abs_diff(_logits(trained.model, trained.adapter, probes, trained.device), reference)
+    gap = max_abs_diff(probe_logits(trained.model, trained.adapter, probes, trained.device), reference)
     kind = f"{q.mode} {q.quant_type}" if q.mode == "4bit" else q.mode
     return (
         f"the run trained on a {kind} base; the merged full-precision model differs from that quantized model "
@@ -286,14 +260,16 @@ def _prepare_for_save(model: nn.Module, tokenizer: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------ bundle
-def _export_bundle(run: RunDir, recipe: Recipe, out: Path, force: bool, reporter: Reporter) -> ExportResult:
+def _export_bundle(
+    run: RunDir, recipe: Recipe, adapter: Adapter, out: Path, force: bool, reporter: Reporter
+) -> ExportResult:
     from orpo_cli.models.builtin import is_builtin, resolve_model_path
 
-    kind = recipe.adapter.kind
+    kind = adapter.name
     device = inference_device(recipe)
     tuned = load_run(run, device=device)
-    probes = _probes(recipe, tuned.tokenizer)
-    reference = _logits(tuned.model, tuned.adapter, probes, device)
+    probes = probe_prompts(recipe, tuned.tokenizer)
+    reference = probe_logits(tuned.model, tuned.adapter, probes, device)
     name = recipe.model.name_or_path
     copied = is_builtin(name)
     with atomic_dir(out, replace=force) as tmp:
@@ -322,7 +298,7 @@ def _export_bundle(run: RunDir, recipe: Recipe, out: Path, force: bool, reporter
         (tmp / BUNDLE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         _pause_for_tests()
         reloaded = load_bundle(tmp, device=device)
-        diff = _max_abs_diff(reference, _logits(reloaded.model, reloaded.adapter, probes, device))
+        diff = max_abs_diff(reference, probe_logits(reloaded.model, reloaded.adapter, probes, device))
         del reloaded
         tolerance = BUNDLE_RTOL * max(1.0, max(float(r.abs().max()) for r in reference))
         _check(diff, tolerance, out)
@@ -332,57 +308,11 @@ def _export_bundle(run: RunDir, recipe: Recipe, out: Path, force: bool, reporter
             "AutoModelForCausalLM.from_pretrained alone cannot load it"
         ]
         result = ExportResult(out, False, None, diff, tolerance, sum(len(ids) for ids, _ in probes), notes)
-        (tmp / "README.md").write_text(_bundle_card(run, recipe, result, base, copied), encoding="utf-8")
+        (tmp / "README.md").write_text(_bundle_card(run, recipe, kind, result, base, copied), encoding="utf-8")
     return result
 
 
-# ------------------------------------------------------------------------------------------ checking
-def _probes(recipe: Recipe, tokenizer: Any) -> list[tuple[list[int], int]]:
-    """(ids, prompt length) of a few eval prompts with their chosen answers; fixed prompts if the data is gone."""
-    from orpo_cli.data.prepare import prepare_data
-
-    try:
-        data = prepare_data(recipe.data, recipe.orpo, tokenizer)
-        pairs = (data.eval or data.train)[:_PROBES]
-    except UserError:  # the training data may not be on this machine any more
-        pairs = []
-    if pairs:
-        return [((p.prompt_ids + p.chosen_ids)[:_PROBE_TOKENS], len(p.prompt_ids)) for p in pairs]
-    from orpo_cli.generation import chat_template_in_use, conversation, render_prompt
-
-    template = chat_template_in_use(tokenizer, recipe)
-    texts = ["What colour is the sky?", "Name an animal that says moo.", "Say something kind.", "Count to three."]
-    probes = []
-    for text in texts[:_PROBES]:
-        ids = render_prompt(tokenizer, conversation(text, recipe.data.system_prompt), template)[:_PROBE_TOKENS]
-        probes.append((ids, len(ids)))
-    return probes
-
-
-@torch.no_grad()
-def _logits(
-    model: nn.Module, adapter: Adapter, probes: list[tuple[list[int], int]], device: torch.device
-) -> list[torch.Tensor]:
-    out = []
-    for ids, prompt_length in probes:
-        x = torch.tensor([ids], dtype=torch.long, device=device)
-        mask = torch.ones_like(x)
-        batch = {"input_ids": x, "attention_mask": mask, "prompt_lengths": torch.tensor([prompt_length], device=device)}
-        with adapter.forward_context(model, batch):
-            out.append(model(input_ids=x, attention_mask=mask, use_cache=False).logits[0].float().cpu())
-    return out
-
-
-def _max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
-
-
-def _diff_stats(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, float]:
-    """(max, RMS) of |a - b| over every probe token and vocabulary entry."""
-    squares = sum(float((x - y).pow(2).sum()) for x, y in zip(a, b, strict=True))
-    return _max_abs_diff(a, b), (squares / sum(x.numel() for x in a)) ** 0.5
-
-
+# ------------------------------------------------------------------------------ bundle check, temporaries
 def _check(diff: float, tolerance: float, out: Path) -> None:
     if not diff <= tolerance:  # also catches NaN
         raise RunFailed(
@@ -418,13 +348,13 @@ def _alive(pid: int) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ model cards
-def _model_card(run: RunDir, recipe: Recipe, result: ExportResult) -> str:
+def _model_card(run: RunDir, recipe: Recipe, adapter: Adapter, result: ExportResult) -> str:
     name = recipe.name or run.root.name
     base = recipe.model.name_or_path
     front = f"---\nbase_model: {base}\nlibrary_name: transformers\ntags: [orpo, orpo-tune]\n---\n\n"
     if base.startswith("builtin:"):
         front = "---\nlibrary_name: transformers\ntags: [orpo, orpo-tune]\n---\n\n"
-    how = "merged into the weights" if recipe.adapter.kind != "none" else "(full fine-tuning: every weight trained)"
+    how = "(full fine-tuning: every weight trained)" if adapter.trains_base else "merged into the weights"
     lines = [
         f"# {name}",
         "",
@@ -478,11 +408,11 @@ def rounding_line(result: ExportResult) -> str:
     return line
 
 
-def _bundle_card(run: RunDir, recipe: Recipe, result: ExportResult, base: str, copied: bool) -> str:
+def _bundle_card(run: RunDir, recipe: Recipe, kind: str, result: ExportResult, base: str, copied: bool) -> str:
     lines = [
-        f"# {recipe.name or run.root.name} ({recipe.adapter.kind} bundle)",
+        f"# {recipe.name or run.root.name} ({kind} bundle)",
         "",
-        f"An orpo-tune export of run `{run.root}`. The {recipe.adapter.kind} adapter edits activations, so it "
+        f"An orpo-tune export of run `{run.root}`. The {kind} adapter edits activations, so it "
         "cannot be merged into the weights: this directory holds the base model "
         + ("(a copy, in `base/`)" if copied else f"(a reference: `{base}`)")
         + f", the adapter (`adapter/`), the tokenizer (`tokenizer/`) and the resolved recipe (`{EXPORT_RECIPE}`).",

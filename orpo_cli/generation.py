@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from orpo_cli.adapters import Adapter
+from orpo_cli.adapters import InferenceAdapter
 from orpo_cli.data import prompts
 from orpo_cli.errors import UserError
 from orpo_cli.recipe import Recipe
@@ -71,7 +71,7 @@ def generation_config(model: nn.Module, tokenizer: Any, *, max_new_tokens: int, 
 
 def stream_answer(
     model: nn.Module,
-    adapter: Adapter,
+    adapter: InferenceAdapter,
     tokenizer: Any,
     prompt_ids: list[int],
     *,
@@ -99,7 +99,7 @@ def stream_answer(
 
 def generate_batch(
     model: nn.Module,
-    adapter: Adapter,
+    adapter: InferenceAdapter,
     tokenizer: Any,
     prompts: Sequence[list[int]],
     *,
@@ -130,7 +130,7 @@ def generate_batch(
 @torch.no_grad()
 def _generate(
     model: nn.Module,
-    adapter: Adapter,
+    adapter: InferenceAdapter,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     config: Any,

@@ -7,7 +7,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from orpo_cli.recipe import ADAPTER_MODELS, Recipe, section_model, validate_recipe
+from orpo_cli.recipe import ADAPTER_MODELS, Recipe, section_model
+from orpo_cli.recipe_loading import validate_recipe
 
 # What each template changes from the defaults; everything else is the schema's default.
 # model.name_or_path and data.train have no default (a recipe that lost them must not train a demo), so

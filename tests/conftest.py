@@ -44,7 +44,7 @@ def orpo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def train_tiny_run(out: Path, recipe: str, *overrides: str) -> RunDir:
     """Train recipes/`recipe` into `out`: RUN_STEPS steps, evaluated at step 0 and at the end, no TensorBoard."""
-    from orpo_cli.recipe import load_recipe
+    from orpo_cli.recipe_loading import load_recipe
     from orpo_cli.training.setup import start_run
 
     settings = [

@@ -189,7 +189,7 @@ def test_cached_directory_is_reused_without_rebuilding(
         raise AssertionError("rebuilt a cached built-in")
 
     monkeypatch.setattr(builtin, "_build_model", fail)
-    monkeypatch.setattr(builtin, "_build_tokenizer", fail)
+    monkeypatch.setattr(builtin, "build_tokenizer", fail)
     mtime = (tiny_llama_dir / "model.safetensors").stat().st_mtime_ns
     start = time.perf_counter()
     again = materialize_builtin("tiny-llama", cache_root)

@@ -254,6 +254,33 @@ def test_deepspeed_missing_and_zero3_with_4bit_are_refused(tmp_path, fake_gpus, 
     )
 
 
+
+@pytest.mark.parametrize(
+    ("adapter", "message"),
+    [
+        ("{kind: reft}", "adapter.kind: reft does not combine with fsdp: its interventions run from hooks, outside "
+         "the modules fsdp gathers weights for; use strategy ddp (ReFT's trainable weights are tiny)"),
+        ("{kind: none}", "adapter.kind: none (full fine-tuning) does not combine with fsdp here: the loss uses the "
+         "output layer outside the model's forward, so fsdp keeps it whole and cannot train it; use strategy ddp "
+         "or deepspeed"),
+    ],
+)
+def test_adapters_that_cannot_be_sharded_are_refused_under_fsdp(tmp_path, fake_gpus, adapter, message):
+    fake_gpus(2)
+    output = _refused(tmp_path, "--nproc", "2", "--set", "distributed.strategy=fsdp", "--set", f"adapter={adapter}")
+    assert message in " ".join(output.split())
+
+
+def test_only_lora_combines_with_fsdp():
+    from orpo_cli.adapters import build_adapter
+    from orpo_cli.recipe import ADAPTER_MODELS
+
+    refusals = {kind: build_adapter(model()).fsdp_refusal for kind, model in ADAPTER_MODELS.items()}
+    assert refusals["lora"] is None
+    assert all(text.startswith(f"adapter.kind: {kind} ") for kind, text in refusals.items() if text is not None)
+    assert {kind for kind, text in refusals.items() if text is not None} == {"reft", "none"}
+
+
 def test_recipe_and_launcher_must_agree(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
@@ -273,7 +300,7 @@ def test_adapter_saved_from_a_weightless_replica_equals_the_direct_save(tmp_path
     """What FSDP/ZeRO-3 runs do at the end (gather, then save from meta + gathered weights), checked on CPU."""
     from orpo_cli.adapters import build_adapter, trainable_state
     from orpo_cli.models.loading import load_model, resolve_dtype
-    from orpo_cli.recipe import load_recipe
+    from orpo_cli.recipe_loading import load_recipe
     from orpo_cli.training.setup import weightless_replica
 
     recipe = load_recipe(RECIPE, MICRO)
@@ -307,7 +334,7 @@ from orpo_cli.data.pairs import TokenizedPair
 from orpo_cli.training.strategy import _full_state, _load_full_state, gathered_trainable_weights
 from orpo_cli.training.forward import orpo_forward
 from orpo_cli.models.loading import load_model
-from orpo_cli.recipe import load_recipe
+from orpo_cli.recipe_loading import load_recipe
 from orpo_cli.training.strategy import fsdp_units, return_decoder_output
 from orpo_cli.rundir import RunDir
 

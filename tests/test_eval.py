@@ -114,7 +114,7 @@ def test_samples_name_the_user_message_only_when_the_frame_fits():
 
     from orpo_cli.evaluate import _user_message_reader
     from orpo_cli.models.builtin import materialize_builtin
-    from orpo_cli.recipe import validate_recipe
+    from orpo_cli.recipe_loading import validate_recipe
 
     tokenizer = AutoTokenizer.from_pretrained(materialize_builtin("tiny-llama"))
     recipe = validate_recipe({"model": {"name_or_path": "builtin:tiny-llama"}, "data": {"train": "builtin:demo", "system_prompt": "Be kind."}})

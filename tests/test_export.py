@@ -146,6 +146,34 @@ def test_full_finetune_export_saves_the_model(tiny_full_run, tmp_path):
     assert torch.equal(exported[name], trained[name])
 
 
+
+def test_full_fine_tuning_and_no_adapter_are_two_things(tiny_full_run, tiny_lora_run, tmp_path):
+    """A full fine-tuning run loads with FullAdapter (the base's own weights train, and export says so); its
+    merged export loads with NoAdapter, which only runs forward passes: no attach, save, load or merge."""
+    from orpo_cli.adapters import NoAdapter
+    from orpo_cli.adapters.full import FullAdapter
+    from orpo_cli.models.tuned import load_merged, load_run
+
+    out = tmp_path / "full"
+    result = _export(tiny_full_run.root, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert f"export: loading the fully fine-tuned weights of {tiny_full_run.root}" in result.output
+    assert "(full fine-tuning: every weight trained)" in (out / "README.md").read_text()
+    trained = load_run(tiny_full_run).adapter
+    assert isinstance(trained, FullAdapter) and trained.trains_base and trained.name == "none"
+    plain = load_merged(out).adapter
+    assert isinstance(plain, NoAdapter) and not isinstance(plain, FullAdapter)
+    assert not any(hasattr(plain, name) for name in ("attach", "save", "load", "merge", "trains_base"))
+    # An adapter beside the base is merged into it, and named as the recipe names it.
+    lora = tmp_path / "lora"
+    result = _export(tiny_lora_run.root, "--out", lora)
+    assert result.exit_code == 0, result.output
+    assert "in full precision (fp32) to merge the lora adapter into it" in result.output
+    assert "fully fine-tuned" not in result.output
+    card = (lora / "README.md").read_text()
+    assert "merged into the weights" in card and "full fine-tuning" not in card
+
+
 # ------------------------------------------------------------------------------------------ bundles
 def test_reft_export_is_a_bundle(tiny_reft_run, tmp_path):
     out = tmp_path / "bundle"

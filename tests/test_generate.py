@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from orpo_cli.adapters.full import FullAdapter
+from orpo_cli.adapters import NoAdapter
 from orpo_cli.cli import app
 from orpo_cli.generation import (
     chat_template_in_use,
@@ -130,7 +130,7 @@ def test_prompt_rendered_exactly_as_training_rendered_it(tmp_path, template):
     assert expected[0] == tokenizer.bos_token_id and expected.count(tokenizer.bos_token_id) == 1
 
 
-class _SpyAdapter(FullAdapter):
+class _SpyAdapter(NoAdapter):
     """Records what generate hands to forward_context, and whether generate ran inside it."""
 
     def __init__(self):
@@ -172,7 +172,7 @@ def test_generate_runs_inside_the_adapter_context_with_real_prompt_lengths(lora_
     assert batched["attention_mask"][:, 0].tolist() == [int(len(p) == max(map(len, prompts))) for p in prompts]
     assert single["prompt_lengths"].tolist() == [len(prompts[0])]
     # Left padding does not change a greedy answer: batched == alone.
-    alone = generate_batch(tuned.model, FullAdapter(), tuned.tokenizer, [prompts[2]], device=tuned.device,
+    alone = generate_batch(tuned.model, NoAdapter(), tuned.tokenizer, [prompts[2]], device=tuned.device,
                            max_new_tokens=3)
     if not torch.cuda.is_available():  # GPU kernels may round a batch of 3 and a batch of 1 differently
         assert answers[2] == alone[0]

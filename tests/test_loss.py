@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from orpo_cli.training.head import target_logps
 from orpo_cli.training.loss import (
     ORPOTerms,
     count_normalizers,
@@ -20,7 +21,6 @@ from orpo_cli.training.loss import (
     odds_ratio,
     orpo_loss,
     orpo_loss_from_hidden,
-    target_logps,
 )
 
 PAD = 0

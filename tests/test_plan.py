@@ -20,17 +20,9 @@ from orpo_cli.adapters import build_adapter
 from orpo_cli.data.pairs import TokenizedPair
 from orpo_cli.models.builtin import materialize_builtin
 from orpo_cli.models.loading import load_model
-from orpo_cli.plan.memory import (
-    ModelShape,
-    PairLengths,
-    StepSetup,
-    activation_bytes,
-    batch_shape,
-    head_transient,
-    plan_step,
-    recompute_bytes,
-    trainable_tensors,
-)
+from orpo_cli.plan.memory import activation_bytes, head_transient, recompute_bytes, trainable_tensors
+from orpo_cli.plan.shapes import ModelShape, PairLengths, StepSetup, batch_shape
+from orpo_cli.plan.step import plan_step
 from orpo_cli.recipe import FullSettings, LoraSettings, ModelSettings, QuantizationSettings, TrainSettings
 from orpo_cli.training.batching import collate_pairs
 from orpo_cli.training.forward import orpo_forward
@@ -101,7 +93,7 @@ def _measure(name: str, mode: str, layout: str, gc: bool, optimizer: str = "adam
 
     # What non-reentrant checkpointing keeps for its recomputation is held by the recompute closure, not by a
     # saved-tensor hook: count the floating tensors handed to every checkpointed call.
-    import orpo_cli.training.loss as loss_module
+    import orpo_cli.training.head as loss_module
 
     def counting(fn):
         def wrapper(function, *args, **kwargs):
@@ -282,7 +274,7 @@ def _peak_above_end(fn) -> int:
 @pytest.mark.parametrize("targets", [100, 700])
 @pytest.mark.parametrize("mode", ["lora", "full"], ids=["frozen-head", "trainable-head"])
 def test_head_transient_matches_the_allocator(mode: str, targets: int) -> None:
-    from orpo_cli.training.loss import target_logps
+    from orpo_cli.training.head import target_logps
 
     path, model, _ = _model("tiny-llama", mode, False)
     head = model.get_output_embeddings()
@@ -403,8 +395,25 @@ def test_eval_pass_peak_matches_the_allocator(mode: str, layout: str) -> None:
 def test_planner_constants_are_the_codes():
     """plan/memory.py imports no torch, so it repeats two constants of the code it models: they must agree."""
     from orpo_cli.plan import memory as plan
-    from orpo_cli.training.loss import CHUNK_ROWS
+    from orpo_cli.training.head import CHUNK_ROWS
     from orpo_cli.training.shared_prompt import PACK_WIDTH
 
     assert plan.CHUNK_ROWS == CHUNK_ROWS
     assert StepSetup(pairs=LENGTHS).pack_width == PACK_WIDTH
+
+
+@pytest.mark.parametrize(("positions", "tied"), [("f1+l1", False), ("f0+l1", False), ("f2", False), ("f1+l1", True)])
+def test_planner_counts_reft_interventions_as_the_adapter_builds_them(positions: str, tied: bool) -> None:
+    """Untied, each group of positions that edits any token has its own intervention (f0+l1: one)."""
+    from orpo_cli.adapters.base import count_parameters
+    from orpo_cli.plan.report import step_setup
+    from orpo_cli.recipe_loading import validate_recipe
+
+    path = str(materialize_builtin("tiny-llama"))
+    adapter = {"kind": "reft", "layers": [0, 1], "positions": positions, "tied": tied, "rank": 2}
+    recipe = validate_recipe({"model": {"name_or_path": path}, "data": {"train": "d.jsonl"}, "adapter": adapter})
+    model = load_model(ModelSettings(name_or_path=path), QuantizationSettings(), CPU, torch.float32)
+    model = build_adapter(recipe.adapter).attach(model, quantized=False, gradient_checkpointing=False)
+    shape = ModelShape.from_config(json.loads((Path(path) / "config.json").read_text()))
+    planned = plan_step(shape, step_setup(recipe, shape, cuda=False, world_size=1)).trainable_params
+    assert planned == count_parameters(model)[0]

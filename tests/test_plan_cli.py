@@ -10,20 +10,12 @@ from typer.testing import CliRunner
 
 from orpo_cli.cli import app
 from orpo_cli.errors import UserError
-from orpo_cli.plan.memory import (
-    GIB,
-    GPUS,
-    ModelShape,
-    PairLengths,
-    StepSetup,
-    find_gpu,
-    levers,
-    nf4_bytes,
-    parse_memory,
-    plan_step,
-    verdict,
-)
+from orpo_cli.plan.gpus import GPUS, find_gpu
+from orpo_cli.plan.memory import nf4_bytes
 from orpo_cli.plan.report import SHIPPED_CONFIGS, model_config, shipped_config
+from orpo_cli.plan.shapes import ModelShape, PairLengths, StepSetup
+from orpo_cli.plan.step import levers, plan_step, verdict
+from orpo_cli.plan.units import GIB, parse_memory
 
 ROOT = Path(__file__).parents[1]
 MISTRAL = ROOT / "recipes" / "mistral-7b-qlora-ultrafeedback.yaml"
@@ -145,7 +137,7 @@ def test_train_on_cpu_reports_the_plan_in_one_line(tmp_path):
     import torch
 
     from orpo_cli.plan.report import check_before_training
-    from orpo_cli.recipe import load_recipe
+    from orpo_cli.recipe_loading import load_recipe
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {name_or_path: builtin:micro-llama}\ndata: {train: builtin:demo}\n"
@@ -170,7 +162,7 @@ def test_train_on_cuda_refuses_a_recipe_far_over_free_memory(monkeypatch):
     import torch
 
     from orpo_cli.plan.report import check_before_training
-    from orpo_cli.recipe import load_recipe
+    from orpo_cli.recipe_loading import load_recipe
 
     recipe = load_recipe(MISTRAL)
     cuda = torch.device("cuda", 0)

@@ -264,13 +264,13 @@ def test_wrong_merges_fail_the_check(smollm2_run, tmp_path, monkeypatch, wrong):
 def test_noise_floor_leaves_the_weights_bit_for_bit(smollm2_dir):
     from transformers import AutoModelForCausalLM
 
-    from orpo_cli.adapters.full import FullAdapter
-    from orpo_cli.export import _logits, noise_floor
+    from orpo_cli.adapters import NoAdapter
+    from orpo_cli.export_checks import noise_floor, probe_logits
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     probes = [(list(range(100, 130)), 10)]
-    clean = _logits(model, FullAdapter(), probes, torch.device("cpu"))
+    clean = probe_logits(model, NoAdapter(), probes, torch.device("cpu"))
     floor = noise_floor(model, probes, clean)
     assert 1e-6 < floor < 1e-2  # an fp32 rounding's worth on 30 layers: small, never zero
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

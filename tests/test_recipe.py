@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from orpo_cli.errors import UserError
-from orpo_cli.recipe import Recipe, apply_overrides, load_recipe
+from orpo_cli.recipe import Recipe
+from orpo_cli.recipe_loading import apply_overrides, load_recipe
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 
@@ -230,11 +231,13 @@ def test_recipe_that_is_not_utf8_or_a_directory(tmp_path):
 
 def test_every_adapter_kind_has_one_implementation_and_one_error_text():
     import orpo_cli.adapters as adapters
-    from orpo_cli.recipe import ADAPTER_KINDS, ADAPTER_MODELS, validate_recipe
+    from orpo_cli.recipe import ADAPTER_KINDS, ADAPTER_MODELS
+    from orpo_cli.recipe_loading import validate_recipe
 
     assert list(adapters._ADAPTERS) == list(ADAPTER_KINDS) == list(ADAPTER_MODELS)
     for kind, model in ADAPTER_MODELS.items():
         assert model.model_fields["kind"].default == kind
+        assert adapters.build_adapter(model()).name == kind  # what messages and a bundle's manifest call it
     assert Recipe.model_fields["adapter"].description == "What trains: lora, reft or none."
     with pytest.raises(UserError, match=r"adapter: unknown kind 'dora'; use one of lora, reft, none"):
         validate_recipe({"model": {"name_or_path": "m"}, "data": {"train": "d.jsonl"}, "adapter": {"kind": "dora"}})

@@ -133,6 +133,32 @@ def test_positions_spec():
         Positions.parse("x1")
 
 
+
+# The ReFT position grammar, edge cases: (spec, (first, last)) where the recipe accepts it, None where it refuses.
+POSITION_SPECS = [
+    ("f1+l1", (1, 1)), ("f3", (3, 0)), ("l2", (0, 2)), ("f1l1", (1, 1)), (" f2+l3 ", (2, 3)), ("f2+l3\n", (2, 3)),
+    ("f01+l002", (1, 2)), ("f10+l20", (10, 20)), ("f0", (0, 0)), ("f0+l0", (0, 0)),
+    ("", None), ("  ", None), ("+", None), ("+l1", None), ("f1+", None), ("l1+f1", None), ("x1", None),
+    ("F1", None), ("f", None), ("l", None), ("f1+l", None), ("f-1", None), ("f1 + l1", None), ("f1++l1", None),
+    ("l1l1", None), ("f1f1", None), ("f1.5", None), ("f1+l1+", None),
+]
+
+
+@pytest.mark.parametrize(("spec", "expected"), POSITION_SPECS)
+def test_the_recipe_and_the_adapter_read_positions_alike(spec, expected):
+    """One grammar: what the recipe accepts the adapter parses, to the same numbers; what it refuses, both refuse
+    with the same words."""
+    if expected is None:
+        with pytest.raises(ValueError, match="is not a position spec; use fK, lK or fK\\+lK"):
+            ReftSettings(positions=spec)
+        with pytest.raises(ValueError, match="is not a position spec; use fK, lK or fK\\+lK"):
+            Positions.parse(spec)
+        return
+    settings = ReftSettings(positions=spec)
+    assert settings.positions == spec.strip()
+    assert Positions.parse(settings.positions) == Positions.parse(spec) == Positions(*expected)
+
+
 # -------------------------------------------------------------------------------------- edit positions
 def _edited_real_tokens(mask: torch.Tensor, lengths: torch.Tensor, positions: Positions) -> list[list[int]]:
     """For each row, the real-token indices the plan edits."""

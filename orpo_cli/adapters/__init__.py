@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from orpo_cli.adapters.base import Adapter, count_parameters, trainable_state
+from orpo_cli.adapters.base import Adapter, InferenceAdapter, NoAdapter, count_parameters, trainable_state
 from orpo_cli.adapters.full import FullAdapter
 from orpo_cli.adapters.lora import LoraAdapter
 from orpo_cli.adapters.reft.adapter import ReftAdapter
@@ -29,4 +29,4 @@ def build_adapter(settings: AdapterSettings) -> Adapter:
     return build(settings)
 
 
-__all__ = ["Adapter", "build_adapter", "count_parameters", "trainable_state"]
+__all__ = ["Adapter", "InferenceAdapter", "NoAdapter", "build_adapter", "count_parameters", "trainable_state"]

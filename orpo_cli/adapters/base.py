@@ -1,7 +1,13 @@
-"""The one interface every adapter (LoRA, ReFT, full fine-tuning) offers; the engine never asks which it is."""
+"""The one interface every adapter (LoRA, ReFT, full fine-tuning) offers; the engine never asks which it is.
+
+What differs between the methods is a capability here (`mergeable`, `packs_pairs`, `trains_base`,
+`fsdp_refusal`), never a test of `adapter.kind` elsewhere. A model without any adapter (a base loaded again to
+compare with, a merged export) runs through :class:`NoAdapter`, which offers only the inference half.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -11,16 +17,10 @@ import torch
 from torch import nn
 
 
-class Adapter(Protocol):
-    """What training, eval, export and generate need from an adapter."""
+class InferenceAdapter(Protocol):
+    """What eval, export's checks and generate need around a model's forward passes."""
 
-    mergeable: bool  # True when export can fold the adapter into the base weights (LoRA, full fine-tuning)
     packs_pairs: bool  # True when several pairs may share a batch row (it reads nothing per row): LoRA, full
-
-
-    def attach(self, model: nn.Module, *, quantized: bool, gradient_checkpointing: bool) -> nn.Module:
-        """Freeze what must not train, add the trainable parts, and return the model to train."""
-        ...
 
     def forward_context(
         self, model: nn.Module, batch: Mapping[str, torch.Tensor]
@@ -31,6 +31,19 @@ class Adapter(Protocol):
 
     def disabled(self, model: nn.Module) -> AbstractContextManager[None] | None:
         """Context in which `model` behaves as its base model, or None when that is impossible (full fine-tuning)."""
+        ...
+
+
+class Adapter(InferenceAdapter, Protocol):
+    """What training, eval, export and generate need from an adapter."""
+
+    name: str  # the recipe's `adapter.kind` it implements, as messages and a bundle's manifest name it
+    mergeable: bool  # True when export can fold the adapter into the base weights (LoRA, full fine-tuning)
+    trains_base: bool  # True when the base's own weights train and nothing sits beside them (full fine-tuning)
+    fsdp_refusal: str | None  # why it cannot train under distributed.strategy fsdp (the whole error line), or None
+
+    def attach(self, model: nn.Module, *, quantized: bool, gradient_checkpointing: bool) -> nn.Module:
+        """Freeze what must not train, add the trainable parts, and return the model to train."""
         ...
 
     def save(self, model: nn.Module, out_dir: Path) -> None:
@@ -47,6 +60,21 @@ class Adapter(Protocol):
         Called only when `mergeable` is True (export); a non-mergeable adapter may leave it out or raise.
         """
         ...
+
+
+class NoAdapter:
+    """No adapter at all: a plain model run as it is (a base model loaded again to compare with, a merged export
+    loaded back). Not full fine-tuning (FullAdapter), which trains and saves the base's own weights."""
+
+    packs_pairs = True  # a plain model reads nothing per row
+
+    def forward_context(
+        self, model: nn.Module, batch: Mapping[str, torch.Tensor]
+    ) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def disabled(self, model: nn.Module) -> AbstractContextManager[None] | None:
+        return None  # nothing to switch off: whatever base the model came from is not at hand
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Full fine-tuning: no adapter, every weight trains; the 'adapter' saved is the whole model."""
+"""Full fine-tuning: every weight of the base trains, nothing sits beside it; the 'adapter' saved is the whole
+model. (A model run without any adapter is base.NoAdapter.)"""
 
 from __future__ import annotations
 
@@ -14,8 +15,15 @@ from orpo_cli.errors import stage
 
 
 class FullAdapter:
+    name = "none"
     mergeable = True
     packs_pairs = True
+    trains_base = True
+    fsdp_refusal = (
+        "adapter.kind: none (full fine-tuning) does not combine with fsdp here: the loss uses the output "
+        "layer outside the model's forward, so fsdp keeps it whole and cannot train it; use strategy ddp "
+        "or deepspeed"
+    )
 
     @stage("preparing full fine-tuning", blame="adapter")
     def attach(self, model: nn.Module, *, quantized: bool, gradient_checkpointing: bool) -> nn.Module:

@@ -10,14 +10,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from orpo_cli.adapters.lora_inplace import add_updates_in_place
 from orpo_cli.errors import UserError, stage
 from orpo_cli.recipe import LoraSettings
 
 
 class LoraAdapter:
+    name = "lora"
     mergeable = True
     packs_pairs = True
+    trains_base = False
+    fsdp_refusal = None
 
     def __init__(self, settings: LoraSettings):
         self.settings = settings
@@ -46,9 +48,7 @@ class LoraAdapter:
             use_rslora=s.use_rslora,
             task_type="CAUSAL_LM",
         )
-        model = get_peft_model(model, config)
-        add_updates_in_place(model)
-        return model
+        return get_peft_model(model, config)
 
     def forward_context(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> AbstractContextManager[None]:
         return contextlib.nullcontext()

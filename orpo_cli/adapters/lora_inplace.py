@@ -13,7 +13,7 @@ what PEFT's version keeps (``x`` for lora_A, ``lora_A(x)`` for lora_B; ``out`` i
 writing into it is safe). Every other case runs PEFT's own forward: DoRA and other variants, dropout > 0,
 a bias on lora_B, several or no active adapters, a merged or disabled adapter, extra arguments, a base that
 is not a plain ``nn.Linear`` (bitsandbytes' 4-bit and 8-bit layers), adapter weights of another dtype than
-the input, and autocast.
+the input, weights that are not matrices of matching shapes (FSDP's flat shards), and autocast.
 """
 
 from __future__ import annotations
@@ -50,8 +50,11 @@ def _plain_adapter(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -> st
     name = active[0]
     if not isinstance(layer.lora_dropout[name], nn.Identity) or layer.lora_B[name].bias is not None:
         return None
-    dtype = layer.lora_A[name].weight.dtype
-    if x.dtype != dtype or layer.base_layer.weight.dtype != dtype or layer.lora_B[name].weight.dtype != dtype:
+    base, a, b = layer.base_layer.weight, layer.lora_A[name].weight, layer.lora_B[name].weight
+    if x.dtype != a.dtype or base.dtype != a.dtype or b.dtype != a.dtype:
+        return None
+    # Matrices of matching shapes: FSDP, between its gathers, leaves a module a flat shard of its weights.
+    if base.dim() != 2 or a.dim() != 2 or b.dim() != 2 or a.shape[1] != x.shape[-1] or b.shape != (base.shape[0], a.shape[0]):
         return None
     if torch.is_autocast_enabled(x.device.type):
         return None

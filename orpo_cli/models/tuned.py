@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 from orpo_cli import adapters
-from orpo_cli.adapters import Adapter
+from orpo_cli.adapters import InferenceAdapter
 from orpo_cli.errors import UserError, stage
-from orpo_cli.recipe import QuantizationSettings, Recipe, parse_yaml, validate_recipe
+from orpo_cli.recipe import QuantizationSettings, Recipe
+from orpo_cli.recipe_loading import parse_yaml, validate_recipe
 from orpo_cli.rundir import RunDir
 
 BUNDLE_MANIFEST = "orpo-bundle.json"
@@ -38,7 +39,7 @@ class Tuned:
     """A tuned model ready for inference, with what it takes to prompt it."""
 
     model: nn.Module
-    adapter: Adapter  # forward_context() goes around every forward and generate
+    adapter: InferenceAdapter  # forward_context() goes around every forward and generate
     tokenizer: Any
     recipe: Recipe | None  # None for a model directory orpo-tune did not write
     device: torch.device
@@ -174,7 +175,6 @@ def load_merged(path: Path, *, device: torch.device | None = None) -> Tuned:
     """A plain transformers causal LM directory (a merged export, or any model)."""
     from transformers import AutoModelForCausalLM
 
-    from orpo_cli.adapters.full import FullAdapter
     from orpo_cli.models.loading import quiet_libraries
 
     quiet_libraries()
@@ -189,8 +189,7 @@ def load_merged(path: Path, *, device: torch.device | None = None) -> Tuned:
             first = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
             raise UserError(f"{path}: cannot load it as a causal language model: {first}") from None
     model.to(device)
-    # FullAdapter is the no-op adapter: nothing around forward, nothing to disable.
-    return Tuned(_ready(model), FullAdapter(), tokenizer, recipe, device)
+    return Tuned(_ready(model), adapters.NoAdapter(), tokenizer, recipe, device)
 
 
 def load_saved_tokenizer(path: Path) -> Any:

@@ -14,19 +14,15 @@ from pathlib import Path
 from orpo_cli.plan.memory import (
     CUBLAS_WORKSPACE_BYTES,
     CUDA_CONTEXT_BYTES,
-    GIB,
-    TIGHT_MARGIN,
-    ModelShape,
-    StepSetup,
-    batch_shape,
     head_transient,
     optimizer_state_bytes,
-    plan_step,
     trainable_tensors,
     weight_bytes,
-    worst_case_pairs,
 )
 from orpo_cli.plan.report import shipped_config
+from orpo_cli.plan.shapes import ModelShape, StepSetup, batch_shape, worst_case_pairs
+from orpo_cli.plan.step import TIGHT_MARGIN, plan_step
+from orpo_cli.plan.units import GIB
 
 DOC = Path(__file__).parents[2] / "docs" / "qlora-memory.md"
 MODELS = (  # (name in the tables, shipped config)
@@ -145,7 +141,7 @@ def micro_batch_table(gc: bool) -> str:
 def worked_example() -> str:
     """The Mistral-7B QLoRA recipe's plan, term by term."""
     from orpo_cli.plan.report import build_report
-    from orpo_cli.recipe import load_recipe
+    from orpo_cli.recipe_loading import load_recipe
 
     recipe = load_recipe(Path(__file__).parents[2] / "recipes" / "mistral-7b-qlora-ultrafeedback.yaml")
     plan = build_report(recipe, memory=24 * GIB, memory_source="24 GiB", gpu=None).plan

@@ -1,6 +1,6 @@
 """The planner: peak memory, tokens, FLOPs and time of one ORPO training step, from a model's config alone.
 
-Nothing here loads weights or reads a recipe: :func:`plan_step` takes a :class:`ModelShape` (the few numbers of
+Nothing here loads weights or reads a recipe: :func:`orpo_cli.plan.step.plan_step` takes a :class:`ModelShape` (the few numbers of
 a Llama/Mistral/Qwen2/Phi-3 config) and a :class:`StepSetup` (what the recipe decides: quantization, adapter,
 optimizer, layout, lengths, micro batch, checkpointing, distribution) and adds up, in bytes:
 
@@ -13,26 +13,24 @@ optimizer, layout, lengths, micro batch, checkpointing, distribution) and adds u
   residual stream at the norms, the LoRA inputs, the MLP intermediates, the attention inputs and outputs of
   the layout the batch runs in (block attention for packed and prefix rows, transformers' sdpa with a
   float mask for padded rows), the checkpointed layer inputs instead when gradient checkpointing is on;
-* the loss head's transient (loss.py: one chunk of logits, and under autocast a low-precision copy of the head),
+* the loss head's transient (training/head.py: one chunk of logits, and under autocast a low-precision copy of the head),
   the batch's dense 4-D mask, and an allowance for the backward pass's working set;
-* per rank under DDP, FSDP and DeepSpeed ZeRO.
+* per rank under DDP, FSDP and DeepSpeed ZeRO (that sum is plan/step.py).
 
 On a CPU (fp32, no autocast) the parameter, gradient and optimizer bytes are exact and the saved bytes are
 checked against a real step (tests/test_plan.py). The CUDA-only terms are constants from documentation,
 marked unverified in the output until a GPU measures them.
 """
 
+
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from orpo_cli.errors import UserError
-
-GIB = 2**30
-MIB = 2**20
+from orpo_cli.plan.shapes import BatchShape, Linear, ModelShape, StepSetup, loss_targets
+from orpo_cli.plan.units import MIB
 
 # ------------------------------------------------------------------------------------- CUDA constants
 # UNVERIFIED: no GPU measured these. They are what the documentation and common reports give; the plan labels
@@ -44,14 +42,6 @@ CUBLAS_WORKSPACE_BYTES = 32 * MIB
 """cuBLAS workspace per stream: CUBLAS_WORKSPACE_CONFIG's default :4096:8 is 8 x 4 MiB (32 MiB on Hopper)."""
 ALLOCATOR_OVERHEAD = 0.05
 """Share added for the caching allocator's block rounding and fragmentation (reserved over allocated)."""
-TIGHT_MARGIN = 0.9
-"""A predicted peak above this share of the memory is `tight`: it may fit, or fail on a longer batch."""
-REFUSE_MARGIN = 1.1
-"""`train` refuses a recipe predicted to need more than this many times the free device memory."""
-
-DEFAULT_MFU = 0.35
-"""Model FLOPs utilisation assumed for the time estimate unless --mfu is given: a typical figure for a
-well-fed single-GPU LoRA run; QLoRA's dequantization makes it lower, large full fine-tuning runs higher."""
 
 # bitsandbytes' layouts (0.49/0.50): 4-bit blocks of 64 weights, double quantization blocks of 256 absmax values,
 # 8-bit optimizer blocks of 256 elements, and the size under which 8-bit optimizers keep 32-bit state.
@@ -59,291 +49,7 @@ _NF4_BLOCK = 64
 _NESTED_BLOCK = 256
 _OPT8_BLOCK = 256
 _OPT8_MIN_SIZE = 4096
-CHUNK_ROWS = 256  # loss.CHUNK_ROWS, repeated so that planning imports no torch
-
-Layout = Literal["packed", "prefix", "padded"]
-
-
-# ---------------------------------------------------------------------------------------------- GPUs
-@dataclass(frozen=True)
-class Gpu:
-    name: str
-    memory_bytes: int
-    bf16_flops: float  # dense (no sparsity) peak tensor-core throughput in bf16, FLOP/s
-    source: str
-
-
-def _gpu(name: str, gib: float, tflops: float, source: str) -> Gpu:
-    return Gpu(name, int(gib * GIB), tflops * 1e12, source)
-
-
-GPUS: dict[str, Gpu] = {
-    g.name.lower(): g
-    for g in (
-        _gpu("H200", 141 * 1e9 / GIB, 989.4, "NVIDIA H200 datasheet: 141 GB HBM3e, BF16 1,979 TFLOPS with sparsity"),
-        _gpu("H100-SXM", 80, 989.4, "NVIDIA H100 datasheet: 80 GB, BF16 1,979 TFLOPS with sparsity (SXM)"),
-        _gpu("H100-PCIe", 80, 756.0, "NVIDIA H100 datasheet: 80 GB, BF16 1,513 TFLOPS with sparsity (PCIe)"),
-        _gpu("A100-80GB", 80, 312.0, "NVIDIA A100 datasheet: BF16 312 TFLOPS dense"),
-        _gpu("A100-40GB", 40, 312.0, "NVIDIA A100 datasheet: BF16 312 TFLOPS dense"),
-        _gpu("L40S", 48, 362.05, "NVIDIA L40S datasheet: 48 GB, BF16 733 TFLOPS with sparsity"),
-        _gpu("RTX-A6000", 48, 154.8, "NVIDIA RTX A6000 datasheet: 48 GB, tensor 309.7 TFLOPS with sparsity"),
-        _gpu("L4", 24, 121.0, "NVIDIA L4 datasheet: 24 GB, BF16 242 TFLOPS with sparsity"),
-        _gpu("A10", 24, 125.0, "NVIDIA A10 datasheet: 24 GB, BF16 125 TFLOPS dense"),
-        _gpu("RTX-4090", 24, 165.2, "NVIDIA Ada whitepaper: RTX 4090 BF16 (FP32 accumulate) 165.2 TFLOPS dense"),
-        _gpu("RTX-3090", 24, 71.0, "NVIDIA GA102 whitepaper: RTX 3090 BF16 (FP32 accumulate) 71 TFLOPS dense"),
-    )
-}
-
-
-def find_gpu(name: str) -> Gpu:
-    """The GPU called `name` (case-insensitive); a UserError listing the known ones otherwise."""
-    gpu = GPUS.get(name.strip().lower())
-    if gpu is None:
-        raise UserError(
-            f"--gpu: unknown GPU {name!r}; use one of {', '.join(g.name for g in GPUS.values())}, "
-            "or give the memory with --gpu-memory (e.g. 24GiB)"
-        )
-    return gpu
-
-
-_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_memory(text: str) -> int:
-    """Bytes of '24GiB', '24 GB', '80gib', '16000MiB' (GB = 10^9 bytes, GiB = 2^30)."""
-    import re
-
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]+)\s*", text or "")
-    unit = match.group(2).lower() if match else ""
-    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
-        raise UserError(
-            f"--gpu-memory: cannot read {text!r}; give a positive size with a unit, e.g. 24GiB, 80GB or 16000MiB"
-        )
-    return int(float(match.group(1)) * _UNITS[unit])
-
-
-# ------------------------------------------------------------------------------------------- the model
-@dataclass(frozen=True)
-class Linear:
-    name: str
-    fan_in: int
-    fan_out: int
-    bias: bool = False
-
-    @property
-    def weight_numel(self) -> int:
-        return self.fan_in * self.fan_out
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The numbers of a decoder-only config that memory and FLOPs depend on."""
-
-    model_type: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    tied_embeddings: bool
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    sliding_window: int | None = None
-    max_positions: int | None = None
-    stored_dtype: str = "bf16"
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> ModelShape:
-        """From a transformers config.json (as a dict). Llama, Mistral, Qwen2 and Phi-3 shaped models."""
-        model_type = str(config.get("model_type", ""))
-        if model_type not in _KNOWN_TYPES:
-            raise UserError(
-                f"plan: model_type {model_type!r} is not one the planner knows ({', '.join(sorted(_KNOWN_TYPES))})"
-            )
-        try:
-            hidden = int(config["hidden_size"])
-            heads = int(config["num_attention_heads"])
-            shape = cls(
-                model_type=model_type,
-                hidden=hidden,
-                layers=int(config["num_hidden_layers"]),
-                heads=heads,
-                kv_heads=int(config.get("num_key_value_heads") or heads),
-                head_dim=int(config.get("head_dim") or hidden // heads),
-                intermediate=int(config["intermediate_size"]),
-                vocab=int(config["vocab_size"]),
-                tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-                qkv_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
-                o_bias=model_type != "qwen2" and bool(config.get("attention_bias", False)),
-                mlp_bias=bool(config.get("mlp_bias", False)),
-                sliding_window=_window(config),
-                max_positions=config.get("max_position_embeddings"),
-                stored_dtype=_dtype_name(config.get("torch_dtype") or config.get("dtype") or "float32"),
-            )
-        except (KeyError, TypeError, ValueError) as err:
-            raise UserError(f"plan: the model config lacks or garbles {err}; is it a causal LM's config.json?") from None
-        return shape
-
-    def layer_linears(self) -> list[Linear]:
-        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
-        if self.model_type == "phi3":  # fused projections
-            return [
-                Linear("qkv_proj", h, q + 2 * kv, self.qkv_bias),
-                Linear("o_proj", q, h, self.o_bias),
-                Linear("gate_up_proj", h, 2 * i, self.mlp_bias),
-                Linear("down_proj", i, h, self.mlp_bias),
-            ]
-        return [
-            Linear("q_proj", h, q, self.qkv_bias),
-            Linear("k_proj", h, kv, self.qkv_bias),
-            Linear("v_proj", h, kv, self.qkv_bias),
-            Linear("o_proj", q, h, self.o_bias),
-            Linear("gate_proj", h, i, self.mlp_bias),
-            Linear("up_proj", h, i, self.mlp_bias),
-            Linear("down_proj", i, h, self.mlp_bias),
-        ]
-
-    def counts(self) -> dict[str, int]:
-        """Parameters by kind: linear weights of the decoder, their biases, norms, embeddings, head."""
-        linears = self.layer_linears()
-        return {
-            "linear": self.layers * sum(lin.weight_numel for lin in linears),
-            "bias": self.layers * sum(lin.fan_out for lin in linears if lin.bias),
-            "norm": (2 * self.layers + 1) * self.hidden,
-            "embed": self.vocab * self.hidden,
-            "head": 0 if self.tied_embeddings else self.vocab * self.hidden,
-        }
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(self.counts().values())
-
-
-_KNOWN_TYPES = {"llama", "mistral", "qwen2", "phi3"}
-
-
-def _window(config: Mapping[str, Any]) -> int | None:
-    window = config.get("sliding_window")
-    if window is None or config.get("use_sliding_window", True) is False:
-        return None
-    return int(window)
-
-
-def _dtype_name(value: Any) -> str:
-    text = str(value).removeprefix("torch.")
-    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(text, text)
-
-
-# ------------------------------------------------------------------------------------------ the setup
-@dataclass(frozen=True)
-class PairLengths:
-    prompt: int
-    chosen: int
-    rejected: int
-
-    @property
-    def tokens(self) -> int:
-        return self.prompt + self.chosen + self.rejected
-
-
-@dataclass(frozen=True)
-class StepSetup:
-    """What decides a step's memory, as plain values (the command layer fills it from a recipe)."""
-
-    pairs: tuple[PairLengths, ...]  # one micro batch, per rank
-    quantization: Literal["none", "4bit", "8bit"] = "none"
-    double_quant: bool = True
-    weight_bytes: int = 2  # element size of the base weights as loaded (model.dtype)
-    autocast_bytes: int | None = 2  # element size autocast computes in; None: no autocast
-    quant_compute_bytes: int | None = None  # bitsandbytes' compute dtype; None: autocast's (or the weights')
-    adapter: Literal["lora", "reft", "none"] = "lora"
-    lora_r: int = 16
-    lora_targets: tuple[str, ...] | None = None  # None: all-linear
-    lora_dropout: float = 0.0
-    use_dora: bool = False
-    reft_layers: int = 0
-    reft_rank: int = 4
-    reft_interventions_per_layer: int = 1
-    optimizer: str = "adamw"
-    gradient_checkpointing: bool = False
-    layout: Layout = "packed"
-    gradient_accumulation: int = 1
-    eval_pairs: int = 0  # pairs per eval forward (0: no eval)
-    world_size: int = 1
-    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = "none"
-    fsdp_sharding: str = "full_shard"
-    zero_stage: int = 2
-    offload_optimizer: bool = False
-    cuda: bool = True  # CUDA's rules where they differ from the CPU's (GQA in block attention, constants)
-    pack_width: int = 4096  # prefix.PACK_WIDTH
-
-    @property
-    def prepared(self) -> bool:
-        """PEFT's prepare_model_for_kbit_training ran: everything not quantized is fp32 (LoRA on a k-bit base,
-        not under FSDP)."""
-        return self.quantization != "none" and self.adapter == "lora" and self.strategy != "fsdp"
-
-
-# ------------------------------------------------------------------------------------------ the result
-@dataclass
-class StepPlan:
-    """Bytes per rank of one training step and of the eval pass, by term; tokens and FLOPs per optimizer step."""
-
-    weights: dict[str, int]
-    trainable_params: int
-    trainable: int  # bytes of trainable weights beside the base (the adapter's); 0 for full fine-tuning
-    gradients: int
-    optimizer: int
-    activations: dict[str, int]  # kept from the forward to the backward pass
-    head_transient: int  # at the end of the forward pass, while the loss projects its targets
-    recompute: int  # in the backward pass, with checkpointing: the layer being recomputed
-    mask: int
-    backward: int
-    cuda: dict[str, int]
-    eval_peak: int
-    tokens_per_micro_batch: int
-    computed_tokens_per_micro_batch: int
-    flops_per_optimizer_step: float
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def weight_bytes(self) -> int:
-        return sum(self.weights.values())
-
-    @property
-    def activation_bytes(self) -> int:
-        return sum(self.activations.values())
-
-    @property
-    def train_peak(self) -> int:
-        return (
-            self.weight_bytes + self.trainable + self.gradients + self.optimizer + self.activation_bytes
-            + self.transient_peak + self.mask + sum(self.cuda.values())
-        )
-
-    @property
-    def transient_peak(self) -> int:
-        """What comes on top of the kept activations at the larger of the two moments: the end of the forward
-        pass (the head's transient) or the backward pass (a recomputed layer and the backward's working set)."""
-        return max(self.head_transient, self.recompute + self.backward)
-
-    @property
-    def peak(self) -> int:
-        return max(self.train_peak, self.eval_peak)
-
-    def as_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data.update(
-            weight_bytes=self.weight_bytes,
-            activation_bytes=self.activation_bytes,
-            transient_peak=self.transient_peak,
-            train_peak=self.train_peak,
-            peak=self.peak,
-        )
-        return data
+CHUNK_ROWS = 256  # training/head.CHUNK_ROWS, repeated so that planning imports no torch
 
 
 # ------------------------------------------------------------------------------------------- weights
@@ -443,44 +149,10 @@ def optimizer_state_bytes(tensors: Sequence[tuple[int, int]], optimizer: str, cu
     raise UserError(f"train.optimizer: the planner does not know {optimizer!r}")
 
 
-# --------------------------------------------------------------------------------------- the batch shape
-@dataclass(frozen=True)
-class BatchShape:
-    rows: int
-    width: int
-    pieces: tuple[PairLengths, ...]  # the pairs
-
-    @property
-    def columns(self) -> int:
-        return self.rows * self.width
-
-
-def batch_shape(pairs: Sequence[PairLengths], layout: Layout, pack_width: int = 4096) -> BatchShape:
-    """Rows and width of a collated micro batch (batching.collate_pairs, prefix.collate_prefix)."""
-    if not pairs:
-        raise ValueError("a micro batch needs at least one pair")
-    if layout == "padded":
-        width = max(max(p.prompt + p.chosen, p.prompt + p.rejected) for p in pairs)
-        return BatchShape(2 * len(pairs), width, tuple(pairs))
-    if layout == "prefix":
-        return BatchShape(len(pairs), max(p.tokens for p in pairs), tuple(pairs))
-    rows, used, width = 0, 0, 0
-    for p in pairs:  # prefix.pack_rows: next fit, order kept
-        if used and used + p.tokens > pack_width:
-            rows, used = rows + 1, 0
-        used += p.tokens
-        width = max(width, used)
-    return BatchShape(rows + 1, width, tuple(pairs))
-
-
-def loss_targets(pairs: Sequence[PairLengths]) -> int:
-    """Hidden rows the loss projects: every chosen and rejected response token (nll_on_prompt off)."""
-    return sum(p.chosen + p.rejected for p in pairs)
-
 
 # ------------------------------------------------------------------------------------------ activations
 @dataclass(frozen=True)
-class _Dtypes:
+class LayerDtypes:
     """Element sizes of one layer's tensors: they decide which casts autocast and PEFT make, and what they keep."""
 
     residual: int  # the residual stream and the norms' outputs (fp32 after prepare_model_for_kbit_training)
@@ -494,7 +166,7 @@ class _Dtypes:
         return self.compute if self.autocast else max(self.matmul, self.residual)
 
 
-def _dtypes(setup: StepSetup) -> _Dtypes:
+def layer_dtypes(setup: StepSetup) -> LayerDtypes:
     residual = 4 if setup.prepared else setup.weight_bytes
     autocast = setup.autocast_bytes is not None
     compute = setup.autocast_bytes if setup.autocast_bytes is not None else residual
@@ -503,13 +175,13 @@ def _dtypes(setup: StepSetup) -> _Dtypes:
     else:
         base = compute if autocast else setup.weight_bytes
     adapter = (compute if autocast else 4) if setup.adapter == "lora" else base
-    return _Dtypes(residual, compute, autocast, max(base, adapter))
+    return LayerDtypes(residual, compute, autocast, max(base, adapter))
 
 
 def _layer_saved(shape: ModelShape, setup: StepSetup, batch: BatchShape, input_grad: bool) -> dict[str, int]:
     """Bytes autograd keeps for one decoder layer, by what keeps them; `input_grad`: whether the layer's input
     requires grad (the first layer's does not in LoRA without checkpointing: nothing before it trains)."""
-    d = _dtypes(setup)
+    d = layer_dtypes(setup)
     h, i, t = shape.hidden, shape.intermediate, batch.columns
     q_dim, kv_dim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     full = setup.adapter == "none"
@@ -604,7 +276,7 @@ def activation_bytes(shape: ModelShape, setup: StepSetup, batch: BatchShape) -> 
     With gradient checkpointing, each layer keeps only its inputs (the residual stream, and the rotary tables
     they share); the layer recomputed in the backward pass is :func:`recompute_bytes`.
     """
-    d = _dtypes(setup)
+    d = layer_dtypes(setup)
     t, h = batch.columns, shape.hidden
     full = setup.adapter == "none"
     out: dict[str, int] = {}
@@ -645,7 +317,7 @@ def head_transient(shape: ModelShape, setup: StepSetup, targets: int, training: 
     Trainable head (full fine-tuning): each chunk runs under checkpointing, so the peak is in the backward pass,
     when a chunk is recomputed and differentiated.
     """
-    d = _dtypes(setup)
+    d = layer_dtypes(setup)
     rows = min(CHUNK_ROWS, max(targets, 1))
     v, h = shape.vocab, shape.hidden
     if setup.adapter == "none":
@@ -678,7 +350,7 @@ def backward_bytes(shape: ModelShape, setup: StepSetup, batch: BatchShape) -> in
     in flight) and, without checkpointing, the gradients of one layer's MLP intermediates; with checkpointing those
     take the place of the recomputed layer's own saved tensors as they are freed (checked on the CPU: the whole
     step's peak, tests/test_plan.py)."""
-    d = _dtypes(setup)
+    d = layer_dtypes(setup)
     t = batch.columns
     mlp = 0 if setup.gradient_checkpointing else 3 * t * shape.intermediate * d.matmul
     return 2 * t * shape.hidden * 4 + mlp
@@ -712,240 +384,3 @@ def flops_per_micro_batch(shape: ModelShape, setup: StepSetup, batch: BatchShape
     if setup.adapter == "none":
         head *= 2  # the trainable head is recomputed under checkpointing and has weight gradients
     return forward * factor + head
-
-
-# ------------------------------------------------------------------------------------------- sharding
-def _shares(setup: StepSetup) -> tuple[float, float, float]:
-    """Per-rank share of (weights, gradients, optimizer state) under the setup's strategy."""
-    n = max(1, setup.world_size)
-    if setup.strategy == "fsdp":
-        if setup.fsdp_sharding in ("full_shard", "hybrid_shard"):
-            return 1 / n, 1 / n, 1 / n
-        if setup.fsdp_sharding == "shard_grad_op":
-            return 1.0, 1 / n, 1 / n
-        return 1.0, 1.0, 1.0
-    if setup.strategy == "deepspeed":
-        if setup.zero_stage == 3:
-            return 1 / n, 1 / n, (0.0 if setup.offload_optimizer else 1 / n)
-        return 1.0, 1 / n, (0.0 if setup.offload_optimizer else 1 / n)
-    return 1.0, 1.0, 1.0
-
-
-def plan_step(shape: ModelShape, setup: StepSetup) -> StepPlan:
-    """The memory of one training step on one rank, its eval pass, and the work of one optimizer step."""
-    notes: list[str] = []
-    batch = batch_shape(setup.pairs, setup.layout, setup.pack_width)
-    weights = weight_bytes(shape, setup)
-    tensors = trainable_tensors(shape, setup)
-    w_share, g_share, o_share = _shares(setup)
-    trainable_numel = sum(n for n, _ in tensors)
-    trainable = sum(n * elt for n, elt in tensors)
-    gradients = trainable
-    if setup.strategy == "deepspeed":
-        # ZeRO keeps fp32 master weights (of what trains in 16 bits) and fp32 moments, in the optimizer's shards
-        fp32 = [(n, 4) for n, _ in tensors]
-        optimizer = optimizer_state_bytes(fp32, setup.optimizer, setup.cuda) + sum(4 * n for n, e in tensors if e != 4)
-    else:
-        optimizer = optimizer_state_bytes(tensors, setup.optimizer, setup.cuda)
-    if setup.strategy == "fsdp" or (setup.strategy == "deepspeed" and setup.zero_stage == 3):
-        # one decoder layer's weights are gathered at a time (and the next one prefetched); under FSDP the output
-        # layer stays whole on every rank (run._shape_fsdp_units ignores it: the embedding too, when tied)
-        rest_elt = 4 if setup.prepared else setup.weight_bytes
-        head = shape.vocab * shape.hidden * rest_elt
-        embeddings = head * (1 if shape.tied_embeddings else 2)
-        sharded = {k: int(v * w_share) for k, v in weights.items()}
-        if setup.strategy == "fsdp":
-            sharded["output layer, whole on every rank"] = int(head * (1 - w_share))
-        layer = (sum(weights.values()) - embeddings) // max(shape.layers, 1)
-        sharded["one gathered layer (x2: prefetch)"] = 2 * int(layer * (1 - w_share))
-        weights = sharded
-        trainable = int(trainable * w_share)
-    if setup.adapter == "reft":
-        notes.append("reft: weights, interventions, gradients and optimizer state are exact; its saved activations "
-                     "are estimated from the frozen layers' (not checked against a real step)")
-    if setup.strategy == "ddp" and setup.world_size > 1:
-        notes.append("ddp: every rank holds the whole model; gradient buckets add a copy of the gradients")
-    if setup.adapter == "none":
-        trainable = 0  # full fine-tuning trains the base weights themselves: nothing beside them
-    gradients = int(gradients * g_share) + (gradients if setup.strategy == "ddp" and setup.world_size > 1 else 0)
-    optimizer = int(optimizer * o_share)
-
-    activations = activation_bytes(shape, setup, batch)
-    recompute = recompute_bytes(shape, setup, batch)
-    targets = loss_targets(setup.pairs)
-    transient = head_transient(shape, setup, targets)
-    backward = backward_bytes(shape, setup, batch)
-    mask = mask_bytes(setup, batch)
-    cuda: dict[str, int] = {}
-    if setup.cuda:
-        static = sum(weights.values()) + trainable + gradients + optimizer
-        moving = sum(activations.values()) + max(transient, recompute + backward) + mask
-        cuda = {
-            "CUDA context (unverified)": CUDA_CONTEXT_BYTES,
-            "cuBLAS workspace (unverified)": CUBLAS_WORKSPACE_BYTES,
-            f"allocator rounding, fragmentation ({ALLOCATOR_OVERHEAD:.0%}, unverified)": int(
-                ALLOCATOR_OVERHEAD * (static + moving)
-            ),
-        }
-
-    eval_peak = 0
-    if setup.eval_pairs:
-        eval_pairs = tuple(setup.pairs[i % len(setup.pairs)] for i in range(setup.eval_pairs))
-        eval_batch = batch_shape(eval_pairs, setup.layout, setup.pack_width)
-        # no gradients and nothing kept: the hidden states going in and out of a layer, and the larger of one MLP's
-        # intermediates (SiLU(gate), the up projection's base and adapter outputs and their sum, with the norm's
-        # input and output) and the head's transient with the gathered rows (checked on the CPU allocator)
-        d = _dtypes(setup)
-        t, h = eval_batch.columns, shape.hidden
-        targets = loss_targets(eval_pairs)
-        layer = t * (4 * shape.intermediate * d.matmul + 2 * h * 4)
-        head = head_transient(shape, setup, targets, training=False) + targets * h * d.residual
-        static = sum(weights.values()) + trainable + optimizer
-        eval_peak = static + mask_bytes(setup, eval_batch) + 2 * t * h * 4 + max(layer, head)
-        if setup.cuda:
-            eval_peak += CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES + int(ALLOCATOR_OVERHEAD * eval_peak)
-
-    tokens = sum(2 * p.prompt + p.chosen + p.rejected for p in setup.pairs)  # batching.count_tokens
-    flops = flops_per_micro_batch(shape, setup, batch) * setup.gradient_accumulation * max(1, setup.world_size)
-    return StepPlan(
-        weights=weights,
-        trainable_params=trainable_numel,
-        trainable=trainable,
-        gradients=gradients,
-        optimizer=optimizer,
-        activations=activations,
-        head_transient=transient,
-        recompute=recompute,
-        mask=mask,
-        backward=backward,
-        cuda=cuda,
-        eval_peak=eval_peak,
-        tokens_per_micro_batch=tokens,
-        computed_tokens_per_micro_batch=batch.columns,
-        flops_per_optimizer_step=flops,
-        notes=notes,
-    )
-
-
-# ------------------------------------------------------------------------------------------- verdicts
-Verdict = Literal["fits", "tight", "does not fit"]
-
-
-def verdict(peak: int, memory: int) -> Verdict:
-    if peak <= TIGHT_MARGIN * memory:
-        return "fits"
-    if peak <= memory:
-        return "tight"
-    return "does not fit"
-
-
-@dataclass(frozen=True)
-class Lever:
-    change: str  # what to change, in recipe terms
-    peak: int  # the predicted peak with this lever and every one before it
-
-
-def _with_pairs(setup: StepSetup, max_length: int, max_prompt: int) -> tuple[PairLengths, ...]:
-    return tuple(
-        PairLengths(min(p.prompt, max_prompt), min(p.chosen, max_length - min(p.prompt, max_prompt)),
-                    min(p.rejected, max_length - min(p.prompt, max_prompt)))
-        for p in setup.pairs
-    )
-
-
-def levers(shape: ModelShape, setup: StepSetup, memory: int, max_length: int, max_prompt_length: int) -> list[Lever]:
-    """The cheapest changes that bring the peak under `memory` x TIGHT_MARGIN, in order, each applied on top of the
-    ones before: gradient checkpointing, a smaller micro batch with more accumulation (halved down to one pair), a
-    shorter max_length (only a halving that fits: it truncates the data), an 8-bit optimizer, a 4-bit base, more
-    GPUs with FSDP. Stops at the first that fits; empty when it fits already."""
-    goal = TIGHT_MARGIN * memory
-    out: list[Lever] = []
-    current = setup
-
-    def peak(s: StepSetup) -> int:
-        return plan_step(shape, s).peak
-
-    def take(change: str, s: StepSetup) -> bool:
-        nonlocal current
-        current = s
-        out.append(Lever(change, peak(s)))
-        return out[-1].peak <= goal
-
-    if peak(current) <= goal:
-        return []
-    if not current.gradient_checkpointing and take(
-        "train.gradient_checkpointing: true", replace(current, gradient_checkpointing=True)
-    ):
-        return out
-    while len(current.pairs) > 1:
-        half = len(current.pairs) // 2
-        s = replace(current, pairs=current.pairs[:half],
-                    gradient_accumulation=current.gradient_accumulation * len(current.pairs) // half,
-                    eval_pairs=min(current.eval_pairs, half) if current.eval_pairs else 0)
-        if take(f"train.micro_batch_size: {half}, train.gradient_accumulation: {s.gradient_accumulation} "
-                "(same pairs per step)", s):
-            return out
-    # Shorter pairs truncate the data: offered only where the halving that fits exists, as the last change
-    length, prompt = max_length, max_prompt_length
-    while length > 256:
-        length, prompt = length // 2, max(1, min(prompt, length // 2))
-        shorter = replace(current, pairs=_with_pairs(current, length, prompt))
-        if peak(shorter) <= goal:
-            take(f"orpo.max_length: {length}, orpo.max_prompt_length: {prompt}", shorter)
-            return out
-    if current.optimizer in ("adamw", "paged_adamw_32bit") and current.strategy != "deepspeed" and take(
-        "train.optimizer: paged_adamw_8bit", replace(current, optimizer="paged_adamw_8bit")
-    ):
-        return out
-    if current.quantization == "none" and current.adapter != "none" and take(
-        "quantization.mode: 4bit", replace(current, quantization="4bit", double_quant=True)
-    ):
-        return out
-    # More GPUs: FSDP (DeepSpeed runs keep DeepSpeed), the fewest that fit (16 if none do)
-    keep = current.strategy in ("fsdp", "deepspeed")
-    sharded = None
-    for n in (2, 4, 8, 16):
-        if n <= current.world_size:
-            continue
-        changes = {"world_size": n} if keep else {"strategy": "fsdp", "world_size": n, "fsdp_sharding": "full_shard"}
-        sharded = (n, replace(current, **changes))
-        if peak(sharded[1]) <= goal:
-            break
-    if sharded is not None:
-        what = f"--nproc {sharded[0]}" if keep else f"distributed.strategy: fsdp, --nproc {sharded[0]}"
-        take(what, sharded[1])
-    return out
-
-
-def step_seconds(flops: float, gpu: Gpu, mfu: float, world_size: int) -> float:
-    """Seconds per optimizer step at `mfu` of `gpu`'s bf16 peak on each of `world_size` GPUs."""
-    return flops / (mfu * gpu.bf16_flops * max(1, world_size))
-
-
-def worst_case_pairs(micro_batch: int, max_length: int, max_prompt_length: int) -> tuple[PairLengths, ...]:
-    """The longest pairs a recipe allows per memory: responses of max_length - 1 after a 1-token prompt, both
-    sides (a long prompt, counted once in the packed and prefix layouts, needs less)."""
-    return (PairLengths(1, max_length - 1, max_length - 1),) * micro_batch
-
-
-def pairs_of(micro_batch: int, prompt: int, response: int) -> tuple[PairLengths, ...]:
-    return (PairLengths(prompt, response, response),) * micro_batch
-
-
-def gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB"
-
-
-def human_flops(f: float) -> str:
-    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
-        if f >= scale:
-            return f"{f / scale:.2f} {unit}"
-    return f"{f:.0f} FLOP"
-
-
-def human_seconds(s: float) -> str:
-    if s < 60:
-        return f"{s:.2f} s"
-    if s < 3600:
-        return f"{s / 60:.1f} min"
-    return f"{s / 3600:.1f} h"

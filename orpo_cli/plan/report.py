@@ -15,26 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from orpo_cli.errors import UserError
-from orpo_cli.plan.memory import (
-    DEFAULT_MFU,
-    GIB,
-    REFUSE_MARGIN,
-    Gpu,
-    Lever,
-    ModelShape,
-    StepPlan,
-    StepSetup,
-    gib,
-    human_flops,
-    human_seconds,
-    levers,
-    pairs_of,
-    plan_step,
-    step_seconds,
-    verdict,
-    worst_case_pairs,
-)
-from orpo_cli.recipe import LoraSettings, Recipe, ReftSettings
+from orpo_cli.plan.gpus import DEFAULT_MFU, Gpu, step_seconds
+from orpo_cli.plan.shapes import ModelShape, StepSetup, pairs_of, worst_case_pairs
+from orpo_cli.plan.step import REFUSE_MARGIN, Lever, StepPlan, levers, plan_step, verdict
+from orpo_cli.plan.units import GIB, gib, human_flops, human_seconds
+from orpo_cli.recipe import LoraSettings, Recipe, ReftSettings, parse_reft_positions
 
 # hub ids (lower case) -> shipped config file (orpo_cli/assets/model_configs, README.md there gives the sources)
 SHIPPED_CONFIGS: dict[str, str] = {
@@ -153,7 +138,8 @@ def step_setup(
         extra = dict(lora_r=adapter.r, lora_targets=targets, lora_dropout=adapter.dropout, use_dora=adapter.use_dora)
     elif isinstance(adapter, ReftSettings):
         layers = shape.layers if adapter.layers == "all" else len(adapter.layers)
-        both = "f" in adapter.positions and "l" in adapter.positions
+        first, last = parse_reft_positions(adapter.positions)
+        both = first > 0 and last > 0  # untied, each group of positions that edits any has its own intervention
         extra = dict(reft_layers=layers, reft_rank=adapter.rank, reft_interventions_per_layer=2 if both and not adapter.tied else 1)
     window = shape.sliding_window
     if model.attn_implementation not in ("sdpa", "eager") or (window is not None and window < orpo.max_length):

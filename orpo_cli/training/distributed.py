@@ -148,17 +148,12 @@ def check_processes(recipe: Recipe, procs: Processes, *, resume: bool, run: RunD
         raise UserError(
             "quantization.mode: 8bit does not combine with fsdp; use 4bit (QLoRA) or strategy ddp"
         )
-    if strategy == "fsdp" and recipe.adapter.kind == "reft":
-        raise UserError(
-            "adapter.kind: reft does not combine with fsdp: its interventions run from hooks, outside the "
-            "modules fsdp gathers weights for; use strategy ddp (ReFT's trainable weights are tiny)"
-        )
-    if strategy == "fsdp" and recipe.adapter.kind == "none":
-        raise UserError(
-            "adapter.kind: none (full fine-tuning) does not combine with fsdp here: the loss uses the output "
-            "layer outside the model's forward, so fsdp keeps it whole and cannot train it; use strategy ddp "
-            "or deepspeed"
-        )
+    if strategy == "fsdp":
+        from orpo_cli.adapters import build_adapter
+
+        refusal = build_adapter(recipe.adapter).fsdp_refusal
+        if refusal is not None:
+            raise UserError(refusal)
     if resume:
         saved = saved_world_size(run)
         if saved is not None and saved != procs.world_size:

@@ -69,6 +69,7 @@ def start_run(
     from accelerate.utils import set_seed
 
     from orpo_cli.adapters import build_adapter, count_parameters
+    from orpo_cli.adapters.lora_inplace import add_updates_in_place
     from orpo_cli.atomic import atomic_dir, atomic_write_text
     from orpo_cli.data.prepare import check_source, prepare_data
     from orpo_cli.models.loading import (
@@ -148,11 +149,14 @@ def start_run(
         quantized=recipe.quantization.mode != "none" and not fsdp,
         gradient_checkpointing=recipe.train.gradient_checkpointing,
     )
-    # Norm and MLP activations recomputed in the backward (training/recompute.py): not under whole-layer
-    # checkpointing, which recomputes them anyway, nor where the weights are sharded (a recomputation in the
-    # backward would run outside the strategy's gather of the weights).
-    if not recipe.train.gradient_checkpointing and not strategy.shards_weights:
-        enable_recompute(model)
+    # Two savings that change no number, made where the weights are whole on every rank (under FSDP or ZeRO-3
+    # a layer's weights exist only inside the strategy's gathers): LoRA's update added in place
+    # (adapters/lora_inplace.py; a no-op for other adapters), and norm and MLP activations recomputed in the
+    # backward (training/recompute.py), except under whole-layer checkpointing, which recomputes them anyway.
+    if not strategy.shards_weights:
+        add_updates_in_place(model)
+        if not recipe.train.gradient_checkpointing:
+            enable_recompute(model)
     if fsdp:
         shape_fsdp_units(accelerator, model, by_layer=recipe.distributed.fsdp.auto_wrap == "decoder_layers")
     # Once for the run: how every batch is laid out, from the adapter, the attention and the longest pair.

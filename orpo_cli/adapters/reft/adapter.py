@@ -43,8 +43,14 @@ from orpo_cli.recipe import ReftSettings
 
 
 class ReftAdapter:
+    name = "reft"
     mergeable = False
     packs_pairs = False
+    trains_base = False
+    fsdp_refusal = (
+        "adapter.kind: reft does not combine with fsdp: its interventions run from hooks, outside the "
+        "modules fsdp gathers weights for; use strategy ddp (ReFT's trainable weights are tiny)"
+    )
 
     def __init__(self, settings: ReftSettings):
         self.settings = settings

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.utils import parametrizations
+
+from orpo_cli.recipe import parse_reft_positions
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "reft_config.json"
@@ -199,10 +200,8 @@ class Positions:
 
     @classmethod
     def parse(cls, spec: str) -> Positions:
-        m = re.fullmatch(r"(?:f(\d+))?\+?(?:l(\d+))?", spec.strip())
-        if not m or not spec.strip():
-            raise ValueError(f"'{spec}' is not a position spec; use fK, lK or fK+lK, e.g. f1+l1")
-        return cls(int(m.group(1) or 0), int(m.group(2) or 0))
+        """The recipe's grammar (recipe.parse_reft_positions): ValueError for what the recipe refuses."""
+        return cls(*parse_reft_positions(spec))
 
 
 def real_token_index(

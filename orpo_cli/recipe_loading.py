@@ -1,0 +1,229 @@
+"""Reading a recipe: its YAML (a key given twice is an error), `--set` overrides, validation against the schema
+(recipe.py), and pydantic's errors turned into one line per problem that names the YAML path and, for an unknown
+key, the nearest valid one."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from orpo_cli.errors import UserError
+from orpo_cli.recipe import ADAPTER_KINDS, ADAPTER_KINDS_OR, ADAPTER_MODELS, DataSource, Recipe, section_model
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; every problem becomes one UserError line per issue."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; give the recipe's YAML file")
+    if not path.is_file():
+        raise UserError(f"{path}: no such recipe file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.start}); save the recipe as UTF-8") from None
+    data = parse_yaml(text, str(path))
+    empty = data is None  # no text, or only comments
+    if empty:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(
+            f"{path}: a recipe is a YAML mapping of sections (model:, data:, train:, ...), not {type(data).__name__}"
+        )
+    data = apply_overrides(data, overrides or [])
+    data.setdefault("name", path.stem)
+    try:
+        return validate_recipe(data, source=str(path))
+    except UserError:
+        if not empty:
+            raise
+        raise UserError(
+            f"{path}: the recipe is empty; it needs at least model.name_or_path and data.train "
+            "(`orpo-tune init` writes a complete starter)"
+        ) from None
+
+
+def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise UserError("\n".join(f"{source}: {line}" for line in describe_errors(err))) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (values parsed as YAML scalars) to a nested mapping."""
+    data = _deep_copy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UserError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. --set train.lr=1e-5")
+        try:
+            value = parse_yaml(raw, f"--set {item!r}") if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise UserError(
+                    f"--set {item!r}: {'.'.join(parts[: depth + 1])} is a value ({child!r}), not a section; "
+                    "write it as a mapping in the recipe to override its keys"
+                )
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """`yaml.safe_load`, but a key given twice in one mapping is an error naming both lines.
+
+    PyYAML keeps the last of two equal keys without a word: a second `train:` section silently replaces the
+    first whole, dropping every key set there. Merge keys (`<<: *anchor`) may still be overridden.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except yaml.YAMLError as err:
+            if source.startswith("--set"):
+                raise
+            raise UserError(_yaml_error_line(Path(source), err)) from None
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, source, [], set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _refuse_duplicate_keys(node: yaml.Node, source: str, where: list[str], seen: set[int]) -> None:
+    if id(node) in seen:  # an alias of a node already checked
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                _refuse_duplicate_keys(value_node, source, where, seen)
+                continue
+            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in first:
+                dotted = ".".join([*where, key])
+                line, again = first[key].start_mark.line + 1, key_node.start_mark.line + 1
+                raise UserError(
+                    f"{source}:{again}: duplicate key `{dotted}` (also on line {line}); YAML would keep only the "
+                    "last one and drop the other without a word: merge them into one"
+                )
+            if key is not None:
+                first[key] = key_node
+            _refuse_duplicate_keys(value_node, source, [*where, key or "?"], seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            inner = [*where[:-1], f"{where[-1]}[{i}]"] if where else [f"[{i}]"]
+            _refuse_duplicate_keys(item, source, inner, seen)
+
+
+def _yaml_error_line(path: Path, err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if mark is not None:
+        return f"{path}:{mark.line + 1}:{mark.column + 1}: invalid YAML: {problem}"
+    return f"{path}: invalid YAML: {problem}"
+
+
+# ------------------------------------------------------------------------------------- error messages
+def describe_errors(err: ValidationError) -> list[str]:
+    """One line per problem: the YAML path, what is wrong, and for unknown keys the nearest valid one."""
+    lines = []
+    for e in err.errors():
+        fields, model = _walk(e["loc"])
+        where = ".".join(fields) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parent, key = fields[:-1], fields[-1] if fields else ""
+            valid = _valid_keys(model)
+            hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+            prefix = ".".join(parent)
+            suggestion = f"; did you mean `{prefix + '.' if prefix else ''}{hint[0]}`?" if hint else ""
+            known = f" (valid keys here: {', '.join(valid)})" if not hint and valid else ""
+            lines.append(f"{where}: unknown key{suggestion}{known}")
+            continue
+        if e["type"] == "missing":
+            lines += _missing(fields, model)
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "finite_number":
+            msg = "must be a finite number; .inf and .nan mean nothing in a recipe"
+        elif e["type"] == "union_tag_invalid":
+            msg = f"unknown kind {e['input'].get('kind')!r}; use one of {', '.join(ADAPTER_KINDS)}"
+        elif e["type"] == "union_tag_not_found":
+            msg = f"needs a `kind:` ({ADAPTER_KINDS_OR})"
+        value = e.get("input")
+        shown = (
+            ""
+            if isinstance(value, dict) or e["type"] in {"missing", "union_tag_invalid"}
+            else f" (got {value!r})"
+        )
+        lines.append(f"{where}: {msg}{shown}")
+    return lines
+
+
+def _missing(fields: list[str], holder: type[BaseModel] | None) -> list[str]:
+    """A required key, or a section holding required keys, that the recipe does not give: one line per key."""
+    key = fields[-1] if fields else ""
+    section = section_model(holder, key) if holder is not None else None
+    info = holder.model_fields.get(key) if holder is not None else None
+    if section is None or section is DataSource:  # a data source may be given as one string
+        what = f" ({info.description})" if info is not None and info.description else ""
+        return [f"{'.'.join(fields)}: required and missing{what}"]
+    lines = []
+    for name, sub in section.model_fields.items():
+        if sub.is_required():
+            lines += _missing([*fields, sub.alias or name], section)
+    return lines
+
+
+def _walk(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None]:
+    """Turn pydantic's error location into YAML keys, dropping union tags; return the model holding the last key."""
+    fields: list[str] = []
+    model: type[BaseModel] | None = Recipe
+    holder: type[BaseModel] | None = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            fields[-1] = f"{fields[-1]}[{part}]" if fields else f"[{part}]"
+            continue
+        if model is None:
+            fields.append(str(part))
+            continue
+        if part in ADAPTER_MODELS and fields and fields[-1] == "adapter":
+            model = ADAPTER_MODELS[part]
+            continue
+        holder = model
+        fields.append(str(part))
+        model = section_model(model, str(part))
+    return fields, holder
+
+
+def _valid_keys(model: type[BaseModel] | None) -> list[str]:
+    if model is None:
+        return []
+    return [info.alias or name for name, info in model.model_fields.items()]
