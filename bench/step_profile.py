@@ -13,7 +13,8 @@ directory, ``data.jsonl``), runs one micro-batch forward and backward the way th
 
 Usage: ``python bench/step_profile.py --workdir /tmp/orpo-bench --batch 2`` after a bench run with the same
 ``--workdir`` (``--model builtin:smollm2-135m-instruct`` for the real shape). ``--dropout`` sets the LoRA
-dropout (the benchmark's is 0), ``--recompute`` orpo-tune's ``train.recompute`` setting.
+dropout (the benchmark's is 0), ``--plain`` leaves out what training/setup.py applies to the model (the in-place
+LoRA update, the recomputation), to measure what they save.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--recompute", default=None, help="train.recompute (default: the recipe default)")
+    p.add_argument("--plain", action="store_true",
+                   help="without the in-place LoRA update and the recomputation that training applies")
     p.add_argument("--layout", default=None, help="packed, prefix or padded (default: the engine's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--top", type=int, default=15)
@@ -68,8 +70,6 @@ def main(argv: list[str] | None = None) -> None:
     bench_args = orpo_bench._parse(["--batch", str(args.batch), "--max-length", str(args.max_length)])
     raw = orpo_bench._recipe_dict(bench_args, work, True, work / "profile-run")
     raw["adapter"]["dropout"] = args.dropout
-    if args.recompute is not None:
-        raw["train"]["recompute"] = args.recompute
     recipe = validate_recipe(raw)
     tokenizer = load_tokenizer(recipe.model.name_or_path)
     pairs = prepare_data(recipe.data, recipe.orpo, tokenizer).train
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(recipe.model, recipe.quantization, torch.device("cpu"), torch.float32)
     adapter = build_adapter(recipe.adapter)
     model = adapter.attach(model, quantized=False, gradient_checkpointing=recipe.train.gradient_checkpointing)
-    _apply_recompute(model, recipe)
+    if not args.plain:
+        _as_training_does(model, recipe)
     model.train()
     layout = args.layout or batch_layout(adapter, model, longest_sequence(pairs))
     batch = collate_pairs(chunk, tokenizer.pad_token_id, layout=layout)
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     _time(model, step, args.top)
 
 
-def _apply_recompute(model: Any, recipe: Any) -> None:
+def _as_training_does(model: Any, recipe: Any) -> None:
     from orpo_cli.adapters.lora_inplace import add_updates_in_place
     from orpo_cli.training.recompute import enable_recompute
 
