@@ -47,6 +47,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--plain", action="store_true",
                    help="without the in-place LoRA update and the recomputation that training applies")
     p.add_argument("--layout", default=None, help="packed, prefix or padded (default: the engine's)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="whole-layer activation checkpointing")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--top", type=int, default=15)
     return p.parse_args(argv)
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     from orpo_cli.training.forward import batch_layout, orpo_forward
 
     work = Path(args.workdir)
-    bench_args = orpo_bench._parse(["--batch", str(args.batch), "--max-length", str(args.max_length)])
+    bench_args = orpo_bench._parse(["--batch", str(args.batch), "--max-length", str(args.max_length)]
+                                   + (["--gradient-checkpointing"] if args.gradient_checkpointing else []))
     raw = orpo_bench._recipe_dict(bench_args, work, True, work / "profile-run")
     raw["adapter"]["dropout"] = args.dropout
     recipe = validate_recipe(raw)
