@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     from orpo_cli.adapters import build_adapter
     from orpo_cli.data.prepare import prepare_data
     from orpo_cli.models.loading import load_model, load_tokenizer
-    from orpo_cli.recipe import validate_recipe
+    from orpo_cli.recipe_loading import validate_recipe
     from orpo_cli.training.batching import collate_pairs, count_tokens, longest_sequence, micro_batches
     from orpo_cli.training.forward import batch_layout, orpo_forward
 
