@@ -140,3 +140,43 @@ def test_named_shape_and_bad_model_sources(tmp_path):
     assert "hidden must divide by heads" in refusal("--hidden", "100", "--heads", "8")
     with pytest.raises(SystemExit):  # argparse: --model and --shape exclude each other
         bench._parse(["--model", "builtin:tiny-llama", "--shape", "smollm2-135m"])
+
+
+# ------------------------------------------------------------------------------------------ the token floor
+def test_token_floor_counts_trl_padding_and_the_prompt_twice():
+    from types import SimpleNamespace
+
+    from orpo_cli.data.pairs import TokenizedPair
+
+    bench = _bench_module()
+    pairs = [TokenizedPair([1] * p, [2] * c, [3] * r) for p, c, r in [(3, 4, 2), (5, 1, 6), (2, 2, 2), (4, 3, 1)]]
+    args = SimpleNamespace(warmup=1, steps=1, batch=2, layout=None)
+    # The timed step is the second pair of pairs: TRL runs 2 x 2 rows of max(2 + 2, 4 + 3) = 7 columns; orpo-tune
+    # packs 6 + 8 = 14 tokens in one row.
+    assert bench.token_floor(args, pairs) == {"trl_tokens_run": 28, "ours_tokens_run": 14, "token_floor": 2.0}
+    args.warmup = 0  # the first step: 4 x max(7, 11) = 44 against 9 + 12 = 21
+    assert bench.token_floor(args, pairs) == {"trl_tokens_run": 44, "ours_tokens_run": 21, "token_floor": 2.1}
+
+
+def test_step_profile_prints_saved_bytes_by_part_and_what_setup_saves(tmp_path):
+    cmd = [
+        sys.executable, str(ROOT / "bench" / "orpo_bench.py"), "--hidden", "32", "--layers", "2", "--heads", "2",
+        "--kv-heads", "1", "--intermediate", "64", "--batch", "2", "--max-length", "64", "--steps", "1",
+        "--warmup", "0", "--threads", "1", "--nll-on-prompt", "true", "--impl", "ours", "--workdir", str(tmp_path),
+    ]
+    assert subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False).returncode == 0
+    totals = {}
+    for plain in (False, True):
+        profile = [sys.executable, str(ROOT / "bench" / "step_profile.py"), "--workdir", str(tmp_path), "--batch", "2",
+                   "--max-length", "64", "--top", "3"] + (["--plain"] if plain else [])
+        env = {**__import__("os").environ, "ORPO_TUNE_CACHE": str(tmp_path / "cache")}
+        proc = subprocess.run(profile, capture_output=True, text=True, timeout=600, check=False, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        saved = next(line for line in lines if "saved_bytes_per_token" in line)
+        timeline = next(line for line in lines if "forward_mb" in line)
+        assert {"attention", "qkv_lora", "act"} <= set(saved["saved_bytes_per_token"]) and timeline["step_peak_mb"] >= 0
+        assert next(line for line in lines if "step_cpu_s" in line)["step_cpu_s"] > 0
+        totals[plain] = saved["total_per_token"]
+    # Per layer and token the recomputation keeps two norm outputs and two MLP tensors fewer: (2 x 32 + 2 x 64) x 4 B.
+    assert totals[True] - totals[False] >= 2 * (2 * 32 + 2 * 64) * 4 * 0.9
