@@ -185,6 +185,14 @@ class StepSetup:
         return self.strategy == "fsdp" or (self.strategy == "deepspeed" and self.zero_stage == 3)
 
     @property
+    def lora_in_place(self) -> bool:
+        """LoRA's update is added into the base output in place (adapters/lora_inplace.py, installed by setup.py
+        where the weights are whole): plain LoRA on plain linears of the adapter's fp32, no dropout, no autocast;
+        every other case runs PEFT's forward."""
+        plain = self.adapter == "lora" and self.quantization == "none" and self.lora_dropout == 0 and not self.use_dora
+        return plain and not self.shards_weights and self.autocast_bytes is None and self.weight_bytes == 4
+
+    @property
     def prepared(self) -> bool:
         """PEFT's prepare_model_for_kbit_training ran: everything not quantized is fp32 (LoRA on a k-bit base,
         not under FSDP)."""
