@@ -180,8 +180,8 @@ def plan_step(shape: ModelShape, setup: StepSetup) -> StepPlan:
         targets = loss_targets(eval_pairs)
         mlp = 3 if setup.lora_in_place else 4
         layer = mask_bytes(setup, eval_batch) + 2 * t * h * 4 + t * (mlp * shape.intermediate * d.matmul + 2 * h * 4)
-        mask = 0 if setup.layout == "padded" else eval_batch.rows * eval_batch.width * eval_batch.width
-        head = mask + t * h * 4 + head_transient(shape, setup, targets, training=False) + targets * h * d.residual
+        bool_mask = 0 if setup.layout == "padded" else eval_batch.rows * eval_batch.width * eval_batch.width
+        head = bool_mask + t * h * 4 + head_transient(shape, setup, targets, training=False) + targets * h * d.residual
         static = sum(weights.values()) + trainable + optimizer
         eval_peak = static + max(layer, head)
         if setup.cuda:
