@@ -12,7 +12,9 @@ optimizer, layout, lengths, micro batch, checkpointing, distribution) and adds u
 * what autograd keeps for the backward pass, tensor by tensor, for orpo-tune's own forward (forward.py): the
   residual stream at the norms, the LoRA inputs, the MLP intermediates, the attention inputs and outputs of
   the layout the batch runs in (block attention for packed and prefix rows, transformers' sdpa with a
-  float mask for padded rows), the checkpointed layer inputs instead when gradient checkpointing is on;
+  float mask for padded rows), less what training's recomputation keeps a recipe for instead (training/
+  recompute.py: the norms' and the MLP's outputs that a linear keeps uncast, and SiLU(gate)), the checkpointed
+  layer inputs instead when gradient checkpointing is on;
 * the loss head's transient (training/head.py: one chunk of logits, and under autocast a low-precision copy of the head),
   the batch's dense 4-D mask, and an allowance for the backward pass's working set;
 * per rank under DDP, FSDP and DeepSpeed ZeRO (that sum is plan/step.py).
