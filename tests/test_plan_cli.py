@@ -133,6 +133,46 @@ def test_levers_follow_the_issue_order_and_empty_when_it_fits():
     assert changes(10_000) == []
 
 
+@pytest.mark.parametrize(
+    ("overrides", "recompute"),
+    [
+        (["train.gradient_checkpointing=false"], True),
+        (["train.gradient_checkpointing=true"], False),
+        (["train.gradient_checkpointing=false", "distributed.strategy=ddp"], True),
+        (["train.gradient_checkpointing=false", "distributed.strategy=fsdp"], False),
+        (["train.gradient_checkpointing=false", "distributed.strategy=deepspeed", "distributed.deepspeed.zero_stage=3"],
+         False),
+        (["train.gradient_checkpointing=false", "distributed.strategy=deepspeed", "distributed.deepspeed.zero_stage=2"],
+         True),
+    ],
+)
+def test_the_plan_recomputes_where_training_does(overrides, recompute):
+    """training/setup.py recomputes norms and MLP activations unless whole layers are checkpointed or the strategy
+    shards the weights (FSDP, ZeRO-3); the recipe's plan says the same, and the table says which."""
+    from orpo_cli.plan.report import step_setup
+    from orpo_cli.recipe_loading import load_recipe
+
+    recipe = load_recipe(MISTRAL, overrides)
+    shape = ModelShape.from_config(shipped_config("Mistral-7B-v0.1.json"))
+    assert step_setup(recipe, shape, cuda=True, world_size=2).recompute is recompute
+    result = runner.invoke(app, ["plan", str(MISTRAL), "--nproc", "2", *(a for o in overrides for a in ("--set", o))])
+    assert result.exit_code == 0, result.output
+    assert f"norms and MLP activations recomputed {'on' if recompute else 'off'}" in result.output
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"gradient_checkpointing": True}, {"strategy": "fsdp", "world_size": 2},
+     {"strategy": "deepspeed", "zero_stage": 3, "world_size": 2}],
+)
+def test_a_setup_cannot_recompute_where_training_does_not(changes):
+    pairs = (PairLengths(1, 63, 63),)
+    with pytest.raises(ValueError, match="recompute=False"):
+        StepSetup(pairs=pairs, **changes)
+    assert not StepSetup(pairs=pairs, recompute=False, **changes).recompute
+    assert StepSetup(pairs=pairs, strategy="deepspeed", zero_stage=2, world_size=2).recompute  # ZeRO-2: whole weights
+
+
 def test_train_on_cpu_reports_the_plan_in_one_line(tmp_path):
     import torch
 

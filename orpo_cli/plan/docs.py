@@ -59,6 +59,7 @@ def qlora_setup(shape: ModelShape, micro_batch: int, max_length: int, gradient_c
         lora_dropout=0.05,
         optimizer="paged_adamw_8bit",
         gradient_checkpointing=gradient_checkpointing,
+        recompute=not gradient_checkpointing,  # as training/setup.py does for one process
         layout="padded" if window is not None and window < max_length else "packed",
         eval_pairs=micro_batch,
         cuda=True,

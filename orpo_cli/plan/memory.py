@@ -12,7 +12,9 @@ optimizer, layout, lengths, micro batch, checkpointing, distribution) and adds u
 * what autograd keeps for the backward pass, tensor by tensor, for orpo-tune's own forward (forward.py): the
   residual stream at the norms, the LoRA inputs, the MLP intermediates, the attention inputs and outputs of
   the layout the batch runs in (block attention for packed and prefix rows, transformers' sdpa with a
-  float mask for padded rows), the checkpointed layer inputs instead when gradient checkpointing is on;
+  float mask for padded rows), less what training's recomputation keeps a recipe for instead (training/
+  recompute.py: the norms' and the MLP's outputs that a linear keeps uncast, and SiLU(gate)), the checkpointed
+  layer inputs instead when gradient checkpointing is on;
 * the loss head's transient (training/head.py: one chunk of logits, and under autocast a low-precision copy of the head),
   the batch's dense 4-D mask, and an allowance for the backward pass's working set;
 * per rank under DDP, FSDP and DeepSpeed ZeRO (that sum is plan/step.py).
@@ -192,6 +194,10 @@ def _layer_saved(shape: ModelShape, setup: StepSetup, batch: BatchShape, input_g
     # per forward (cached), a frozen one's per call, kept for the input's gradient where the input needs one
     casts_weights = d.autocast and setup.quantization == "none" and setup.weight_bytes != d.compute
     weight_copies = 0
+    # training/recompute.py: a linear that keeps a norm's output or (in a gate/up/down MLP; Phi-3's fused
+    # gate_up_proj is not one) the product down_proj reads keeps a recipe instead, when it keeps that tensor
+    # itself; a cast copy of it (autocast's, PEFT's fp32 one, dropout's) is kept as before
+    mlp_recomputed = setup.recompute and "gate_proj" in by_name
 
     def norm(key: str, requires_grad: bool) -> None:
         # RMSNorm in fp32: x.pow(2) and x * rsqrt(var) keep x (fp32) and rsqrt; weight * normed keeps normed only
@@ -199,19 +205,26 @@ def _layer_saved(shape: ModelShape, setup: StepSetup, batch: BatchShape, input_g
         if requires_grad:
             out[key] = t * (4 * h + 4) + (t * h * d.residual if full else 0)
 
-    def linear_inputs(key: str, names: Sequence[str], fan_in: int, source: int, input_grad: bool) -> None:
-        """What these linears keep of their input (of element size `source`) for their weights' gradients."""
+    def linear_inputs(
+        key: str, names: Sequence[str], fan_in: int, source: int, input_grad: bool, recomputed: bool = False
+    ) -> bool:
+        """What these linears keep of their input (of element size `source`) for their weights' gradients;
+        `recomputed`: the input is an output the recomputation notes. True where they keep the input itself
+        and it is recomputed instead (nothing counted)."""
         nonlocal weight_copies
         names = [n for n in names if n in by_name]
         if casts_weights and (full or input_grad):
             weight_copies += sum(by_name[n].weight_numel for n in names) * d.compute
         if full:  # autocast casts the input for each linear when it is of another dtype
             cast = d.autocast and source != d.compute
+            if recomputed and not cast:
+                return True
             out[key] = (len(names) if cast else 1) * t * fan_in * (d.compute if cast else source)
-            return
+            return False
         chosen = [n for n in names if n in targets]
         if not chosen:
-            return
+            return False
+        dropped = False
         # PEFT casts the input to the adapter's fp32 (a copy unless it is fp32), autocast casts it back (a copy)
         cast = d.compute if d.autocast else 4
         if setup.lora_dropout > 0:
@@ -220,14 +233,20 @@ def _layer_saved(shape: ModelShape, setup: StepSetup, batch: BatchShape, input_g
             mask = (1 if setup.cuda else 4) if input_grad else 0
             out[key] = len(chosen) * t * fan_in * (cast + mask)
         elif not d.autocast and source == 4:
-            out[key] = t * fan_in * 4  # no copy at all: the adapters share the input itself
+            # no copy at all: the adapters share the input itself (or its recipe)
+            dropped = recomputed
+            if not dropped:
+                out[key] = t * fan_in * 4
         else:
             out[key] = len(chosen) * t * fan_in * cast
         out[key + ": LoRA A outputs"] = len(chosen) * t * setup.lora_r * cast
+        return dropped
 
     norm("input norm", input_grad)
     attn_names = ["qkv_proj"] if "qkv_proj" in by_name else ["q_proj", "k_proj", "v_proj"]
-    linear_inputs("q/k/v inputs", attn_names, h, d.residual, input_grad)
+    if linear_inputs("q/k/v inputs", attn_names, h, d.residual, input_grad, setup.recompute) and not input_grad:
+        # the recipe holds the norm's input, which nothing else keeps when it needs no gradient (the embeddings)
+        out["input norm's input (for its recomputation)"] = t * h * d.residual
     attn_grad = input_grad or full or any(n in targets for n in attn_names)
     attention_out = d.attention
     if attn_grad:
@@ -255,12 +274,14 @@ def _layer_saved(shape: ModelShape, setup: StepSetup, batch: BatchShape, input_g
     residual_grad = attn_grad or "o_proj" in targets
     norm("post-attention norm", residual_grad)
     mlp_names = ["gate_up_proj"] if "gate_up_proj" in by_name else ["gate_proj", "up_proj"]
-    linear_inputs("gate/up inputs", mlp_names, h, d.residual, residual_grad)
+    linear_inputs("gate/up inputs", mlp_names, h, d.residual, residual_grad, setup.recompute)
     gate_grad = residual_grad or full or any(n in targets for n in mlp_names)
     if gate_grad:
-        # SiLU keeps the gate output, the product keeps SiLU(gate) and the up output
-        out["MLP gate, SiLU, up"] = 3 * t * i * d.matmul
-    linear_inputs("down input", ["down_proj"], i, d.matmul, gate_grad)
+        # SiLU keeps the gate output, the product keeps SiLU(gate) (a recipe, when recomputed) and the up output
+        out["MLP gate, up"] = 2 * t * i * d.matmul
+        if not mlp_recomputed:
+            out["MLP SiLU output"] = t * i * d.matmul
+    linear_inputs("down input", ["down_proj"], i, d.matmul, gate_grad, mlp_recomputed)
     if weight_copies:
         out["autocast copies of the weights"] = weight_copies
     if d.autocast and setup.adapter == "lora":  # autocast's cached low-precision copies of the adapter's weights
@@ -294,7 +315,10 @@ def activation_bytes(shape: ModelShape, setup: StepSetup, batch: BatchShape) -> 
         first = _layer_saved(shape, setup, batch, input_grad=first_grad)
         for key in per_layer:
             out[f"layers: {key}"] = per_layer[key] * (shape.layers - 1) + first.get(key, 0)
+        for key in [k for k in first if k not in per_layer]:
+            out[f"first layer: {key}"] = first[key]
     n = loss_targets(batch.pieces)
+    # the final norm's output is kept by nobody (the loss gathers its target rows): recomputation drops nothing here
     out["final norm"] = t * (4 * h + 4) + (t * h * d.residual if full else 0)
     out["loss: target rows"] = 8 * n + n * h * d.residual  # the gathered rows' index, and their gradient rows
     out["loss: per pair"] = 64 * len(batch.pieces)

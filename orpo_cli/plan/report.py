@@ -156,6 +156,9 @@ def step_setup(
         pairs = pairs_of(train.micro_batch_size, prompt, response)
     dist = recipe.distributed
     strategy = dist.strategy if dist.strategy != "auto" else ("ddp" if world_size > 1 else "none")
+    # as training/setup.py decides: recomputation where every rank holds the whole model (Strategy.shards_weights:
+    # not FSDP, not ZeRO-3) and whole layers are not checkpointed
+    shards = strategy == "fsdp" or (strategy == "deepspeed" and dist.deepspeed.zero_stage == 3)
     return StepSetup(
         pairs=pairs,
         quantization=quant.mode,
@@ -166,6 +169,7 @@ def step_setup(
         adapter=kind,
         optimizer=train.optimizer,
         gradient_checkpointing=train.gradient_checkpointing,
+        recompute=not train.gradient_checkpointing and not shards,
         layout=layout,
         gradient_accumulation=train.gradient_accumulation,
         eval_pairs=train.eval_batch_size or train.micro_batch_size,
@@ -291,7 +295,8 @@ def render(report: Report, console: Any) -> None:
         f"micro batch {len(setup.pairs)} x accumulation {setup.gradient_accumulation} x {setup.world_size} "
         f"rank{'s' if setup.world_size > 1 else ''} ({setup.strategy}); layout {setup.layout}; pairs of "
         f"{p.prompt} + {p.chosen} + {p.rejected} tokens; gradient checkpointing "
-        f"{'on' if setup.gradient_checkpointing else 'off'}; optimizer {setup.optimizer}"
+        f"{'on' if setup.gradient_checkpointing else 'off'}; norms and MLP activations recomputed "
+        f"{'on' if setup.recompute else 'off'}; optimizer {setup.optimizer}"
     )
     table = Table(title="peak memory of one training step, per rank", show_lines=False)
     table.add_column("term")

@@ -159,6 +159,10 @@ class StepSetup:
     reft_interventions_per_layer: int = 1
     optimizer: str = "adamw"
     gradient_checkpointing: bool = False
+    # Norm outputs and the MLP's act(gate) and act(gate) * up recomputed in the backward instead of kept
+    # (training/recompute.py): what setup.py does unless checkpointing is on or the strategy shards the weights.
+    # The default is a plain single-process run's; a setup that cannot recompute must say False (checked below).
+    recompute: bool = True
     layout: Layout = "packed"
     gradient_accumulation: int = 1
     eval_pairs: int = 0  # pairs per eval forward (0: no eval)
@@ -169,6 +173,24 @@ class StepSetup:
     offload_optimizer: bool = False
     cuda: bool = True  # CUDA's rules where they differ from the CPU's (GQA in block attention, constants)
     pack_width: int = 4096  # prefix.PACK_WIDTH
+
+    def __post_init__(self) -> None:
+        if self.recompute and (self.gradient_checkpointing or self.shards_weights):
+            why = "gradient checkpointing" if self.gradient_checkpointing else f"{self.strategy}'s sharded weights"
+            raise ValueError(f"StepSetup: recompute=True under {why}, where training does not recompute: pass recompute=False")
+
+    @property
+    def shards_weights(self) -> bool:
+        """No rank holds the whole model (FSDP, ZeRO-3): training's Strategy.shards_weights."""
+        return self.strategy == "fsdp" or (self.strategy == "deepspeed" and self.zero_stage == 3)
+
+    @property
+    def lora_in_place(self) -> bool:
+        """LoRA's update is added into the base output in place (adapters/lora_inplace.py, installed by setup.py
+        where the weights are whole): plain LoRA on plain linears of the adapter's fp32, no dropout, no autocast;
+        every other case runs PEFT's forward."""
+        plain = self.adapter == "lora" and self.quantization == "none" and self.lora_dropout == 0 and not self.use_dora
+        return plain and not self.shards_weights and self.autocast_bytes is None and self.weight_bytes == 4
 
     @property
     def prepared(self) -> bool:

@@ -124,7 +124,7 @@ def plan_step(shape: ModelShape, setup: StepSetup) -> StepPlan:
         optimizer = optimizer_state_bytes(fp32, setup.optimizer, setup.cuda) + sum(4 * n for n, e in tensors if e != 4)
     else:
         optimizer = optimizer_state_bytes(tensors, setup.optimizer, setup.cuda)
-    if setup.strategy == "fsdp" or (setup.strategy == "deepspeed" and setup.zero_stage == 3):
+    if setup.shards_weights:
         # one decoder layer's weights are gathered at a time (and the next one prefetched); under FSDP the output
         # layer stays whole on every rank (run._shape_fsdp_units ignores it: the embedding too, when tied)
         rest_elt = 4 if setup.prepared else setup.weight_bytes
@@ -169,16 +169,21 @@ def plan_step(shape: ModelShape, setup: StepSetup) -> StepPlan:
     if setup.eval_pairs:
         eval_pairs = tuple(setup.pairs[i % len(setup.pairs)] for i in range(setup.eval_pairs))
         eval_batch = batch_shape(eval_pairs, setup.layout, setup.pack_width)
-        # no gradients and nothing kept: the hidden states going in and out of a layer, and the larger of one MLP's
-        # intermediates (SiLU(gate), the up projection's base and adapter outputs and their sum, with the norm's
-        # input and output) and the head's transient with the gathered rows (checked on the CPU allocator)
+        # no gradients and nothing kept: the larger of a layer's moment (the mask, the hidden states going in and
+        # out of the layer, and one MLP's intermediates: SiLU(gate), the up projection's base and adapter outputs
+        # and their sum, with the norm's input and output; with LoRA's update added in place the up projection's
+        # output is its own sum, one MLP-wide tensor fewer) and the head's (the boolean mask alone, its
+        # temporaries long gone, the last hidden state, the gathered rows and the head's transient); checked on
+        # the CPU allocator
         d = layer_dtypes(setup)
         t, h = eval_batch.columns, shape.hidden
         targets = loss_targets(eval_pairs)
-        layer = t * (4 * shape.intermediate * d.matmul + 2 * h * 4)
-        head = head_transient(shape, setup, targets, training=False) + targets * h * d.residual
+        mlp = 3 if setup.lora_in_place else 4
+        layer = mask_bytes(setup, eval_batch) + 2 * t * h * 4 + t * (mlp * shape.intermediate * d.matmul + 2 * h * 4)
+        bool_mask = 0 if setup.layout == "padded" else eval_batch.rows * eval_batch.width * eval_batch.width
+        head = bool_mask + t * h * 4 + head_transient(shape, setup, targets, training=False) + targets * h * d.residual
         static = sum(weights.values()) + trainable + optimizer
-        eval_peak = static + mask_bytes(setup, eval_batch) + 2 * t * h * 4 + max(layer, head)
+        eval_peak = static + max(layer, head)
         if setup.cuda:
             eval_peak += CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES + int(ALLOCATOR_OVERHEAD * eval_peak)
 
@@ -251,7 +256,7 @@ def levers(shape: ModelShape, setup: StepSetup, memory: int, max_length: int, ma
     if peak(current) <= goal:
         return []
     if not current.gradient_checkpointing and take(
-        "train.gradient_checkpointing: true", replace(current, gradient_checkpointing=True)
+        "train.gradient_checkpointing: true", replace(current, gradient_checkpointing=True, recompute=False)
     ):
         return out
     while len(current.pairs) > 1:
@@ -284,7 +289,8 @@ def levers(shape: ModelShape, setup: StepSetup, memory: int, max_length: int, ma
     for n in (2, 4, 8, 16):
         if n <= current.world_size:
             continue
-        changes = {"world_size": n} if keep else {"strategy": "fsdp", "world_size": n, "fsdp_sharding": "full_shard"}
+        changes = {"world_size": n} if keep else {"strategy": "fsdp", "world_size": n, "fsdp_sharding": "full_shard",
+                                                  "recompute": False}  # FSDP's sharded weights: setup.py does not
         sharded = (n, replace(current, **changes))
         if peak(sharded[1]) <= goal:
             break
