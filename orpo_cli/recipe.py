@@ -9,7 +9,7 @@ and words the errors).
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import (
@@ -72,6 +72,9 @@ class QuantizationSettings(_Section):
 
 # --------------------------------------------------------------------------------------------- adapter
 class LoraSettings(_Section):
+    # Whether the method reads nothing per row, so pairs can be packed: the planner (no torch) reads it here;
+    # the adapter's `packs_pairs` must say the same (tests/test_recipe.py holds them together).
+    packs_pairs: ClassVar[bool] = True
     kind: Literal["lora"] = Field("lora", description="Low-rank adapters on linear layers (PEFT).")
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: float = Field(
@@ -79,7 +82,13 @@ class LoraSettings(_Section):
         gt=0,
         description="LoRA scaling numerator: updates are scaled by alpha/r (alpha/sqrt(r) with rslora).",
     )
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Dropout on the LoRA input. Above 0 each adapted layer keeps its own dropped-out copy of its input "
+        "for the backward pass and the LoRA update is no longer added in place (docs/performance.md).",
+    )
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear",
         description="Module names to adapt (e.g. [q_proj, v_proj]) or all-linear for every linear layer but the head.",
@@ -109,6 +118,7 @@ def parse_reft_positions(spec: str) -> tuple[int, int]:
 
 
 class ReftSettings(_Section):
+    packs_pairs: ClassVar[bool] = False
     kind: Literal["reft"] = Field(
         "reft", description="Representation fine-tuning (LoReFT and variants) on the residual stream."
     )
@@ -151,6 +161,7 @@ class ReftSettings(_Section):
 
 
 class FullSettings(_Section):
+    packs_pairs: ClassVar[bool] = True
     kind: Literal["none"] = Field("none", description="No adapter: train every weight (small models only).")
 
 

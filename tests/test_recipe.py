@@ -238,6 +238,7 @@ def test_every_adapter_kind_has_one_implementation_and_one_error_text():
     for kind, model in ADAPTER_MODELS.items():
         assert model.model_fields["kind"].default == kind
         assert adapters.build_adapter(model()).name == kind  # what messages and a bundle's manifest call it
+        assert adapters.build_adapter(model()).packs_pairs is model.packs_pairs  # the planner reads the settings'
     assert Recipe.model_fields["adapter"].description == "What trains: lora, reft or none."
     with pytest.raises(UserError, match=r"adapter: unknown kind 'dora'; use one of lora, reft, none"):
         validate_recipe({"model": {"name_or_path": "m"}, "data": {"train": "d.jsonl"}, "adapter": {"kind": "dora"}})

@@ -44,7 +44,7 @@ def _shape(file: str) -> ModelShape:
 
 
 def qlora_setup(shape: ModelShape, micro_batch: int, max_length: int, gradient_checkpointing: bool) -> StepSetup:
-    """The tables' recipe: bf16, NF4 with double quantization, LoRA r=16 on all linear layers with dropout 0.05,
+    """The tables' recipe: bf16, NF4 with double quantization, LoRA r=16 on all linear layers with dropout 0,
     paged 8-bit AdamW, sdpa (packed rows, padded where a sliding window is shorter than max_length), eval at
     the micro batch, worst-case pairs."""
     window = shape.sliding_window
@@ -56,7 +56,7 @@ def qlora_setup(shape: ModelShape, micro_batch: int, max_length: int, gradient_c
         autocast_bytes=2,
         adapter="lora",
         lora_r=16,
-        lora_dropout=0.05,
+        lora_dropout=0.0,
         optimizer="paged_adamw_8bit",
         gradient_checkpointing=gradient_checkpointing,
         recompute=not gradient_checkpointing,  # as training/setup.py does for one process

@@ -144,7 +144,7 @@ def step_setup(
     window = shape.sliding_window
     if model.attn_implementation not in ("sdpa", "eager") or (window is not None and window < orpo.max_length):
         layout = "padded"  # forward.py: no custom 4-D masks, or a window some pairs may exceed
-    elif kind in ("lora", "none") and model.attn_implementation == "sdpa":
+    elif adapter.packs_pairs and model.attn_implementation == "sdpa":
         layout = "packed"
     else:
         layout = "prefix"
