@@ -54,7 +54,7 @@ Layout = Literal["packed", "prefix", "padded"]
 LAYOUTS: tuple[str, ...] = ("packed", "prefix", "padded")
 DEFAULT_LAYOUT: Layout = "prefix"
 """What `collate_pairs` builds when no layout is given: the fastest one whose loss and gradients are
-tested equal to the padded layout's (tests/test_prefix.py)."""
+tested equal to the padded layout's (tests/test_shared_prompt.py)."""
 
 def collate_pairs(
     pairs: Sequence[TokenizedPair],
