@@ -174,23 +174,11 @@ def _saved_bytes(model: Any, step: Any) -> dict[str, int]:
             seen[ptr] = (stack[-1], storage.nbytes())
         return t
 
-    from orpo_cli.training.recompute import _find_state
+    from orpo_cli.training.recompute import observing_kept
 
-    state = _find_state(model)
-    if state is not None:  # its hooks are the innermost: count what it lets through
-        inner = state.pack
-
-        def counted(t: torch.Tensor) -> Any:
-            out = inner(t)
-            return pack(out) if isinstance(out, torch.Tensor) else out
-
-        state.pack = counted
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = step()
-    finally:
-        if state is not None:
-            state.pack = inner
+    # The recomputation's hooks are the innermost: what it keeps is seen through observing_kept.
+    with observing_kept(model, pack), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step()
     for h in handles:
         h.remove()
     # The head: saved inside the chunked loss (its own autograd function) is counted under "other".

@@ -28,7 +28,7 @@ from orpo_cli.recipe import FullSettings, LoraSettings, ModelSettings, Quantizat
 from orpo_cli.training.batching import collate_pairs
 from orpo_cli.training.forward import orpo_forward
 from orpo_cli.training.loop import _build_optimizer
-from orpo_cli.training.recompute import _find_state, enable_recompute
+from orpo_cli.training.recompute import enable_recompute, observing_kept
 
 CPU = torch.device("cpu")
 LENGTHS = (PairLengths(20, 30, 25), PairLengths(15, 40, 35), PairLengths(30, 10, 20))
@@ -123,34 +123,16 @@ def _measure(name: str, mode: str, layout: str, gc: bool, optimizer: str = "adam
     original_checkpoint = loss_module.checkpoint
     loss_module.checkpoint = counting(original_checkpoint)
     # The recomputation's saved-tensor hooks (training/recompute.py) are the innermost, so ours never see what
-    # autograd saves under them: count what its pack lets through, and, for each record it keeps instead of a
-    # tensor, the tensors the record's recipe holds (a norm's input, the MLP's gate and up).
-    state = _find_state(model)
-    inner = state.pack if state is not None else None
-
-    def counted(t: torch.Tensor):
-        out = inner(t)
-        if isinstance(out, torch.Tensor):
-            keep(out)
-        else:
-            for cell in out.noted.remake.__closure__ or ():
-                if isinstance(cell.cell_contents, torch.Tensor):
-                    keep(cell.cell_contents)
-        return out
-
-    if state is not None:
-        state.pack = counted
+    # autograd saves under them: observing_kept counts what it lets through and what its records hold.
     try:
         batch = collate_pairs(_pairs(), 0, layout=layout)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(
+        with observing_kept(model, keep), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(
             "cpu", dtype=torch.bfloat16, enabled=autocast
         ):
             terms = orpo_forward(model, adapter, batch, lam=0.1, nll_on_prompt=False,
                                  layout=layout)
     finally:
         loss_module.checkpoint = original_checkpoint
-        if state is not None:
-            state.pack = inner
     gc_module.collect()
     saved_bytes = sum(n for n, refs in saved.values() if any(r() is not None for r in refs))
     terms.loss.backward()

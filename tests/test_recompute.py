@@ -58,36 +58,19 @@ def _loss_and_grads(model: nn.Module, batch: dict) -> tuple[torch.Tensor, list[t
 
 def _saved_bytes(model: nn.Module, batch: dict) -> int:
     """Bytes autograd keeps for the backward in one forward: each storage once, parameters left out."""
-    from orpo_cli.training.recompute import _find_state
+    from orpo_cli.training.recompute import observing_kept
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
-    def count(t: torch.Tensor) -> None:
+    def count(t: torch.Tensor) -> torch.Tensor:
         ptr = t.untyped_storage().data_ptr()
         if ptr not in params:
             seen[ptr] = t.untyped_storage().nbytes()
-
-    state = _find_state(model)
-    if state is not None:  # its hooks are the innermost: count what it keeps as tensors
-        inner = state.pack
-
-        def counted(t: torch.Tensor):
-            out = inner(t)
-            if isinstance(out, torch.Tensor):
-                count(out)
-            return out
-
-        state.pack = counted
-
-    def plain(t: torch.Tensor) -> torch.Tensor:
-        count(t)
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(plain, lambda t: t):
+    with observing_kept(model, count), torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
         loss = _forward(model, batch).loss
-    if state is not None:
-        state.pack = inner
     loss.backward()
     model.zero_grad(set_to_none=True)
     return sum(seen.values())
@@ -117,8 +100,10 @@ def test_it_keeps_two_norm_outputs_and_two_mlp_tensors_fewer_per_layer() -> None
     _saved_bytes(model, batch)  # the checking forward
     after = _saved_bytes(model, batch)
     cfg = model.config
-    # Per layer and token: the two norm outputs (hidden each) and act(gate), act(gate) * up (MLP width each), fp32.
+    # Per layer and token: the two norm outputs (hidden each) and act(gate), act(gate) * up (MLP width each), fp32;
+    # less the first norm's input (the embeddings, which nothing else keeps), held by its record.
     expected = cfg.num_hidden_layers * tokens * 4 * (2 * cfg.hidden_size + 2 * cfg.intermediate_size)
+    expected -= tokens * 4 * cfg.hidden_size
     assert before - after == expected
     disable_recompute(model)
     assert _saved_bytes(model, batch) == before

@@ -44,13 +44,14 @@ _ATTRIBUTE = "_orpo_recompute"
 
 
 class _Noted:
-    """An output that can be recomputed: a weak reference to it and the function that remakes it."""
+    """An output that can be recomputed: a weak reference to it, the function that remakes it and what that holds."""
 
-    __slots__ = ("ref", "remake", "packs", "unpacks", "cache")
+    __slots__ = ("ref", "remake", "holds", "packs", "unpacks", "cache")
 
-    def __init__(self, output: torch.Tensor, remake: Callable[[], torch.Tensor]):
+    def __init__(self, output: torch.Tensor, remake: Callable[[], torch.Tensor], holds: tuple[torch.Tensor, ...]):
         self.ref = weakref.ref(output)
         self.remake = remake
+        self.holds = holds  # the tensors remake() reads: kept alive by it (autograd keeps them anyway, but the first norm's)
         self.packs = 0
         self.unpacks = 0
         self.cache: torch.Tensor | None = None
@@ -91,8 +92,9 @@ class Recompute:
         self.checked: set[int] = set()
         self.skipped: set[int] = set()
 
-    def note(self, key: int, output: Any, remake: Callable[[], torch.Tensor]) -> None:
-        """Note `output` as `remake()`; the first time for each `key` (a module), check that it is, bit for bit."""
+    def note(self, key: int, output: Any, remake: Callable[[], torch.Tensor], holds: tuple[torch.Tensor, ...]) -> None:
+        """Note `output` as `remake()` (which reads `holds`); the first time for each `key` (a module), check that it
+        is, bit for bit."""
         if not self.active or self.remaking or key in self.skipped or not isinstance(output, torch.Tensor):
             return
         if key not in self.checked:
@@ -106,7 +108,7 @@ class Recompute:
             (self.checked if same else self.skipped).add(key)
             if not same:
                 return
-        self.noted[output.untyped_storage().data_ptr()] = _Noted(output, remake)
+        self.noted[output.untyped_storage().data_ptr()] = _Noted(output, remake, holds)
 
     def pack(self, tensor: torch.Tensor) -> Any:
         noted = self.noted.get(tensor.untyped_storage().data_ptr()) if self.noted else None
@@ -165,6 +167,31 @@ def recomputing(model: nn.Module) -> Iterator[None]:
         state.noted = {}
 
 
+@contextlib.contextmanager
+def observing_kept(model: nn.Module, observe: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """For measurements (the planner's tests, bench/step_profile.py): during the block, `observe` each tensor the
+    recomputation lets autograd keep, and the tensors each of its records holds instead (a norm's input, the
+    MLP's gate and up). Its saved-tensor hooks are the innermost, so hooks installed around the forward see
+    nothing of what is saved under them. A no-op where the recomputation is not enabled."""
+    state = _find_state(model)
+    if state is None:
+        yield
+        return
+    pack = state.pack
+
+    def observed(tensor: torch.Tensor) -> Any:
+        out = pack(tensor)
+        for kept in (out,) if isinstance(out, torch.Tensor) else out.noted.holds:
+            observe(kept)
+        return out
+
+    state.pack = observed  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        state.pack = pack  # type: ignore[method-assign]
+
+
 def _find_state(model: nn.Module) -> Recompute | None:
     for candidate in (model, getattr(model, "module", None), getattr(model, "base_model", None)):
         state = getattr(candidate, _ATTRIBUTE, None) if candidate is not None else None
@@ -185,7 +212,7 @@ def _norm_hook(state: Recompute) -> Callable[..., None]:
     def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         if state.active and len(inputs) == 1 and isinstance(inputs[0], torch.Tensor):
             x = inputs[0]
-            state.note(id(module), output, lambda: module(x))
+            state.note(id(module), output, lambda: module(x), (x,))
 
     return hook
 
@@ -204,13 +231,13 @@ def _mlp_hooks(state: Recompute, mlp: nn.Module) -> list[Any]:
     def act_hook(_module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         if state.active and len(inputs) == 1 and isinstance(inputs[0], torch.Tensor):
             gate = inputs[0]
-            state.note(id(act), output, lambda: act(gate))
+            state.note(id(act), output, lambda: act(gate), (gate,))
 
     def down_hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
         gate, up = seen.pop("gate", None), seen.pop("up", None)
         if gate is None or up is None or len(inputs) != 1:
             return
-        state.note(id(mlp), inputs[0], lambda: act(gate) * up)
+        state.note(id(mlp), inputs[0], lambda: act(gate) * up, (gate, up))
 
     return [
         mlp.gate_proj.register_forward_hook(keep("gate")),
