@@ -97,6 +97,8 @@ class Recompute:
         is, bit for bit."""
         if not self.active or self.remaking or key in self.skipped or not isinstance(output, torch.Tensor):
             return
+        if output.numel() == 0:  # empty tensors may all share one (null) data pointer: never a key
+            return
         if key not in self.checked:
             self.remaking = True  # the module's own hooks run again inside remake(): they must not note
             try:
