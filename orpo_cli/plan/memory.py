@@ -258,6 +258,10 @@ def _layer_saved(shape: ModelShape, setup: StepSetup, batch: BatchShape, input_g
             out["attention q, k, v"] = t * 3 * q_dim * c
             out["attention output"] = t * q_dim * c + t * shape.heads * 4
             out["attention mask (float)"] = batch.rows * batch.width * batch.width * c
+        elif not setup.cuda:
+            # the CPU's tiled block attention (training/attention_tiles.py): q, k and v themselves, its output
+            # (every column, [rows, W, heads, dim]) and a float log-sum-exp per head and column
+            out["attention output"] = t * q_dim * c + t * shape.heads * 4
         else:
             # block attention: the rejected piece attends to a concatenated [prompt | rejected] copy of k and v
             # (repeated to every head on CUDA), through a float mask of R x (P + R)
@@ -265,8 +269,9 @@ def _layer_saved(shape: ModelShape, setup: StepSetup, batch: BatchShape, input_g
             out["attention q, k, v"] += sum(2 * (p.prompt + p.rejected) * kv_copy * c for p in batch.pieces)
             out["attention output"] = real * q_dim * c + real * shape.heads * 4
             out["attention mask (float)"] = sum(p.rejected * (p.prompt + p.rejected) for p in batch.pieces) * c
-    if setup.layout == "padded" and (full or (not d.autocast and attention_out == 4 and setup.lora_dropout == 0)):
-        # sdpa's output is already laid out [rows, W, heads, dim]: o_proj's input is that same tensor
+    laid_out = setup.layout == "padded" or not setup.cuda
+    if laid_out and (full or (not d.autocast and attention_out == 4 and setup.lora_dropout == 0)):
+        # sdpa's output (the CPU tiles' too) is already laid out [rows, W, heads, dim]: o_proj's input is that tensor
         if casts_weights:
             weight_copies += by_name["o_proj"].weight_numel * d.compute
     else:

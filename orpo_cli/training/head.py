@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -53,9 +52,13 @@ class _FrozenHeadLogProbs(torch.autograd.Function):
             dtype = torch.get_autocast_dtype(device_type)
             weight = weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
+        # One [chunk, V] logits buffer for every chunk: a fresh one per chunk would be a fresh block of tens of
+        # MB each time (above glibc's largest mmap threshold on a CPU, so mapped and zeroed again: ~20% of the
+        # logits matmul's time at the benchmark's shape).
+        logits = torch.empty(min(chunk_size, hidden.shape[0]), weight.shape[0], dtype=weight.dtype, device=hidden.device)
         with torch.autocast(device_type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_size):
-                _head_chunk(hidden, weight, bias, target_ids, start, start + chunk_size, out, row_grads)
+                _head_chunk(hidden, weight, bias, target_ids, start, start + chunk_size, out, row_grads, logits)
         if need_grad:
             ctx.save_for_backward(row_grads)
         return out
@@ -75,10 +78,14 @@ def _head_chunk(
     stop: int,
     out: torch.Tensor,
     row_grads: torch.Tensor | None,
+    buffer: torch.Tensor,
 ) -> None:
-    """Rows ``start:stop`` of :class:`_FrozenHeadLogProbs`: their log-probs into `out`, gradients into `row_grads`."""
+    """Rows ``start:stop`` of :class:`_FrozenHeadLogProbs`: their log-probs into `out`, gradients into `row_grads`.
+
+    The chunk's logits are written into (the first rows of) `buffer`, ``[>= stop - start, V]``.
+    """
     ids = target_ids[start:stop]
-    logits = F.linear(hidden[start:stop].to(weight.dtype), weight, bias).float()
+    logits = _project(hidden[start:stop].to(weight.dtype), weight, bias, buffer).float()
     picked = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     # Three passes over the [chunk, V] logits (max, shifted exp in place, sum) instead of logsumexp's and a
     # softmax's separate ones; the softmax's 1/sum is applied to the [chunk, H] product.
@@ -88,6 +95,14 @@ def _head_chunk(
     out[start:stop] = picked - (peak + total.log()).squeeze(-1)
     if row_grads is not None:
         row_grads[start:stop] = weight[ids] - (exp.to(weight.dtype) @ weight) / total
+
+
+def _project(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, buffer: torch.Tensor) -> torch.Tensor:
+    """``rows @ weight.T + bias``, ``[n, V]``, written into the first n rows of `buffer`."""
+    out = buffer[: rows.shape[0]]
+    if bias is None:
+        return torch.mm(rows, weight.t(), out=out)
+    return torch.addmm(bias, rows, weight.t(), out=out)
 
 
 def _frozen_linear(lm_head: Callable[[torch.Tensor], torch.Tensor]) -> nn.Linear | None:

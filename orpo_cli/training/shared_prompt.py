@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orpo_cli.data.pairs import TokenizedPair
+from orpo_cli.training import attention_tiles
 from orpo_cli.training.targets import loss_targets
 
 # Attention implementations that apply a custom 4-D mask exactly.
@@ -80,6 +81,7 @@ class Segments:
             raise ValueError(f"{len(self.lengths)} pairs but {len(self.starts)} starts")
         self._masks: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._by_row: list[list[int]] | None = None
+        self._tiles: list[list[attention_tiles.Block]] | None = None
 
     def to(self, *_args: Any, **_kwargs: Any) -> Segments:
         return self
@@ -94,6 +96,12 @@ class Segments:
             for i in sorted(range(len(self.starts)), key=lambda i: self.starts[i]):
                 self._by_row[self.starts[i][0]].append(i)
         return self._by_row
+
+    def tiles(self) -> list[list[attention_tiles.Block]]:
+        """The CPU tiled attention's blocks of these pairs (worked out once; every layer asks)."""
+        if self._tiles is None:
+            self._tiles = attention_tiles.plan_tiles(self.lengths, self.starts)
+        return self._tiles
 
     def rejected_mask(self, pair: int, device: torch.device) -> torch.Tensor:
         """``[R, P + R]`` bool: rejected token j sees the whole prompt and rejected tokens ``<= j``."""
@@ -286,8 +294,11 @@ def block_attention(
     ``[prompt | rejected]`` under :meth:`Segments.rejected_mask`; padding columns get zeros. Returns
     ``[rows, W, Hq, d]``, the layout transformers' attention functions return. The loop is over pairs (a
     handful per micro-batch), never over tokens; the splits are views, so the backward pass stitches the
-    gradients together without scattering into zero-filled copies.
+    gradients together without scattering into zero-filled copies. On a CPU without attention dropout the
+    same blocks run in tiles instead (training/attention_tiles.py), which skips the scores the mask discards.
     """
+    if query.device.type == "cpu" and not dropout and attention_tiles.available():
+        return attention_tiles.tiled_attention(query, key, value, segments.tiles(), scaling)
     width, heads, dim = query.shape[2], query.shape[1], query.shape[3]
     gqa = key.shape[1] != heads
     masked_gqa = gqa and query.device.type == "cpu"  # elsewhere masked GQA falls back to the math kernel
