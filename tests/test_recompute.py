@@ -109,6 +109,29 @@ def test_it_keeps_two_norm_outputs_and_two_mlp_tensors_fewer_per_layer() -> None
     assert _saved_bytes(model, batch) == before
 
 
+def test_the_backward_makes_each_activation_once() -> None:
+    """act(gate) is remade once per MLP in the backward: the product's recipe makes it for the product's own backward
+    too (not once for each). Counted with a wrapped activation; the gradients stay bitwise the same."""
+    model = _llama()
+    batch = _batch("packed")
+    _, grads = _loss_and_grads(model, batch)
+    mlps = [m for m in model.modules() if hasattr(m, "act_fn") and hasattr(m, "down_proj")]
+    calls = []
+    for mlp in mlps:
+        real = mlp.act_fn.forward
+        mlp.act_fn.forward = lambda x, real=real: calls.append(torch.is_grad_enabled()) or real(x)
+    enable_recompute(model)
+    _loss_and_grads(model, batch)  # the checking forward
+    calls.clear()
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = _forward(model, batch).loss
+    assert calls == [True] * len(mlps)  # the forward: once per MLP
+    grads_r = torch.autograd.grad(loss, params)
+    assert calls == [True] * len(mlps) + [False] * len(mlps)  # the backward: once more per MLP, not twice
+    for a, b in zip(grads, grads_r, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_module_whose_recomputation_differs_is_left_alone() -> None:
     """An MLP whose down_proj reads act(gate) * up * 0.5: the product is not noted, the gradients stay right."""
     from transformers.models.llama.modeling_llama import LlamaMLP

@@ -25,7 +25,8 @@ module with randomness or side effects, fails the check and is left alone).
 Mechanism: forward hooks note each such output (a weak reference and how to recompute it) while the
 forward runs; :func:`recomputing` installs `torch.autograd.graph.saved_tensors_hooks` whose pack step
 replaces a saved tensor that is (a view of) a noted output by a small record, and whose unpack step
-recomputes it (once for all the adapters that read it: q, k and v read the same norm output). Saved
+recomputes it (once for all the adapters that read it: q, k and v read the same norm output; and the
+product's recipe makes ``act(gate)`` for the product's own backward too, so the activation runs once). Saved
 tensors that are not noted are kept as usual. Inactive under activation checkpointing (which recomputes
 whole layers anyway), and for outputs autocast has cast (the matmul then keeps its cast copy).
 """
@@ -65,6 +66,17 @@ class _Noted:
         if self.unpacks >= self.packs:  # every reader has had it: let it go
             self.cache = None
         return out
+
+    def peek(self) -> torch.Tensor:
+        """The value for another recipe that starts from it (the MLP product from ``act(gate)``): kept, when made
+        here, for this tensor's own readers still to come, so that the backward makes it once."""
+        if self.cache is not None:
+            return self.cache
+        with torch.no_grad():
+            value = self.remake()
+        if self.unpacks < self.packs:
+            self.cache = value
+        return value
 
 
 class _Packed:
@@ -234,12 +246,23 @@ def _mlp_hooks(state: Recompute, mlp: nn.Module) -> list[Any]:
         if state.active and len(inputs) == 1 and isinstance(inputs[0], torch.Tensor):
             gate = inputs[0]
             state.note(id(act), output, lambda: act(gate), (gate,))
+            if isinstance(output, torch.Tensor) and output.numel():
+                seen["act"] = output
 
     def down_hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
-        gate, up = seen.pop("gate", None), seen.pop("up", None)
+        gate, up, act_out = seen.pop("gate", None), seen.pop("up", None), seen.pop("act", None)
         if gate is None or up is None or len(inputs) != 1:
             return
-        state.note(id(mlp), inputs[0], lambda: act(gate) * up, (gate, up))
+        # The backward asks for the product first (down_proj's adapter), then for act(gate) (the product's own
+        # backward): the product's recipe makes act(gate) through act's note, which keeps it for that reader.
+        act_noted = state.noted.get(act_out.untyped_storage().data_ptr()) if act_out is not None else None
+
+        def product() -> torch.Tensor:
+            if act_noted is None or state.remaking:  # the first forward's check: keep nothing
+                return act(gate) * up
+            return act_noted.peek() * up
+
+        state.note(id(mlp), inputs[0], product, (gate, up))
 
     return [
         mlp.gate_proj.register_forward_hook(keep("gate")),
