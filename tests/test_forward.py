@@ -11,9 +11,11 @@ import pytest
 import torch
 from torch import nn
 
+import orpo_cli.training.head as head_module
 from orpo_cli.data.pairs import TokenizedPair
 from orpo_cli.training.batching import collate_pairs
 from orpo_cli.training.forward import orpo_forward
+from orpo_cli.training.head import CHUNK_ROWS
 from orpo_cli.training.loss import count_normalizers
 
 PAD = 0
@@ -98,11 +100,19 @@ def test_the_full_logits_are_never_formed(monkeypatch) -> None:
         return linear(x, weight, bias)
 
     monkeypatch.setattr(torch.nn.functional, "linear", recording)
+    project = head_module._project  # the chunked head's projection (into a reused buffer)
+
+    def projecting(x, weight, *args):
+        rows.append(tuple(x.shape[:-1]))
+        return project(x, weight, *args)
+
+    monkeypatch.setattr(head_module, "_project", projecting)
     batch = collate_pairs(_pairs(seed=1), PAD)
     orpo_forward(model, _NoAdapter(), batch, lam=0.1, nll_on_prompt=True).loss.backward()
     targets = sum(batch[k].shape[1] for k in ("targets_chosen", "targets_rejected", "targets_prompt"))
     # The model's own logits_to_keep=1 call, then each target row once (no recomputation in backward).
-    assert rows == [(len(LENGTHS), 1), (targets,)]
+    assert rows[0] == (len(LENGTHS), 1)
+    assert sum(n for (n,) in rows[1:]) == targets and all(n <= CHUNK_ROWS for (n,) in rows[1:])
     assert targets < batch["input_ids"].numel()
 
 
