@@ -27,7 +27,8 @@ host-side :class:`Segments` (per-pair lengths as Python ints) under the keyword 
 transformers hands down to the attention function; :func:`install_block_attention` wraps the registered
 ``sdpa`` function so that, given it, each pair's attention runs as two exact blocks: prompt + chosen
 causally (``is_causal``, no mask), and rejected against ``[prompt | rejected]`` with a small
-lower-right causal mask. Without the keyword the wrapper is the plain ``sdpa`` function, and the dense
+lower-right causal mask (on a CPU, the same blocks in query tiles that skip the masked scores:
+training/attention_tiles.py). Without the keyword the wrapper is the plain ``sdpa`` function, and the dense
 mask passed alongside stays correct for any kernel that does not know the keyword.
 
 Custom 4-D masks reach the attention kernels as-is in transformers 5 (``masking_utils`` returns a 4-D
