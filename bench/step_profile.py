@@ -5,7 +5,8 @@ directory, ``data.jsonl``), runs one micro-batch forward and backward the way th
 (`start_run`'s model, adapter and layout) and prints, as JSON lines:
 
 * ``saved``: the bytes autograd keeps for the backward, per token of the batch, by part
-  (``attn_norm``, ``q/k/v`` LoRA, attention, ``o_proj``, ``mlp_norm``, ``gate/up``, ``act``, ``down_proj``,
+  (``attn_norm``, ``q/k/v`` LoRA, attention, ``o_proj``, ``mlp_norm``, ``gate/up``, ``act`` (SiLU, where the
+  MLP is not fused), ``mlp_product`` (the gate/up product: with training/gated_mlp.py, gate and up), ``down_proj``,
   ``head``, ``other``). Each tensor is counted once, by its storage (q, k and v's LoRA read the same input
   tensor: it is kept once), parameters and their views are left out (frozen weights cost nothing per
   token), a dropout mask is counted at its real size (one byte per element);
@@ -34,7 +35,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 _PARTS = {
     "input_layernorm": "attn_norm", "q_proj": "qkv_lora", "k_proj": "qkv_lora", "v_proj": "qkv_lora",
     "o_proj": "o_proj", "self_attn": "attention", "post_attention_layernorm": "mlp_norm",
-    "gate_proj": "gate_up", "up_proj": "gate_up", "act_fn": "act", "mlp": "mlp_other", "down_proj": "down_proj",
+    "gate_proj": "gate_up", "up_proj": "gate_up", "act_fn": "act", "mlp": "mlp_product", "down_proj": "down_proj",
 }
 
 
@@ -105,12 +106,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _as_training_does(model: Any, recipe: Any) -> None:
-    from orpo_cli.adapters.lora_inplace import add_updates_in_place
-    from orpo_cli.training.recompute import enable_recompute
+    from orpo_cli.training.setup import apply_exact_savings
 
-    add_updates_in_place(model)  # as training/setup.py does
-    if not recipe.train.gradient_checkpointing:
-        enable_recompute(model)
+    apply_exact_savings(model, gradient_checkpointing=recipe.train.gradient_checkpointing)
 
 
 def _rss_mb(field: str) -> float:

@@ -175,7 +175,7 @@ def test_step_profile_prints_saved_bytes_by_part_and_what_setup_saves(tmp_path):
         lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         saved = next(line for line in lines if "saved_bytes_per_token" in line)
         timeline = next(line for line in lines if "forward_mb" in line)
-        assert {"attention", "qkv_lora", "act"} <= set(saved["saved_bytes_per_token"]) and timeline["step_peak_mb"] >= 0
+        assert {"attention", "qkv_lora", "mlp_product"} <= set(saved["saved_bytes_per_token"]) and timeline["step_peak_mb"] >= 0
         assert next(line for line in lines if "step_cpu_s" in line)["step_cpu_s"] > 0
         totals[plain] = saved["total_per_token"]
     # Per layer and token the recomputation keeps two norm outputs and two MLP tensors fewer: (2 x 32 + 2 x 64) x 4 B.

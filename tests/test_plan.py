@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from orpo_cli.adapters import build_adapter
-from orpo_cli.adapters.lora_inplace import add_updates_in_place
 from orpo_cli.data.pairs import TokenizedPair
 from orpo_cli.models.builtin import materialize_builtin
 from orpo_cli.models.loading import load_model
@@ -28,7 +27,8 @@ from orpo_cli.recipe import FullSettings, LoraSettings, ModelSettings, Quantizat
 from orpo_cli.training.batching import collate_pairs
 from orpo_cli.training.forward import orpo_forward
 from orpo_cli.training.loop import _build_optimizer
-from orpo_cli.training.recompute import enable_recompute, observing_kept
+from orpo_cli.training.recompute import observing_kept
+from orpo_cli.training.setup import apply_exact_savings
 
 CPU = torch.device("cpu")
 LENGTHS = (PairLengths(20, 30, 25), PairLengths(15, 40, 35), PairLengths(30, 10, 20))
@@ -54,9 +54,7 @@ def _model(name: str, mode: str, gc: bool, dropout: float = 0.0, optimized: bool
     adapter = build_adapter(settings)
     model = adapter.attach(model, quantized=mode == "qlora", gradient_checkpointing=gc)
     if optimized:  # exactly as setup.py does where the weights are whole (no FSDP, no ZeRO-3)
-        add_updates_in_place(model)
-        if not gc:
-            enable_recompute(model)
+        apply_exact_savings(model, gradient_checkpointing=gc)
     model.train()
     return path, model, adapter
 

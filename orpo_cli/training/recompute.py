@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from orpo_cli.training.gated_mlp import is_fused, silu_product
+
 _ATTRIBUTE = "_orpo_recompute"
 
 
@@ -258,6 +260,8 @@ def _mlp_hooks(state: Recompute, mlp: nn.Module) -> list[Any]:
         act_noted = state.noted.get(act_out.untyped_storage().data_ptr()) if act_out is not None else None
 
         def product() -> torch.Tensor:
+            if is_fused(mlp):  # training/gated_mlp.py: the same product, without a whole act(gate)
+                return silu_product(gate, up)
             if act_noted is None or state.remaking:  # the first forward's check: keep nothing
                 return act(gate) * up
             return act_noted.peek() * up

@@ -69,7 +69,6 @@ def start_run(
     from accelerate.utils import set_seed
 
     from orpo_cli.adapters import build_adapter, count_parameters
-    from orpo_cli.adapters.lora_inplace import add_updates_in_place
     from orpo_cli.atomic import atomic_dir, atomic_write_text
     from orpo_cli.data.prepare import check_source, prepare_data
     from orpo_cli.models.loading import (
@@ -84,7 +83,6 @@ def start_run(
     from orpo_cli.training.batching import longest_sequence
     from orpo_cli.training.forward import batch_layout
     from orpo_cli.training.loop import fit
-    from orpo_cli.training.recompute import enable_recompute
     from orpo_cli.training.strategy import Strategy, accelerate_plugins, shape_fsdp_units
 
     run = run_dir_for(recipe)
@@ -149,14 +147,10 @@ def start_run(
         quantized=recipe.quantization.mode != "none" and not fsdp,
         gradient_checkpointing=recipe.train.gradient_checkpointing,
     )
-    # Two savings that change no number, made where the weights are whole on every rank (under FSDP or ZeRO-3
-    # a layer's weights exist only inside the strategy's gathers): LoRA's update added in place
-    # (adapters/lora_inplace.py; a no-op for other adapters), and norm and MLP activations recomputed in the
-    # backward (training/recompute.py), except under whole-layer checkpointing, which recomputes them anyway.
+    # The savings that change no number, where the weights are whole on every rank (under FSDP or ZeRO-3 a
+    # layer's weights exist only inside the strategy's gathers).
     if not strategy.shards_weights:
-        add_updates_in_place(model)
-        if not recipe.train.gradient_checkpointing:
-            enable_recompute(model)
+        apply_exact_savings(model, gradient_checkpointing=recipe.train.gradient_checkpointing)
     if fsdp:
         shape_fsdp_units(accelerator, model, by_layer=recipe.distributed.fsdp.auto_wrap == "decoder_layers")
     # Once for the run: how every batch is laid out, from the adapter, the attention and the longest pair.
@@ -233,6 +227,22 @@ def start_run(
         _plot_if_possible(run, reporter)
     reporter.note(f"run directory: {run.root}  (adapter in {run.adapter})")
     return run
+
+
+def apply_exact_savings(model: Any, *, gradient_checkpointing: bool) -> None:
+    """The savings that change no number, for a model whose weights are whole in this process (not FSDP/ZeRO-3):
+    LoRA's update added in place (adapters/lora_inplace.py; a no-op for other adapters), and, without
+    whole-layer checkpointing (which recomputes everything anyway), norm and MLP activations recomputed in the
+    backward (training/recompute.py) and the SiLU-gated product in cache-sized blocks (training/gated_mlp.py).
+    One function for training, the planner's tests and bench/step_profile.py."""
+    from orpo_cli.adapters.lora_inplace import add_updates_in_place
+    from orpo_cli.training.gated_mlp import fuse_gated_mlps
+    from orpo_cli.training.recompute import enable_recompute
+
+    add_updates_in_place(model)
+    if not gradient_checkpointing:
+        enable_recompute(model)
+        fuse_gated_mlps(model)
 
 
 def _save_adapter(

@@ -1,0 +1,136 @@
+"""The SiLU-gated MLP's product ``silu(gate) * up`` as one autograd function, in row blocks that stay in cache.
+
+A Llama-style MLP runs ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``. Left to autograd, its two
+elementwise ops write ``silu(gate)`` out to memory, read it back for the product, keep it for the backward
+(or, with training/recompute.py, remake it there), and the backward makes ``dp * up`` and ``dp * silu(gate)``
+as whole tensors before SiLU's backward reads the first again: at the real model's shape each of these is
+``tokens x 1,536`` floats, ten passes over memory the size of the MLP per layer and step.
+
+:class:`_SiluProduct` keeps only ``gate`` and ``up`` (what the recomputation keeps anyway) and runs forward
+and backward a block of rows at a time (:data:`BLOCK_ELEMENTS`), so ``silu(gate)`` and ``dp * up`` exist
+only for a block, in cache. The numbers are those of the two ops: the same kernels on the same elements
+(``F.silu``, ``mul``, ``aten.silu_backward``) over blocks aligned to their vectors (:data:`ALIGN`), which a
+test checks bit for bit, and each MLP is checked on a probe before it is fused (one whose forward is not ``down(silu(gate(x)) * up(x))`` is left alone).
+
+On a CPU only: on a GPU the blocks would be kernel launches, and the whole tensors are what it wants.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BLOCK_ELEMENTS = 1 << 16
+"""Elements of one block of rows (256 KB in fp32): a block's gate, up, output gradient and two temporaries
+fit a core's L2 cache."""
+
+_ATTRIBUTE = "_orpo_fused_product"
+
+
+ALIGN = 64
+"""Elements a block's size is a multiple of: torch's CPU kernels run whole vectors of 16 or 32 floats and a
+scalar loop on what is left over, whose SiLU may differ from the vector one in the last bit; blocks that are
+whole multiples of the vectors leave over exactly what the whole tensor does, so the results are the same."""
+
+
+def _block_rows(width: int, device: torch.device) -> int:
+    if device.type != "cpu":
+        return 1 << 62
+    unit = ALIGN // math.gcd(width, ALIGN)  # rows whose elements are a multiple of ALIGN
+    rows = max(1, BLOCK_ELEMENTS // max(width, 1))
+    return -(-rows // unit) * unit
+
+
+def silu_product(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``F.silu(gate) * up``, bit for bit, without a whole ``silu(gate)`` tensor (no autograd)."""
+    width = gate.shape[-1]
+    g, u = gate.reshape(-1, width), up.reshape(-1, width)
+    out = torch.empty(g.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
+    step = _block_rows(width, gate.device)
+    with torch.no_grad():
+        for start in range(0, g.shape[0], step):
+            rows = slice(start, start + step)
+            torch.mul(F.silu(g[rows]), u[rows], out=out[rows])
+    return out.view(*gate.shape[:-1], width)
+
+
+class _SiluProduct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, gate, up):  # type: ignore[override]
+        ctx.save_for_backward(gate, up)
+        return silu_product(gate, up)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad):  # type: ignore[override]
+        gate, up = ctx.saved_tensors
+        width = gate.shape[-1]
+        g, u, d = gate.reshape(-1, width), up.reshape(-1, width), grad.reshape(-1, width)
+        need_gate, need_up = ctx.needs_input_grad
+        d_gate = torch.empty_like(g) if need_gate else None
+        d_up = torch.empty_like(u) if need_up else None
+        step = _block_rows(width, gate.device)
+        for start in range(0, g.shape[0], step):
+            rows = slice(start, start + step)
+            if need_up:
+                torch.mul(d[rows], F.silu(g[rows]), out=d_up[rows])
+            if need_gate:
+                torch.ops.aten.silu_backward(d[rows] * u[rows], g[rows], grad_input=d_gate[rows])
+        return (
+            None if d_gate is None else d_gate.view(gate.shape),
+            None if d_up is None else d_up.view(up.shape),
+        )
+
+
+def _fused_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if not torch.is_grad_enabled():  # nothing is kept, so nothing to save: the plain ops, which free gate early
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+    return self.down_proj(_SiluProduct.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def is_fused(mlp: nn.Module) -> bool:
+    return getattr(mlp, _ATTRIBUTE, False)
+
+
+def fuse_gated_mlps(model: nn.Module) -> int:
+    """Give every SiLU-gated MLP of `model` on a CPU the fused product (idempotent); returns how many have it.
+
+    An MLP qualifies when it has ``gate_proj``, ``up_proj``, ``down_proj`` and a SiLU ``act_fn``, and its own
+    forward and the fused one give the same output bit for bit on a probe input (same random state for both,
+    so adapter dropout draws alike).
+    """
+    fused = 0
+    for module in model.modules():
+        if is_fused(module):
+            fused += 1
+            continue
+        if not _is_silu_gated(module):
+            continue
+        weight = next((p for p in module.parameters() if p.is_floating_point()), None)
+        if weight is None or weight.device.type != "cpu":
+            continue
+        hidden = module.gate_proj.in_features
+        probe = torch.randn(2, 3, hidden, generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+        outputs = []
+        for forward in (module.forward, types.MethodType(_fused_forward, module)):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                outputs.append(forward(probe).detach())
+        if torch.equal(outputs[0], outputs[1]):
+            module.forward = types.MethodType(_fused_forward, module)
+            setattr(module, _ATTRIBUTE, True)
+            fused += 1
+    return fused
+
+
+def _is_silu_gated(module: nn.Module) -> bool:
+    parts = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    if not all(isinstance(p, nn.Module) for p in parts) or not hasattr(parts[0], "in_features"):
+        return False
+    act = getattr(module, "act_fn", None)
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
