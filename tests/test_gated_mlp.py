@@ -76,7 +76,7 @@ def test_what_is_not_a_silu_gated_mlp_is_left_alone():
     gelu = _mlp(nn.GELU())
     assert fuse_gated_mlps(gelu) == 0 and not is_fused(gelu)
 
-    class Scaled(nn.Module):  # SiLU, but a forward that is not down(silu(gate) * up): the probe tells them apart
+    class Scaled(nn.Module):  # SiLU, but a forward that is not down(silu(gate) * up): its code tells them apart
         def __init__(self):
             super().__init__()
             inner = _mlp()
@@ -88,3 +88,25 @@ def test_what_is_not_a_silu_gated_mlp_is_left_alone():
 
     scaled = Scaled()
     assert fuse_gated_mlps(scaled) == 0 and not is_fused(scaled)
+
+
+def test_qwen2_and_mistral_mlps_are_recognised_and_hooked_forwards_are_not():
+    from transformers import MistralConfig, Qwen2Config
+    from transformers.models.mistral.modeling_mistral import MistralMLP
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+
+    shape = dict(hidden_size=24, intermediate_size=40, num_attention_heads=4, num_key_value_heads=2)
+    assert fuse_gated_mlps(Qwen2MLP(Qwen2Config(**shape))) == 1
+    assert fuse_gated_mlps(MistralMLP(MistralConfig(**shape))) == 1
+    hooked = _mlp()
+    hooked.forward = lambda x: x  # what accelerate's offloading hooks do: an instance-level forward
+    assert fuse_gated_mlps(hooked) == 0
+
+
+def test_fusing_touches_no_weight():
+    """Nothing runs while fusing (no projection is called), so no weight page is read in."""
+    mlp = _mlp()
+    calls = []
+    for proj in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        proj.register_forward_pre_hook(lambda *a: calls.append(1))
+    assert fuse_gated_mlps(mlp) == 1 and calls == []
