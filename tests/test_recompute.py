@@ -12,6 +12,7 @@ from torch import nn
 from orpo_cli.data.pairs import TokenizedPair
 from orpo_cli.training.batching import collate_pairs
 from orpo_cli.training.forward import orpo_forward
+from orpo_cli.training.gated_mlp import fuse_gated_mlps
 from orpo_cli.training.recompute import disable_recompute, enable_recompute, recomputing
 
 PAD = 0
@@ -83,6 +84,7 @@ def test_gradients_are_bitwise_the_same_with_recomputation(layout: str, dtype: t
     batch = _batch(layout)
     loss, grads = _loss_and_grads(model, batch)
     assert enable_recompute(model) > 0
+    assert fuse_gated_mlps(model) == model.config.num_hidden_layers  # and the fused SiLU product, as training runs
     loss_r, grads_r = _loss_and_grads(model, batch)  # the first forward checks each module's recomputation
     loss_r2, grads_r2 = _loss_and_grads(model, batch)  # from then on, noted and recomputed without a check
     assert torch.equal(loss, loss_r) and torch.equal(loss, loss_r2)
@@ -188,9 +190,10 @@ def test_smollm2_gradients_are_bitwise_the_same(smollm2_dir: Path) -> None:
     batch = collate_pairs(pairs, 2, layout="packed")
     loss, grads = _loss_and_grads(model, batch)
     enable_recompute(model)
+    assert fuse_gated_mlps(model) == 4
     _loss_and_grads(model, batch)
     loss_r, grads_r = _loss_and_grads(model, batch)
     assert torch.equal(loss, loss_r)
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_r, strict=True))
     state = model._orpo_recompute
-    assert not state.skipped and len(state.checked) == 4 * 4 + 1  # 2 norms, the MLP and its activation per layer; the final norm
+    assert not state.skipped and len(state.checked) == 4 * 3 + 1  # 2 norms and the MLP per layer (its SiLU runs fused); the final norm
