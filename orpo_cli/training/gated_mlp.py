@@ -30,13 +30,12 @@ BLOCK_ELEMENTS = 1 << 16
 """Elements of one block of rows (256 KB in fp32): a block's gate, up, output gradient and two temporaries
 fit a core's L2 cache."""
 
-_ATTRIBUTE = "_orpo_fused_product"
-
-
 ALIGN = 64
 """Elements a block's size is a multiple of: torch's CPU kernels run whole vectors of 16 or 32 floats and a
 scalar loop on what is left over, whose SiLU may differ from the vector one in the last bit; blocks that are
 whole multiples of the vectors leave over exactly what the whole tensor does, so the results are the same."""
+
+_ATTRIBUTE = "_orpo_fused_product"
 
 
 def _block_rows(width: int, device: torch.device) -> int:
