@@ -285,3 +285,20 @@ def test_segments_masks_are_lower_right_causal():
         [1, 1, 1, 1, 0],
         [1, 1, 1, 1, 1],
     ]
+
+
+@pytest.mark.parametrize("pack_width", [None, 12, 25, 10_000])
+def test_the_mask_from_the_segments_is_the_mask_from_the_columns(pack_width):
+    """The host-side lengths write the same mask block by block as the per-column ids derive (rows, padding, packing)."""
+    pairs = _pairs(seed=4)
+    if pack_width is None:
+        batch = collate_pairs(pairs, 0, pad_to_multiple_of=8)
+    else:
+        batch = prefix.collate_prefix(pairs, 0, pad_to_multiple_of=8, pack=True, pack_width=pack_width)
+    fast = attention_mask_4d(batch)
+    derived = attention_mask_4d({k: v for k, v in batch.items() if k != "segments"})
+    assert fast.shape == derived.shape and torch.equal(fast, derived)
+    assert not fast.all() and fast.any()
+    wrong = {**batch, "segments": Segments([(p, c + 1, r - 1) for p, c, r in batch["segments"].lengths],
+                                           batch["segments"].starts)}
+    assert not torch.equal(attention_mask_4d(wrong), derived)  # the comparison can fail

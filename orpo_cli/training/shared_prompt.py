@@ -223,17 +223,44 @@ def attention_mask_4d(batch: Mapping[str, torch.Tensor], additive_dtype: torch.d
     """
     segment, pair = batch["segment_ids"], batch["pair_ids"]
     width = segment.shape[1]
+    segments = batch.get("segments")
+    if isinstance(segments, Segments):
+        allowed = _mask_from_segments(segments, segment.shape[0], width, segment.device).unsqueeze(1)
+    else:
+        allowed = _mask_from_columns(segment, pair)
+    if additive_dtype is None:
+        return allowed
+    zero = torch.zeros((), dtype=additive_dtype, device=segment.device)
+    return torch.where(allowed, zero, torch.finfo(additive_dtype).min)
+
+
+def _mask_from_segments(segments: Segments, rows: int, width: int, device: torch.device) -> torch.Tensor:
+    """``[rows, W, W]``: the mask written block by block from the host-side lengths (one pass over the mask and
+    the blocks a pair may see, instead of a dozen elementwise passes over ``W x W``)."""
+    allowed = torch.zeros(rows, width, width, dtype=torch.bool, device=device)
+    row_end = [0] * rows
+    for (p, c, r), (row, s) in zip(segments.lengths, segments.starts, strict=True):
+        n, start = p + c, s + p + c
+        allowed[row, s : s + n, s : s + n] = torch.ones(n, n, dtype=torch.bool, device=device).tril_()
+        allowed[row, start : start + r, s : s + p] = True
+        allowed[row, start : start + r, start : start + r] = torch.ones(r, r, dtype=torch.bool, device=device).tril_()
+        row_end[row] = max(row_end[row], start + r)
+    for row, end in enumerate(row_end):  # padding columns see themselves only
+        pad = torch.arange(end, width, device=device)
+        allowed[row, pad, pad] = True
+    return allowed
+
+
+def _mask_from_columns(segment: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
+    """``[rows, 1, W, W]``: the mask from each column's segment and pair ids (a batch without host-side segments)."""
+    width = segment.shape[1]
     column = torch.arange(width, device=segment.device)
     causal = column.unsqueeze(1) >= column.unsqueeze(0)  # [W, W]
     diagonal = column.unsqueeze(1) == column.unsqueeze(0)
     query, key = segment.unsqueeze(2), segment.unsqueeze(1)  # [rows, W, 1], [rows, 1, W]
     same_pair = pair.unsqueeze(2) == pair.unsqueeze(1)
     visible = (key == _PROMPT) | ((key == query) & (key != _PAD))
-    allowed = ((causal & same_pair & visible) | diagonal).unsqueeze(1)
-    if additive_dtype is None:
-        return allowed
-    zero = torch.zeros((), dtype=additive_dtype, device=segment.device)
-    return torch.where(allowed, zero, torch.finfo(additive_dtype).min)
+    return ((causal & same_pair & visible) | diagonal).unsqueeze(1)
 
 
 def attention_implementation(model: nn.Module) -> str:
