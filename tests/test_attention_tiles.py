@@ -127,3 +127,50 @@ def test_under_autocast_the_tiles_run_in_its_dtype():
     torch.testing.assert_close(out[0].double(), _dense(q, k, v, batch, None)[0], rtol=0, atol=3e-2)
     out.float().sum().backward()
     assert q.grad.dtype == torch.float32 and q.grad.abs().max().item() > 0
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_real_smollm2_layers_give_the_padded_layouts_loss_and_gradients_through_the_tiles(smollm2_dir):
+    """Four real SmolLM2 layers, pairs longer than a tile (so every rejected tile merges three blocks): the packed
+    layout, through the tiles, against the padded layout (plain sdpa with a 2-D mask, as TRL runs it)."""
+    import contextlib
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from orpo_cli.training.batching import collate_pairs
+    from orpo_cli.training.forward import orpo_forward
+
+    class _NoAdapter:
+        def forward_context(self, model, batch):
+            return contextlib.nullcontext()
+
+    base = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32, attn_implementation="sdpa")
+    base.config.num_hidden_layers = 4
+    base.model.layers = base.model.layers[:4]
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
+    g = torch.Generator().manual_seed(7)
+    lengths = [(150, 170, 300), (40, 260, 140)]
+    pairs = [TokenizedPair(*(torch.randint(1, 40000, (n,), generator=g).tolist() for n in ns)) for ns in lengths]
+    params = [p for p in model.parameters() if p.requires_grad]
+    calls = []
+    real_tiled = tiles_mod.tiled_attention
+    results = {}
+    for layout in ("padded", "packed"):
+        tiles_mod.tiled_attention = lambda *a: calls.append(1) or real_tiled(*a)
+        try:
+            terms = orpo_forward(model, _NoAdapter(), collate_pairs(pairs, 2, layout=layout), lam=0.1,
+                                 nll_on_prompt=True, layout=layout)
+            results[layout] = (terms.loss.detach(), torch.autograd.grad(terms.loss, params))
+        finally:
+            tiles_mod.tiled_attention = real_tiled
+        if layout == "padded":
+            assert calls == []
+    assert len(calls) == 4  # one call per layer in the packed forward
+    (loss_p, grads_p), (loss_t, grads_t) = results["padded"], results["packed"]
+    torch.testing.assert_close(loss_t, loss_p, rtol=0, atol=2e-5)
+    for a, b in zip(grads_t, grads_p, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
+    assert max(g.abs().max().item() for g in grads_p) > 1e-3
