@@ -83,3 +83,54 @@ def test_each_layer_output_equals_peft_s(lora: dict) -> None:
             assert torch.equal(a, b)
         else:
             torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
+def _stacked_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    from orpo_cli.adapters import lora_inplace
+
+    calls: list[int] = []
+    apply = lora_inplace._Stacked.apply
+
+    def counting(rows: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+        calls.append(len(weights))
+        return apply(rows, *weights)
+
+    monkeypatch.setattr(lora_inplace._Stacked, "apply", counting)
+    return calls
+
+
+def test_siblings_share_one_lora_a_product_and_match_peft(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ranks that differ between siblings (q 4, k 2, v 3): each takes its own columns of the stacked product.
+    model = _peft_llama(rank_pattern={"q_proj": 4, "k_proj": 2, "v_proj": 3, "gate_proj": 5})
+    ids = torch.randint(1, 128, (2, 9))
+    peft_loss = model(input_ids=ids, labels=ids).loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    peft_grads = torch.autograd.grad(peft_loss, params)
+    add_updates_in_place(model)
+    calls = _stacked_calls(monkeypatch)
+    loss = model(input_ids=ids, labels=ids).loss
+    grads = torch.autograd.grad(loss, params)
+    assert calls == [3, 2, 3, 2]  # per layer: q/k/v, then gate/up, each one product
+    torch.testing.assert_close(loss, peft_loss, rtol=1e-6, atol=1e-6)
+    for g, expected in zip(grads, peft_grads, strict=True):
+        torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-6)
+        assert g.untyped_storage().nbytes() == g.numel() * g.element_size()  # its own storage
+
+
+def test_a_sibling_called_on_another_tensor_computes_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _peft_llama()
+    attention = model.base_model.model.model.layers[0].self_attn
+    x, other = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    expected = {n: getattr(attention, n)(t) for n, t in (("q_proj", x), ("k_proj", other), ("v_proj", x))}
+    changed = attention.v_proj(x + 1)
+    add_updates_in_place(model)
+    calls = _stacked_calls(monkeypatch)
+    assert calls == []
+    got = {"q_proj": attention.q_proj(x), "k_proj": attention.k_proj(other), "v_proj": attention.v_proj(x)}
+    # q made all three on x; k, on another tensor, made them for `other`, which left v (on x) to make them again
+    assert calls == [3, 3, 3]
+    for name, value in got.items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=1e-6)
+    attention.q_proj(x)
+    x.add_(1)  # changed in place after q made the products: v's must be made again from the new values
+    torch.testing.assert_close(attention.v_proj(x), changed, rtol=1e-6, atol=1e-6)
