@@ -18,6 +18,7 @@ On a CPU only: on a GPU the blocks would be kernel launches, and the whole tenso
 
 from __future__ import annotations
 
+import dis
 import math
 import types
 from typing import Any
@@ -115,7 +116,7 @@ def fuse_gated_mlps(model: nn.Module) -> int:
         weight = next((p for p in module.parameters() if p.is_floating_point()), None)
         if weight is None or weight.device.type != "cpu":
             continue
-        if _code(type(module).forward) not in _PLAIN_FORWARDS:
+        if code_of(type(module).forward) not in _PLAIN_FORWARDS:
             continue
         module.forward = types.MethodType(_fused_forward, module)
         setattr(module, _ATTRIBUTE, True)
@@ -132,15 +133,18 @@ def _plain_forward_returned(self: Any, x: Any) -> Any:
     return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _code(function: Any) -> tuple[Any, ...] | None:
+def code_of(function: Any) -> tuple[Any, ...] | None:
+    """What a function's compiled code does: its instructions with their arguments resolved (constants by value,
+    so a docstring, which shifts the constants' indices, is no difference) and its variables; to compare it with
+    a reference written out here. None for what has no Python code."""
     code = getattr(function, "__code__", None)
     if code is None:
         return None
-    consts = tuple(c for c in code.co_consts if not isinstance(c, str))  # a docstring is no difference
-    return code.co_code, code.co_names, consts, code.co_varnames, code.co_argcount
+    instructions = tuple((i.opname, repr(i.argval)) for i in dis.get_instructions(code))
+    return instructions, code.co_varnames, code.co_argcount
 
 
-_PLAIN_FORWARDS = {_code(_plain_forward), _code(_plain_forward_returned)}
+_PLAIN_FORWARDS = {code_of(_plain_forward), code_of(_plain_forward_returned)}
 
 
 def _is_silu_gated(module: nn.Module) -> bool:
