@@ -231,18 +231,20 @@ def start_run(
 
 def apply_exact_savings(model: Any, *, gradient_checkpointing: bool) -> None:
     """The savings that change no number, for a model whose weights are whole in this process (not FSDP/ZeRO-3):
-    LoRA's update added in place (adapters/lora_inplace.py; a no-op for other adapters), RoPE as one function
-    (training/rotary.py), and, without
+    LoRA's update added in place (adapters/lora_inplace.py; a no-op for other adapters), RoPE and RMSNorm as one
+    function each (training/rotary.py, training/rms_norm.py), and, without
     whole-layer checkpointing (which recomputes everything anyway), norm and MLP activations recomputed in the
     backward (training/recompute.py) and the SiLU-gated product in cache-sized blocks (training/gated_mlp.py).
     One function for training, the planner's tests and bench/step_profile.py."""
     from orpo_cli.adapters.lora_inplace import add_updates_in_place
     from orpo_cli.training.gated_mlp import fuse_gated_mlps
     from orpo_cli.training.recompute import enable_recompute
+    from orpo_cli.training.rms_norm import fuse_rms_norms
     from orpo_cli.training.rotary import fuse_rotary
 
     add_updates_in_place(model)
     fuse_rotary(model)
+    fuse_rms_norms(model)
     if not gradient_checkpointing:
         enable_recompute(model)
         fuse_gated_mlps(model)
