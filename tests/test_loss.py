@@ -480,6 +480,29 @@ def test_frozen_linear_head_is_fused_exact_and_never_recomputed(bias: bool, nll_
     assert sum(rows) == n_targets and max(rows) <= 5
 
 
+@pytest.mark.parametrize("rows_per_block", [1, 3])
+def test_the_head_s_softmax_statistics_in_row_blocks_are_the_whole_chunk_s(rows_per_block: int, monkeypatch) -> None:
+    torch.manual_seed(8)
+    batch = _our_batch(_pairs(PAIR_LENGTHS, seed=8))
+    head = nn.Linear(16, VOCAB, bias=False).requires_grad_(False)
+    hidden = torch.randn(*batch["input_ids"].shape, 16, requires_grad=True)
+
+    def run(block_elements: int):
+        monkeypatch.setattr(head_module, "STATS_BLOCK_ELEMENTS", block_elements)
+        lean = orpo_loss_from_hidden(hidden, head, batch, lam=0.1, nll_on_prompt=True, chunk_size=7)
+        return lean.loss, lean.chosen_logps, *torch.autograd.grad(lean.loss, hidden)
+
+    whole = run(1 << 40)
+    blocked = run(rows_per_block * VOCAB + VOCAB // 2)  # blocks of 1 or 3 rows, the last one shorter
+    assert all(torch.equal(a, b) for a, b in zip(blocked, whole, strict=True))
+    logits = torch.randn(7, VOCAB) * 4
+    exp = logits.clone()
+    monkeypatch.setattr(head_module, "STATS_BLOCK_ELEMENTS", 2 * VOCAB)
+    peak, total = head_module._softmax_stats(exp)
+    torch.testing.assert_close(peak + total.log(), torch.logsumexp(logits, -1, keepdim=True), rtol=0, atol=1e-5)
+    torch.testing.assert_close(exp / total, torch.softmax(logits, -1), rtol=0, atol=1e-6)
+
+
 def test_trainable_head_takes_the_checkpointed_path_and_gets_gradients() -> None:
     torch.manual_seed(9)
     batch = _our_batch(_pairs(PAIR_LENGTHS, seed=9))

@@ -18,6 +18,12 @@ CHUNK_ROWS = 256
 """Rows projected onto the vocabulary at a time: 256 x 32k fp32 logits are 33 MB; larger chunks gain no
 speed on a CPU (measured 64-1024) and cost memory."""
 
+STATS_BLOCK_ELEMENTS = 1 << 18
+"""On a CPU, a chunk's softmax statistics (max, shifted exp, sum) are taken over blocks of rows of about this
+many logits (1 MB in fp32), so the three passes read a block from the core's L2 cache, not the whole 33-50 MB
+chunk from memory three times (toy shape: 9.5 -> 4.8 ms per chunk). Row by row they are the same operations,
+so the same numbers."""
+
 
 def _chunk_target_logps(
     hidden_rows: torch.Tensor,
@@ -89,12 +95,26 @@ def _head_chunk(
     picked = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     # Three passes over the [chunk, V] logits (max, shifted exp in place, sum) instead of logsumexp's and a
     # softmax's separate ones; the softmax's 1/sum is applied to the [chunk, H] product.
-    peak = logits.amax(dim=-1, keepdim=True)
-    exp = logits.sub_(peak).exp_()
-    total = exp.sum(dim=-1, keepdim=True)
+    exp = logits
+    peak, total = _softmax_stats(exp)
     out[start:stop] = picked - (peak + total.log()).squeeze(-1)
     if row_grads is not None:
         row_grads[start:stop] = weight[ids] - (exp.to(weight.dtype) @ weight) / total
+
+
+def _softmax_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's max and ``sum(exp(row - max))``, ``[n, 1]`` each; `logits` is left holding ``exp(row - max)``.
+    On a CPU a block of rows at a time (:data:`STATS_BLOCK_ELEMENTS`); elsewhere the whole chunk at once."""
+    rows = logits.shape[0]
+    step = max(1, STATS_BLOCK_ELEMENTS // max(logits.shape[-1], 1)) if logits.device.type == "cpu" else max(rows, 1)
+    peak = logits.new_empty(rows, 1)
+    total = logits.new_empty(rows, 1)
+    for a in range(0, rows, step):
+        block, block_peak = logits[a : a + step], peak[a : a + step]
+        torch.amax(block, dim=-1, keepdim=True, out=block_peak)
+        block.sub_(block_peak).exp_()
+        torch.sum(block, dim=-1, keepdim=True, out=total[a : a + step])
+    return peak, total
 
 
 def _project(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, buffer: torch.Tensor) -> torch.Tensor:
