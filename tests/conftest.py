@@ -120,6 +120,20 @@ def smollm2_dir(orpo_cache: Path) -> Path:
         pytest.skip(f"the real model is not available: {err}")
 
 
+@pytest.fixture
+def smollm2_four_layers(smollm2_dir: Path) -> torch.nn.Module:
+    """The real SmolLM2-135M's first four layers (the real weights' numerics, in seconds) with LoRA r=8 on every
+    linear layer (random, seeded, non-zero B), fp32 and sdpa: a fresh model per test."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32, attn_implementation="sdpa")
+    base.config.num_hidden_layers = 4
+    base.model.layers = base.model.layers[:4]
+    torch.manual_seed(0)
+    return get_peft_model(base, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
+
+
 @pytest.fixture(scope="session")
 def smollm2_run(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> RunDir:
     """recipes/smollm2-demo.yaml for a few steps: the real model with LoRA on builtin:short-answers, evaluated at

@@ -131,13 +131,10 @@ def test_under_autocast_the_tiles_run_in_its_dtype():
 
 @pytest.mark.real
 @pytest.mark.slow
-def test_real_smollm2_layers_give_the_padded_layouts_loss_and_gradients_through_the_tiles(smollm2_dir):
+def test_real_smollm2_layers_give_the_padded_layouts_loss_and_gradients_through_the_tiles(smollm2_four_layers):
     """Four real SmolLM2 layers, pairs longer than a tile (so every rejected tile merges three blocks): the packed
     layout, through the tiles, against the padded layout (plain sdpa with a 2-D mask, as TRL runs it)."""
     import contextlib
-
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     from orpo_cli.training.batching import collate_pairs
     from orpo_cli.training.forward import orpo_forward
@@ -146,11 +143,7 @@ def test_real_smollm2_layers_give_the_padded_layouts_loss_and_gradients_through_
         def forward_context(self, model, batch):
             return contextlib.nullcontext()
 
-    base = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32, attn_implementation="sdpa")
-    base.config.num_hidden_layers = 4
-    base.model.layers = base.model.layers[:4]
-    torch.manual_seed(0)
-    model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
+    model = smollm2_four_layers
     g = torch.Generator().manual_seed(7)
     lengths = [(150, 170, 300), (40, 260, 140)]
     pairs = [TokenizedPair(*(torch.randint(1, 40000, (n,), generator=g).tolist() for n in ns)) for ns in lengths]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -176,15 +175,8 @@ def test_no_effect_without_gradients_or_outside_the_context() -> None:
 
 @pytest.mark.real
 @pytest.mark.slow
-def test_smollm2_gradients_are_bitwise_the_same(smollm2_dir: Path) -> None:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32, attn_implementation="sdpa")
-    base.config.num_hidden_layers = 4
-    base.model.layers = base.model.layers[:4]  # four real layers: the real weights' numerics, in seconds
-    torch.manual_seed(0)
-    model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
+def test_smollm2_gradients_are_bitwise_the_same(smollm2_four_layers: nn.Module) -> None:
+    model = smollm2_four_layers
     g = torch.Generator().manual_seed(5)
     pairs = [TokenizedPair(*(torch.randint(1, 40000, (n,), generator=g).tolist() for n in (40, 60, 50))) for _ in range(2)]
     batch = collate_pairs(pairs, 2, layout="packed")

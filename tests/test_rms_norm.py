@@ -91,23 +91,17 @@ def test_a_model_trains_to_the_same_loss_and_close_gradients() -> None:
 
 @pytest.mark.real
 @pytest.mark.slow
-def test_real_smollm2_layers_train_to_the_same_numbers_with_every_saving(smollm2_dir) -> None:
+def test_real_smollm2_layers_train_to_the_same_numbers_with_every_saving(smollm2_four_layers) -> None:
     """Four real SmolLM2-135M layers with LoRA: what setup applies (in-place LoRA, siblings' lora_A, RoPE and
     RMSNorm as one function each, the recomputation, the fused product) against none of it."""
-    from peft import LoraConfig, get_peft_model
     from test_recompute import _loss_and_grads
-    from transformers import AutoModelForCausalLM
 
     from orpo_cli.data.pairs import TokenizedPair
     from orpo_cli.training import rotary
     from orpo_cli.training.batching import collate_pairs
     from orpo_cli.training.setup import apply_exact_savings
 
-    base = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32, attn_implementation="sdpa")
-    base.config.num_hidden_layers = 4
-    base.model.layers = base.model.layers[:4]
-    torch.manual_seed(0)
-    model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
+    model = smollm2_four_layers
     g = torch.Generator().manual_seed(5)
     pairs = [TokenizedPair(*(torch.randint(1, 40000, (n,), generator=g).tolist() for n in (140, 160, 150))) for _ in range(2)]
     batch = collate_pairs(pairs, 2, layout="packed")
