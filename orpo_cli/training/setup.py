@@ -230,8 +230,9 @@ def start_run(
 
 
 def apply_exact_savings(model: Any, *, gradient_checkpointing: bool) -> None:
-    """The savings that change no number beyond rounding (the loss bit for bit; the in-place LoRA sum and the norm's
-    backward in the last bits), for a model whose weights are whole in this process (not FSDP/ZeRO-3):
+    """The savings that change no number beyond rounding (the in-place LoRA sum, the siblings' stacked lora_A
+    product and the norm's backward round differently: the last bits), for a model whose weights are whole in this
+    process (not FSDP/ZeRO-3):
     LoRA's update added in place (adapters/lora_inplace.py; a no-op for other adapters), RoPE and RMSNorm as one
     function each (training/rotary.py, training/rms_norm.py), and, without
     whole-layer checkpointing (which recomputes everything anyway), norm and MLP activations recomputed in the
