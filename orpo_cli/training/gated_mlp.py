@@ -18,14 +18,14 @@ On a CPU only: on a GPU the blocks would be kernel launches, and the whole tenso
 
 from __future__ import annotations
 
-import dis
 import math
-import types
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from orpo_cli.training.module_code import code_of, swap_forwards
 
 BLOCK_ELEMENTS = 1 << 16
 """Elements of one block of rows (256 KB in fp32): a block's gate, up, output gradient and two temporaries
@@ -106,22 +106,14 @@ def fuse_gated_mlps(model: nn.Module) -> int:
     are; one that scales, adds or drops anything is left alone). Read from the code, not by running the module:
     nothing is computed and no weight is touched (a memory-mapped checkpoint's pages stay where they are).
     """
-    fused = 0
-    for module in model.modules():
-        if is_fused(module):
-            fused += 1
-            continue
-        if "forward" in vars(module) or not _is_silu_gated(module):  # an instance-level forward: someone's hook
-            continue
-        weight = next((p for p in module.parameters() if p.is_floating_point()), None)
-        if weight is None or weight.device.type != "cpu":
-            continue
-        if code_of(type(module).forward) not in _PLAIN_FORWARDS:
-            continue
-        module.forward = types.MethodType(_fused_forward, module)
-        setattr(module, _ATTRIBUTE, True)
-        fused += 1
-    return fused
+    return swap_forwards(model, _qualifies, _fused_forward, _ATTRIBUTE)
+
+
+def _qualifies(module: nn.Module) -> bool:
+    if not _is_silu_gated(module):
+        return False
+    weight = next((p for p in module.parameters() if p.is_floating_point()), None)
+    return weight is not None and weight.device.type == "cpu" and code_of(type(module).forward) in _PLAIN_FORWARDS
 
 
 def _plain_forward(self: Any, x: Any) -> Any:
@@ -131,17 +123,6 @@ def _plain_forward(self: Any, x: Any) -> Any:
 
 def _plain_forward_returned(self: Any, x: Any) -> Any:
     return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
-
-def code_of(function: Any) -> tuple[Any, ...] | None:
-    """What a function's compiled code does: its instructions with their arguments resolved (constants by value,
-    so a docstring, which shifts the constants' indices, is no difference) and its variables; to compare it with
-    a reference written out here. None for what has no Python code."""
-    code = getattr(function, "__code__", None)
-    if code is None:
-        return None
-    instructions = tuple((i.opname, repr(i.argval)) for i in dis.get_instructions(code))
-    return instructions, code.co_varnames, code.co_argcount
 
 
 _PLAIN_FORWARDS = {code_of(_plain_forward), code_of(_plain_forward_returned)}

@@ -19,13 +19,12 @@ with gradients; every other call (inference, a trained weight, another device) r
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
 from torch import nn
 
-from orpo_cli.training.gated_mlp import code_of
+from orpo_cli.training.module_code import code_of, swap_forwards
 
 _ATTRIBUTE = "_orpo_fused_norm"
 
@@ -83,16 +82,12 @@ def is_fused(norm: nn.Module) -> bool:
 
 def fuse_rms_norms(model: nn.Module) -> int:
     """Give every Llama-style RMSNorm of `model` the fused backward (idempotent); returns how many have it."""
-    fused = 0
-    for module in model.modules():
-        if is_fused(module):
-            fused += 1
-            continue
-        if not type(module).__name__.endswith("RMSNorm") or "forward" in vars(module):
-            continue
-        if code_of(type(module).forward) != _REFERENCE or not isinstance(getattr(module, "weight", None), nn.Parameter):
-            continue
-        module.forward = types.MethodType(_fused_forward, module)
-        setattr(module, _ATTRIBUTE, True)
-        fused += 1
-    return fused
+    return swap_forwards(model, _qualifies, _fused_forward, _ATTRIBUTE)
+
+
+def _qualifies(module: nn.Module) -> bool:
+    return (
+        type(module).__name__.endswith("RMSNorm")
+        and isinstance(getattr(module, "weight", None), nn.Parameter)
+        and code_of(type(module).forward) == _REFERENCE
+    )

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from orpo_cli.training.gated_mlp import code_of
+from orpo_cli.training.module_code import code_of
 
 _ORIGINAL = "_orpo_original"
 
