@@ -148,3 +148,19 @@ def smollm2_run(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> 
         "data.train.max_rows=240",
         "data.eval_ratio=0.05",
     )
+
+
+@pytest.fixture(scope="session")
+def smollm2_reft_run(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> RunDir:
+    """recipes/smollm2-demo.yaml with LoReFT instead of LoRA, one step, evaluated at step 0 and after it."""
+    return train_tiny_run(
+        tmp_path_factory.mktemp("smollm2-reft") / "run",
+        "smollm2-demo.yaml",
+        "adapter={kind: reft, layers: [3, 15, 27], positions: f2+l2, rank: 4}",
+        "train.max_steps=1",
+        "train.eval_every=1",
+        "train.save_every=1",
+        "train.lr=1e-2",
+        "data.train.max_rows=80",
+        "data.eval_ratio=0.1",
+    )

@@ -156,6 +156,73 @@ def test_eval_base_vs_tuned(smollm2_run, copy_run):
     assert metrics["nll"] < metrics["base"]["nll"]
 
 
+# ------------------------------------------------------------------------------------------ ReFT starts from the base
+_SAME_NUMBERS = {"eval_logps/chosen": "chosen_logps", "eval_logps/rejected": "rejected_logps", "eval_nll_loss": "nll",
+                 "eval_rewards/accuracies": "accuracy"}
+
+
+def test_a_reft_runs_step_0_eval_is_eval_base(smollm2_reft_run, copy_run):
+    run = copy_run(smollm2_reft_run)
+    evals = [json.loads(line) for line in (run.root / "metrics.jsonl").read_text().splitlines() if '"eval_loss"' in line]
+    assert [e["step"] for e in evals] == [0, 1]
+    result = runner.invoke(app, ["eval", str(run.root), "--base", "--json"])
+    assert result.exit_code == 0, result.output
+    base = json.loads(result.stdout)["base"]
+    for logged, name in _SAME_NUMBERS.items():  # the same pairs, batched differently: fp32 noise at most
+        assert evals[0][logged] == pytest.approx(base[name], rel=1e-5, abs=1e-6), logged
+    assert abs(evals[1]["eval_nll_loss"] - base["nll"]) > 1e-3  # and one step of lr 1e-2 moves it
+
+
+def _real_pairs(run, count: int):
+    from orpo_cli.data.prepare import prepare_data
+    from orpo_cli.models.tuned import load_saved_tokenizer, read_recipe
+
+    recipe = read_recipe(run.recipe)
+    tokenizer = load_saved_tokenizer(run.tokenizer)
+    return prepare_data(recipe.data, recipe.orpo, tokenizer).train[:count], tokenizer.pad_token_id
+
+
+@pytest.mark.parametrize("kind", ["loreft", "noreft", "direft"])
+def test_reft_on_the_real_model_is_the_base_until_its_first_step_moves_it(smollm2_dir, smollm2_reft_run, kind):
+    from transformers import AutoModelForCausalLM
+
+    from orpo_cli.adapters.reft.adapter import ReftAdapter
+    from orpo_cli.recipe import ReftSettings
+    from orpo_cli.training.batching import collate_pairs
+    from orpo_cli.training.forward import orpo_forward
+
+    pairs, pad = _real_pairs(smollm2_reft_run, 4)
+    batch = collate_pairs(pairs, pad)
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32)
+    model.config.num_hidden_layers = 6  # the real weights' numerics, in seconds (the run above has all 30)
+    model.model.layers = model.model.layers[:6]
+    torch.manual_seed(0)
+    adapter = ReftAdapter(ReftSettings(layers=[0, 2, 5], positions="f2+l2", intervention=kind))
+    model = adapter.attach(model, quantized=False, gradient_checkpointing=False)
+    with torch.no_grad():
+        with adapter.disabled(model):
+            base = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with adapter.forward_context(model, batch):
+            untrained = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(untrained, base)  # exactly the base model
+
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert len(params) == 9  # R (LoReFT: its raw parameter), W, b in three layers
+    before = {n: p.detach().clone() for n, p in params.items()}
+    optimizer = torch.optim.AdamW(params.values(), lr=1e-3, weight_decay=0.0)  # no decay: only gradients move
+    moved = []
+    model.train()
+    for _ in range(2):
+        orpo_forward(model, adapter, batch, lam=0.1, nll_on_prompt=False).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        moved.append({n for n, p in params.items() if not torch.equal(p, before[n])})
+    if kind == "direft":  # LoRA's start (R = 0): R moves first, W and b once R has
+        assert moved[0] == {n for n in params if ".rotate." in n} and moved[1] == set(params)
+    else:
+        assert moved[0] == set(params)
+
+
 # ------------------------------------------------------------------------------------------ export, generate
 @pytest.fixture(scope="module")
 def smollm2_export(smollm2_run, tmp_path_factory):

@@ -113,9 +113,38 @@ def test_intervention_equals_its_formula_and_keeps_the_input_dtype(kind, act_fn)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+# What an untrained intervention does, and which of its tensors a first gradient reaches (see each class).
+STARTS = [  # kind, act, the identity?, tensors with a gradient on the first step
+    ("loreft", "linear", True, {"R", "W", "b"}),
+    ("noreft", "linear", True, {"R", "W", "b"}),
+    ("noreft", "tanh", True, {"R"}),
+    ("direft", "linear", True, {"R"}),
+    ("direft", "relu", True, {"R"}),
+    ("loreft", "tanh", False, {"R", "W", "b"}),  # act(Wh + b) = Rh for every h needs a linear act
+]
+
+
+@pytest.mark.parametrize(("kind", "act_fn", "identity", "alive"), STARTS)
+def test_an_untrained_intervention_is_the_identity_with_live_gradients(kind, act_fn, identity, alive):
+    torch.manual_seed(0)
+    module = {"loreft": LoReFT, "noreft": NoReFT, "direft": DiReFT}[kind](64, 4, act_fn=act_fn)
+    h = torch.randn(3, 7, 64) * 20  # residual-stream sizes: the zero must be exact, not small
+    out = module(h)
+    assert torch.equal(out, h) is identity
+    (out * torch.randn_like(out)).sum().backward()
+    grads = {
+        "R": module.rotate.parametrizations.weight.original.grad if kind == "loreft" else module.rotate.weight.grad,
+        "W": module.source.weight.grad,
+        "b": module.source.bias.grad,
+    }
+    assert {name for name, g in grads.items() if g is not None and g.abs().sum() > 0} == alive
+
+
 def test_dropout_drops_the_edit_not_the_hidden_state():
     torch.manual_seed(0)
     module = LoReFT(16, 4, dropout=0.5).train()
+    with torch.no_grad():
+        module.source.bias.normal_()  # off the identity, so that there is an edit to drop
     h = torch.randn(64, 16)
     with torch.no_grad():
         edit = module.eval()(h) - h
@@ -330,7 +359,7 @@ def test_a_bf16_base_under_autocast_edits_in_fp32(micro_path):
     )
     module = find_stack(model).layers["0"]["tied"]
     seen = []
-    module.source.register_forward_hook(lambda _m, args, out: seen.append((args[0].dtype, out.dtype)))
+    module.act.register_forward_hook(lambda _m, args, out: seen.append((args[0].dtype, out.dtype)))
     model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         terms = orpo_forward(model, adapter, collate_pairs(_pairs(), 0), lam=0.1, nll_on_prompt=False)

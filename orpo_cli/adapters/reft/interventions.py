@@ -5,6 +5,8 @@ LoReFT edits a hidden state h at a chosen position and layer as
     Φ(h) = h + Rᵀ(act(Wh + b) − Rh)          R ∈ ℝ^{r×d} with orthonormal rows, W ∈ ℝ^{r×d}, b ∈ ℝ^r
 
 NoReFT is the same formula with an unconstrained R; DiReFT drops the −Rh term (h + Rᵀ act(Wh + b)).
+Untrained, each is the identity (Φ(h) = h exactly, so step 0 of a run is the base model), with its
+gradients alive: LoReFT and NoReFT start at W = R, b = 0; DiReFT at R = 0 (see each class for a nonlinear act).
 The interventions live in fp32 and compute in fp32 whatever the base model's dtype (and with autocast off):
 h is cast up, edited, and the result cast back to h's dtype.
 
@@ -76,6 +78,8 @@ class _Intervention(nn.Module):
         self.source = nn.Linear(hidden_size, rank, dtype=torch.float32)
         self.act = _ACTIVATIONS[act_fn]()
         self.dropout = nn.Dropout(dropout)
+        with torch.no_grad():
+            self._start_as_identity()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         with torch.autocast(h.device.type, enabled=False):
@@ -104,35 +108,71 @@ class _Intervention(nn.Module):
     def _low_rank(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _start_as_identity(self) -> None:
+        raise NotImplementedError
 
-class LoReFT(_Intervention):
+    @property
+    def linear(self) -> bool:
+        return isinstance(self.act, nn.Identity)
+
+
+class _SubspaceReFT(_Intervention):
+    """LoReFT and NoReFT: h + Rᵀ(act(Wh + b) − Rh), which replaces h's component in R's subspace.
+
+    Starts as the identity where the formula can be: W = R and b = 0 make Wh + b − Rh exactly zero (a linear
+    act computes it as (W − R)h + b, so the zero is exact, not two products that round alike), while every
+    gradient is alive at once: ∂/∂W = (R g)hᵀ, ∂/∂b = R g, ∂/∂R = −(R g)hᵀ for the edit's gradient g. With
+    a nonlinear act, act(Wh + b) = Rh for every h is impossible: LoReFT keeps W = R, b = 0 (not the
+    identity), NoReFT starts from R = 0 instead (the identity; W and b get gradients once R has moved).
+    """
+
+    def _low_rank(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        if self.linear:
+            return self.act(nn.functional.linear(x, self.source.weight - r, self.source.bias))
+        return self.act(self.source(x)) - x @ r.T
+
+    def _start_as_identity(self) -> None:
+        self.source.weight.copy_(self.rotation())
+        self.source.bias.zero_()
+
+
+class LoReFT(_SubspaceReFT):
     """Φ(h) = h + Rᵀ(act(Wh + b) − Rh), R with orthonormal rows (torch's orthogonal parametrization)."""
 
     def __init__(self, hidden_size: int, rank: int, *, dropout: float = 0.0, act_fn: str = "linear"):
         super().__init__(hidden_size, rank, dropout=dropout, act_fn=act_fn, orthogonal=True)
 
-    def _low_rank(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        return self.act(self.source(x)) - x @ r.T
 
-
-class NoReFT(_Intervention):
+class NoReFT(_SubspaceReFT):
     """LoReFT's formula with an unconstrained R."""
 
     def __init__(self, hidden_size: int, rank: int, *, dropout: float = 0.0, act_fn: str = "linear"):
         super().__init__(hidden_size, rank, dropout=dropout, act_fn=act_fn, orthogonal=False)
 
-    def _low_rank(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        return self.act(self.source(x)) - x @ r.T
+    def _start_as_identity(self) -> None:
+        if self.linear:
+            super()._start_as_identity()
+        else:
+            self.rotate.weight.zero_()
 
 
 class DiReFT(_Intervention):
-    """Φ(h) = h + Rᵀ act(Wh + b), R unconstrained."""
+    """Φ(h) = h + Rᵀ act(Wh + b), R unconstrained.
+
+    Starts as the identity as LoRA does (B = 0): R = 0, W and b as initialised, for every act. R's gradient
+    act(Wh + b)gᵀ is alive at once; W's and b's (through R) from the second step, once R has moved. No
+    start that is the identity keeps both factors alive unless R's rows cancel each other's edits (RᵀW = 0
+    with R, W ≠ 0), which would tie pairs of rows together; this is the plain choice, LoRA's.
+    """
 
     def __init__(self, hidden_size: int, rank: int, *, dropout: float = 0.0, act_fn: str = "linear"):
         super().__init__(hidden_size, rank, dropout=dropout, act_fn=act_fn, orthogonal=False)
 
     def _low_rank(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         return self.act(self.source(x))
+
+    def _start_as_identity(self) -> None:
+        self.rotate.weight.zero_()
 
 
 INTERVENTIONS: dict[str, type[_Intervention]] = {"loreft": LoReFT, "noreft": NoReFT, "direft": DiReFT}
