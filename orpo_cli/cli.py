@@ -148,8 +148,7 @@ def train(
     """Train with ORPO: checkpoints, metrics and the adapter land in the run directory (docs/distributed.md
     for several GPUs or machines)."""
     from orpo_cli.recipe_loading import load_recipe
-    from orpo_cli.training.distributed import Machines, QuietExit
-    from orpo_cli.training.setup import start_run
+    from orpo_cli.run_lock import writes_the_run, writing_run
 
     overrides = list(set_ or [])
     if max_steps is not None:
@@ -158,10 +157,14 @@ def train(
         overrides.append(f"output_dir={output_dir}")
     if nproc is not None:
         overrides.append(f"distributed.num_processes={nproc}")
-    loaded = load_recipe(recipe, overrides)
+    loaded = load_recipe(recipe, overrides)  # before torch is imported: a bad recipe is refused in a second
+    from orpo_cli.training.distributed import Machines, QuietExit
+    from orpo_cli.training.setup import run_dir_for, start_run
+
     try:
-        start_run(loaded, resume=resume, force=force, machines=Machines(nnodes, node_rank, rdzv_endpoint),
-                  plan_check=not no_plan_check)
+        with writing_run(run_dir_for(loaded).root, "train", take=writes_the_run(node_rank)):  # one writer a run
+            start_run(loaded, resume=resume, force=force, machines=Machines(nnodes, node_rank, rdzv_endpoint),
+                      plan_check=not no_plan_check)
     except QuietExit as err:  # the workers (or rank 0) already said why
         raise typer.Exit(err.code) from None
 
@@ -244,14 +247,16 @@ def eval_(
 
     from orpo_cli.evaluate import EVAL_FILE, eval_table, read_samples, run_eval, samples_table
     from orpo_cli.progress import Reporter
+    from orpo_cli.run_lock import writing_run
     from orpo_cli.rundir import open_run
 
     _at_least("--samples", samples, 0)
     _at_least("--batch-size", batch_size, 1)
     _at_least("--max-new-tokens", max_new_tokens, 1)
     run = open_run(run_dir)
-    result = run_eval(run, data=data, base=base, samples=samples, batch_size=batch_size,
-                      max_new_tokens=max_new_tokens, reporter=Reporter())
+    with writing_run(run.root, "eval"):  # it writes RUN/eval.json (and samples.jsonl)
+        result = run_eval(run, data=data, base=base, samples=samples, batch_size=batch_size,
+                          max_new_tokens=max_new_tokens, reporter=Reporter())
     if json_:
         typer.echo(json.dumps(result))
         return
@@ -375,10 +380,14 @@ def plot(
     out: Annotated[Path | None, typer.Option(help="PNG to write (default RUN_DIR/training-curves.png).")] = None,
 ) -> None:
     """Draw a run's training curves (loss, NLL, log odds ratio, log-probs, accuracy) to a PNG."""
-    from orpo_cli.plots import plot_run
+    from orpo_cli.plots import check_plot_out, plot_run
+    from orpo_cli.run_lock import writing_run
     from orpo_cli.rundir import open_run
 
-    typer.echo(f"wrote {plot_run(open_run(run_dir), out)}")
+    run = open_run(run_dir)
+    into_run = check_plot_out(run, out)
+    with writing_run(run.root, "plot", take=into_run):
+        typer.echo(f"wrote {plot_run(run, out)}")
 
 
 def main() -> None:

@@ -299,10 +299,11 @@ def report(err: Exception, command: str) -> tuple[int, list[str]]:
     """
     import sys
 
-    from orpo_cli.training.distributed import QuietExit
-
     debug = debug_enabled()
-    if isinstance(err, QuietExit):  # a worker (or rank 0) already said why
+    # Not imported for an error raised before any training module was: that would load torch (seconds, ~800 MB)
+    # to print one line about a recipe.
+    distributed = sys.modules.get("orpo_cli.training.distributed")
+    if distributed is not None and isinstance(err, distributed.QuietExit):  # a worker (or rank 0) already said why
         return err.code, []
     if isinstance(err, Interrupted):
         return 130, [str(err)]

@@ -105,8 +105,26 @@ def check_out(run: RunDir, out: Path, force: bool) -> None:
     out_abs, run_abs = Path(out).resolve(), run.root.resolve()
     if out_abs == run_abs or run_abs.is_relative_to(out_abs):
         raise UserError(f"--out {out}: would replace the run directory {run.root} itself; choose another --out")
+    refuse_out_in_a_run(out, force)
     if Path(out).exists() and not force:
         raise UserError(f"--out {out} exists; choose another directory or pass --force to replace it")
+
+
+def refuse_out_in_a_run(out: Path, force: bool) -> None:
+    """No export is written inside a run directory (its adapter, checkpoints, tokenizer: hours of training) or,
+    with --force, over a directory holding one."""
+    from orpo_cli.rundir import run_below, run_holding
+
+    inside = run_holding(Path(out))
+    if inside is not None:
+        raise UserError(
+            f"--out {out}: inside the run directory {inside}, whose files only train writes; export outside it"
+        )
+    if force and Path(out).is_dir():
+        below = run_below(Path(out))
+        if below is not None:
+            what = f"holds the run directory {below}" if below != Path(out) else "holds too many directories to check"
+            raise UserError(f"--out {out}: {what}, which an export would replace; choose a new or empty directory")
 
 
 def export_run(

@@ -21,6 +21,27 @@ _PANELS: list[tuple[str, list[tuple[str, str]]]] = [
 ]
 
 
+def check_plot_out(run: RunDir, out: Path | None) -> bool:
+    """Refuse an --out that would write over or inside a run's files; return whether the PNG goes into `run`
+    (then `plot` holds the run's lock while it writes). Inside a run, a PNG goes only directly into its own
+    directory: its adapter, checkpoints, tokenizer and records are train's."""
+    from orpo_cli.rundir import run_holding
+
+    if out is None:
+        return True
+    out = Path(out)
+    holder = run_holding(out.parent)
+    if holder is None or out.is_dir():  # (a directory is refused by plot_run, which says so)
+        return False
+    own = holder is not None and holder.resolve() == run.root.resolve() and out.parent.resolve() == holder.resolve()
+    if own and out.suffix.lower() == ".png" and not out.is_dir():
+        return True
+    raise UserError(
+        f"--out {out}: inside the run directory {holder}, whose files plot must not replace; write the PNG "
+        f"outside it, or give a .png name directly in {run.root} (default {run.root / PLOT_NAME})"
+    )
+
+
 def plot_run(run: RunDir, out: Path | None = None) -> Path:
     """Write the curves of `run` to a PNG (default RUN/training-curves.png) and return its path."""
     try:

@@ -364,6 +364,12 @@ def _append(path: Path, text: str) -> None:
     path.write_text(path.read_text() + text)
 
 
+def _fake_run(path: Path) -> None:
+    """Another run's directory, as far as its records go."""
+    path.mkdir(parents=True)
+    (path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+
+
 # (id, how to spoil a copy of the run, the command (RUN, OUT and FILE filled in), words of the error line)
 VERB_CASES = [
     ("eval-truncated-adapter", lambda run: _truncate(run / "adapter" / "adapter_model.safetensors"),
@@ -382,6 +388,21 @@ VERB_CASES = [
     ("plot-out-in-missing-dir", None, ["plot", "RUN", "--out", "OUT/curves.png"],
      ["OUT/curves.png: no such file or directory"]),
     ("plot-out-is-a-directory", None, ["plot", "RUN", "--out", "RUN"], ["--out RUN is a directory"]),
+    # ---- no verb writes inside a run directory (the adapter, checkpoints, tokenizer: hours of training)
+    ("export-out-is-the-adapter", None, ["export", "RUN", "--out", "RUN/adapter", "--force"],
+     ["--out RUN/adapter: inside the run directory RUN"]),
+    ("export-out-in-the-checkpoints", None, ["export", "RUN", "--out", "RUN/checkpoints/x"],
+     ["--out RUN/checkpoints/x: inside the run directory RUN"]),
+    ("export-out-is-the-tokenizer", None, ["export", "RUN", "--out", "RUN/tokenizer", "--force"],
+     ["inside the run directory RUN"]),
+    ("export-out-in-another-run", lambda run: _fake_run(run.parent / "old"), ["export", "RUN", "--out",
+     "TMP/old/merged"], ["--out TMP/old/merged: inside the run directory TMP/old"]),
+    ("export-out-holds-another-run", lambda run: _fake_run(run.parent / "runs" / "old"),
+     ["export", "RUN", "--out", "TMP/runs", "--force"], ["--out TMP/runs: holds the run directory TMP/runs/old"]),
+    ("plot-out-in-the-adapter", None, ["plot", "RUN", "--out", "RUN/adapter/curves.png"],
+     ["inside the run directory RUN"]),
+    ("plot-out-over-the-metrics", None, ["plot", "RUN", "--out", "RUN/metrics.jsonl"],
+     ["--out RUN/metrics.jsonl: inside the run directory RUN"]),
     ("init-out-is-a-directory", None, ["init", "--out", "RUN"], ["--out RUN is a directory"]),
     ("init-out-under-a-file", None, ["init", "--out", "FILE/recipe.yaml"], ["FILE is a file, not a directory"]),
 ]
@@ -397,7 +418,7 @@ def test_verbs_reject_bad_input_in_one_line(micro_run, tmp_path, spoil, args, wo
     a_file.write_text("mine")
     out = tmp_path / "out"
     names = {"RUN": str(run), "OUT": str(out), "FILE": str(a_file), "PAIRS": str(FIXTURES / "pairs.jsonl"),
-             "CONV": CONV}
+             "CONV": CONV, "TMP": str(tmp_path)}
 
     def fill(text: str) -> str:
         for key, value in names.items():
@@ -405,6 +426,7 @@ def test_verbs_reject_bad_input_in_one_line(micro_run, tmp_path, spoil, args, wo
         return text
 
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    others = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     result = runner.invoke(app, [fill(a) for a in args])
     assert result.exit_code == 2, result.output
     line = _one_error_line(result)
@@ -412,6 +434,7 @@ def test_verbs_reject_bad_input_in_one_line(micro_run, tmp_path, spoil, args, wo
         assert fill(word) in line, (fill(word), line)
     assert not out.exists() and a_file.read_text() == "mine"
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before, "nothing written into the run"
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == others, "nor anywhere else"
 
 
 def test_a_missing_package_is_named():

@@ -76,6 +76,9 @@ def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     b = load_file(str(out / "adapter/adapter_model.safetensors"))
     assert a.keys() == b.keys()
     assert all(a[k].equal(b[k]) for k in a), f"killed {delay:.3f} s after step-2 (seed {seed})"
+    # every record once, in order, as the uninterrupted run wrote them
+    steps = [(r["step"], "loss" in r) for r in RunDir(out).read_metrics()]
+    assert steps == [(r["step"], "loss" in r) for r in RunDir(tmp_path / "straight").read_metrics()]
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -197,3 +200,83 @@ def test_a_checkpoint_keeps_every_optimizer_state_and_resumes_it(tmp_path, name)
         p.grad = grad.clone()
         opt.step()
     assert torch.equal(param, other)
+
+
+# ------------------------------------------------------------------------------ one writer per run directory
+def _start(out: Path, steps: int, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "orpo_cli", *_args(out, steps, *extra)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for(proc: subprocess.Popen, ready, what: str) -> None:
+    deadline = time.time() + 120
+    while not ready():
+        assert proc.poll() is None, f"the run ended before {what}: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline, what
+        time.sleep(0.05)
+
+
+def _train_records(out: Path) -> list[int]:
+    return [r["step"] for r in RunDir(out).read_metrics() if "loss" in r]
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_the_first_run_is_intact(tmp_path):
+    """Two real processes on one run: train holds RUN/orpo-tune.lock; train --resume, train --force, eval and plot
+    are each refused with one line naming its pid and verb, and the run they were refused on is untouched."""
+    out = tmp_path / "run"
+    proc = _start(out, 500, "--set", "train.save_every=1000")
+    try:
+        _wait_for(proc, lambda: len(_train_records(out)) >= 2, "its second step")
+        holder = f"in use by `orpo-tune train` (pid {proc.pid} "
+        for args in (_args(out, 500, "--resume"), _args(out, 500, "--force"), ["eval", str(out)], ["plot", str(out)]):
+            result = runner.invoke(app, args)
+            assert result.exit_code == 2, (args, result.output)
+            errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+            assert len(errors) == 1 and holder in errors[0], (args, result.output)
+            assert "Traceback" not in result.output
+        assert proc.poll() is None, "the first run was disturbed"
+        proc.send_signal(signal.SIGTERM)  # stop it cleanly: a checkpoint, exit 130, the lock released
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    steps = _train_records(out)
+    assert steps == list(range(1, len(steps) + 1)), steps  # each step once, none lost
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{steps[-1]}"]
+    assert not (out / "orpo-tune.lock").exists()
+    assert not (out / "eval.json").exists() and not (out / "training-curves.png").exists()
+
+
+def test_a_resume_after_a_kill_before_any_checkpoint_stops_and_force_starts_clean(tmp_path):
+    """kill -9 before the first checkpoint leaves a stale lock and records of steps that no checkpoint holds:
+    --resume sees through the lock, says there is nothing to continue from (exit 2) and leaves the run as it
+    was; --force starts over and the records hold each step once."""
+    out = tmp_path / "run"
+    proc = _start(out, 500, "--set", "train.save_every=1000", "--set", "train.eval_every=2")
+    try:
+        _wait_for(proc, lambda: len(_train_records(out)) >= 3, "its third step")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    assert (out / "orpo-tune.lock").is_file()  # left behind by the kill
+    before = (out / "metrics.jsonl").read_bytes()
+
+    resumed = runner.invoke(app, _args(out, 4, "--set", "train.eval_every=2", "--resume"))
+    assert resumed.exit_code == 2, resumed.output
+    errors = [line for line in resumed.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no complete checkpoint" in errors[0] and "--force" in errors[0], resumed.output
+    assert (out / "metrics.jsonl").read_bytes() == before
+    assert not (out / "orpo-tune.lock").exists()  # the stale lock was taken over, then released
+
+    fresh = runner.invoke(app, _args(out, 4, "--set", "train.eval_every=2", "--force"))
+    assert fresh.exit_code == 0, fresh.output
+    records = RunDir(out).read_metrics()
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 2, 4]

@@ -99,6 +99,11 @@ def fit(
         with accelerator.main_process_first():  # rank 0 clears a killed run's temporaries first
             found = latest_checkpoint(run)
         strategy.check_same_everywhere(found[0] if found else -1)
+        if found is None:  # every checkpoint incomplete or corrupted (each was named in a warning)
+            raise UserError(
+                f"--resume: {run.checkpoints} holds no usable checkpoint; nothing to continue from: start the run "
+                f"again with --force (replaces {run.root}) instead of --resume"
+            )
     # Wrapped for the strategy, the checkpoint restored into the model or into its shards, as it requires.
     model, optimizer, step, extra = strategy.prepare(model, optimizer, found[1] if found else None, names)
     if found is not None and extra is not None:

@@ -166,7 +166,7 @@ def start_run(
 
     # ---- the run directory: only now that everything checked out
     if accelerator.is_main_process:
-        created = not run.root.exists()
+        created = not run.holds_anything()  # (its lock aside: cli.train holds it)
         try:
             with stage("writing the run directory", blame="output_dir"):
                 run.prepare(resume=resume, force=force)
@@ -299,9 +299,9 @@ def weightless_replica(recipe: Recipe, adapter: Any, weights: dict[str, Any]) ->
 def _check_same_recipe(run: RunDir, recipe: Recipe) -> dict[str, tuple[Any, Any]]:
     """Refuse a --resume whose recipe differs from the run's beyond `_RESUMABLE_CHANGES`; return the
     resumable settings that do change, as {key: (was, now)}."""
-    import yaml
+    from orpo_cli.recipe_loading import parse_yaml
 
-    saved = yaml.safe_load(run.recipe.read_text(encoding="utf-8"))
+    saved = parse_yaml(run.recipe.read_text(encoding="utf-8"), str(run.recipe))  # bounded, as any recipe
     now = recipe.resolved()
     differ = _diff(saved, now)
     changed = sorted(k for k in differ if k not in _RESUMABLE_CHANGES)
