@@ -23,6 +23,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise UserError(f"{path}: is a directory; give the recipe's YAML file")
     if not path.is_file():
         raise UserError(f"{path}: no such recipe file")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise UserError(
+            f"{path}: {path.stat().st_size:,} bytes, too large for a recipe (at most {MAX_RECIPE_BYTES:,}); "
+            "is it a data file? Give the recipe's YAML file"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -91,24 +96,89 @@ def _deep_copy(data: Any) -> Any:
     return data
 
 
+# Bounds no recipe comes near (the shipped ones hold under 100 values, 4 levels deep), checked on the parser's
+# events before anything is built: a few hundred bytes of anchors and aliases can name 10^9 values.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_VALUES = 100_000  # after alias expansion: what a copy of the recipe would hold
+MAX_DEPTH = 32
+# The tags a recipe's values may carry; every other one (!!python/..., !!binary, !custom) is refused.
+_CORE = "tag:yaml.org,2002:"
+_PLAIN_TAGS = {None, "!", *(_CORE + t for t in ("str", "int", "float", "bool", "null", "seq", "map", "merge"))}
+
+
 def parse_yaml(text: str, source: str) -> Any:
-    """`yaml.safe_load`, but a key given twice in one mapping is an error naming both lines.
+    """`yaml.safe_load`, but a key given twice in one mapping is an error naming both lines, and the cost is bounded.
 
     PyYAML keeps the last of two equal keys without a word: a second `train:` section silently replaces the
     first whole, dropping every key set there. Merge keys (`<<: *anchor`) may still be overridden.
+    Before anything is built, the parser's events are checked (`_check_bounded`): no tag beyond plain values,
+    at most MAX_VALUES values once aliases are expanded, at most MAX_DEPTH levels; each refusal names the line.
     """
-    loader = yaml.SafeLoader(text)
     try:
+        _check_bounded(text, source)
+        loader = yaml.SafeLoader(text)
         try:
             node = loader.get_single_node()
-        except yaml.YAMLError as err:
-            if source.startswith("--set"):
-                raise
-            raise UserError(_yaml_error_line(Path(source), err)) from None
-        if node is None:
-            return None
-        _refuse_duplicate_keys(node, source, [], set())
-        return loader.construct_document(node)
+            if node is None:
+                return None
+            _refuse_duplicate_keys(node, source, [], set())
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as err:
+        if source.startswith("--set"):
+            raise
+        raise UserError(_yaml_error_line(Path(source), err)) from None
+
+
+def _check_bounded(text: str, source: str) -> None:
+    """Walk the parser's events (no node is built, nothing recursive runs) and refuse a tag that is not a plain
+    value's, more than MAX_VALUES values after alias expansion, or more than MAX_DEPTH levels of nesting."""
+    loader = yaml.SafeLoader(text)
+    anchored: dict[str, tuple[int, int]] = {}  # anchor -> (values, depth) of what it holds
+    open_: list[list[Any]] = []  # the collections being read: [values, depth below, anchor]
+    total = 0
+    try:
+        while loader.check_event():
+            event = loader.get_event()
+            line = f"{source}:{event.start_mark.line + 1}"
+            tag = getattr(event, "tag", None)
+            if tag not in _PLAIN_TAGS and not isinstance(event, yaml.CollectionEndEvent | yaml.AliasEvent):
+                raise UserError(
+                    f"{line}: the YAML tag {tag.replace(_CORE, '!!')} is not allowed in a recipe, which holds plain "
+                    "values (text, numbers, true/false, lists, mappings); remove the tag"
+                )
+            if isinstance(event, yaml.CollectionStartEvent):
+                open_.append([1, 0, event.anchor])
+                total += 1
+                if len(open_) > MAX_DEPTH:
+                    raise UserError(f"{line}: nested more than {MAX_DEPTH} levels deep; a recipe nests a few levels")
+                continue
+            if isinstance(event, yaml.ScalarEvent):
+                size = (1, 1)
+                if event.anchor:
+                    anchored[event.anchor] = size
+            elif isinstance(event, yaml.AliasEvent):
+                size = anchored.get(event.anchor, (1, 1))  # an unknown one is the composer's to refuse
+            elif isinstance(event, yaml.CollectionEndEvent):
+                values, below, anchor = open_.pop()
+                size = (values, below + 1)
+                if anchor:
+                    anchored[anchor] = size
+                total -= values  # counted already, value by value; added back below as the whole
+            else:
+                continue
+            total += size[0]
+            if total > MAX_VALUES:
+                raise UserError(
+                    f"{line}: the recipe expands to more than {MAX_VALUES:,} values (each YAML alias repeats all "
+                    "that its anchor holds); no recipe needs that many: write it out without aliases"
+                )
+            if len(open_) + size[1] > MAX_DEPTH:
+                raise UserError(f"{line}: nested more than {MAX_DEPTH} levels deep; a recipe nests a few levels")
+            if open_:
+                open_[-1][0] += size[0]
+                open_[-1][1] = max(open_[-1][1], size[1])
     finally:
         loader.dispose()
 

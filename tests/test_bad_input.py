@@ -79,6 +79,21 @@ CASES = [
      [], ["recipe.yaml:8: duplicate key `train.lr` (also on line 6)"]),
     ("key-twice-in-flow", BASE.replace("max_steps: 1", "max_steps: 1, max_steps: 2"), [],
      ["duplicate key `train.max_steps`"]),
+    # ---- hostile YAML: refused on the parser's events, before anything is built or copied
+    ("billion-laughs", BASE + "".join(
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10) if i else ', '.join(['lol'] * 10)}]\n" for i in range(9)
+    ) + "seed: *a8\n", [], ["recipe.yaml:10: the recipe expands to more than 100,000 values"]),
+    ("aliases-as-keys-of-merges", BASE + "x: &x {a: 1, b: 2}\ny: &y {<<: [*x, *x, *x], c: 3}\n" + "".join(
+        f"z{i}: &z{i} [{', '.join([f'*z{i - 1}' if i else '*y'] * 12)}]\n" for i in range(6)), [],
+     ["expands to more than 100,000 values"]),
+    ("python-tag", BASE + "name: !!python/object/apply:os.system ['echo pwned']\n", [],
+     ["recipe.yaml:6: the YAML tag !!python/object/apply:os.system is not allowed in a recipe"]),
+    ("custom-tag", BASE.replace("max_steps: 1", "max_steps: !steps 1"), [], ["the YAML tag !steps is not allowed"]),
+    ("binary-tag", BASE + "name: !!binary aGk=\n", [], ["the YAML tag !!binary is not allowed"]),
+    ("tag-in-set", BASE, ["--set", "seed=!!python/name:os.system"], ["the YAML tag !!python/name:os.system"]),
+    ("deep-list", BASE + "x: " + "[" * 3000 + "]" * 3000 + "\n", [], ["recipe.yaml:6: nested more than 32 levels"]),
+    ("deep-mapping", BASE + "x: " + "{a: " * 200 + "1" + "}" * 200 + "\n", [], ["nested more than 32 levels"]),
+    ("unhashable-key", BASE + "? [a, b]\n: 1\n", [], ["recipe.yaml:6:", "invalid YAML: found unhashable key"]),
     # ---- .inf / .nan in any field
     ("lr-inf", BASE.replace("max_steps: 1", "max_steps: 1, lr: .inf"), [], ["train.lr: must be a finite number"]),
     ("lr-nan", BASE.replace("max_steps: 1", "max_steps: 1, lr: .nan"), [], ["train.lr: must be a finite number"]),
