@@ -4,6 +4,7 @@ import errno
 import importlib.util
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -163,6 +164,86 @@ def test_empty_dataset(tmp_path):
     result = runner.invoke(app, ["train", str(recipe), "--output-dir", str(tmp_path / "run")])
     assert result.exit_code == 2 and "empty" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "run").exists()
+
+
+def _rows(n: int) -> list[dict]:
+    return [{"prompt": f"question {i} about {i * 7919 % 1000}", "chosen": f"good answer {i * 31 % 977}",
+             "rejected": f"bad answer {i * 17 % 991}"} for i in range(n)]
+
+
+def _jsonl(n: int) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in _rows(n)).encode()
+
+
+def _corrupt_gzip(n: int) -> bytes:
+    import gzip
+
+    data = bytearray(gzip.compress(_jsonl(n), mtime=0))
+    for i in range(len(data) * 2 // 3, len(data) * 2 // 3 + 16):
+        data[i] ^= 0xFF
+    return bytes(data)
+
+
+def _not_utf8() -> bytes:
+    data = _jsonl(100)
+    at = data.index(b"\"good answer 821\"")  # line 59's chosen (58 * 31 % 977)
+    return data[:at] + b"\xff\xfe" + data[at:]
+
+
+def _csv(n: int, spoil=lambda text: text) -> bytes:
+    return spoil("prompt,chosen,rejected\n" + "".join(f"q{i},good {i},bad {i}\n" for i in range(n))).encode()
+
+
+def _corrupt_parquet(path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(_rows(400)), path, row_group_size=100, compression="zstd")
+    data = bytearray(path.read_bytes())
+    start = pq.ParquetFile(path).metadata.row_group(2).column(1).data_page_offset
+    for i in range(start + 30, start + 60):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+# (id, file name, its bytes (or a function writing it), words of the error line)
+DATA_CASES = [
+    ("gzip-corrupt-midway", "d.jsonl.gz", lambda: _corrupt_gzip(6000),
+     ["data.train.path: FILE: corrupt gzip stream after line ", r"re:after line [1-9]\d{3} of its text"]),
+    ("gzip-cut-short", "d.jsonl.gz", lambda: __import__("gzip").compress(_jsonl(400))[:500],
+     ["FILE: corrupt gzip stream", "EOFError: Compressed file ended"]),
+    ("gzip-that-is-not", "d.jsonl.gz", lambda: _jsonl(10), ["FILE: corrupt gzip stream", "Not a gzipped file"]),
+    ("not-utf8", "d.jsonl", _not_utf8, ["data.train.path: FILE:59: not UTF-8 text (byte"]),
+    ("lone-surrogate-jsonl", "d.jsonl", lambda: _jsonl(20).replace(b'"good answer 279"', b'"good \\ud800"'),
+     ["FILE:10: row 10 holds text that is not valid Unicode"]),
+    ("lone-surrogate-json", "d.json", lambda: json.dumps(_rows(20)).replace('"good answer 279"', '"\\udfff"').encode(),
+     ["FILE: row 10 holds text that is not valid Unicode"]),
+    ("csv-unquoted-comma", "d.csv", lambda: _csv(50, lambda t: t.replace("q7,good 7", "q7, with a comma,good 7")),
+     ["FILE:9: row 8 has 4 fields and the header 3 (prompt, chosen, rejected)"]),
+    ("csv-field-missing", "d.csv", lambda: _csv(50, lambda t: t.replace("q9,good 9,bad 9", "q9,good 9")),
+     ["FILE:11: row 10 has 2 fields and the header 3"]),
+    ("parquet-corrupt-page", "d.parquet", _corrupt_parquet,
+     ["data.train.path: FILE: rows 201-300 (row group 2) cannot be read"]),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "words"), [c[1:] for c in DATA_CASES], ids=[c[0] for c in DATA_CASES])
+def test_data_that_cannot_be_read_names_the_file_and_the_line(tmp_path, name, make, words):
+    path = tmp_path / name
+    if make.__code__.co_argcount:
+        make(path)
+    else:
+        path.write_bytes(make())
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(BASE.replace("DATA", str(path)))
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", str(recipe), "--output-dir", str(out)])
+    assert result.exit_code == 2, result.output
+    line = _one_error_line(result)
+    for word in words:  # "re:" words are patterns (where the exact line depends on zlib's output)
+        found = re.search(word[3:], line) if word.startswith("re:") else word.replace("FILE", str(path)) in line
+        assert found, (word, line)
+    assert not out.exists()
 
 
 def test_non_string_value_names_the_row(tmp_path):

@@ -8,6 +8,7 @@ import io
 import json
 import re
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -71,26 +72,42 @@ def _file_kind(path: Path, field_name: str) -> tuple[str, bool]:
 
 
 def _read_text(path: Path, gz: bool, field_name: str) -> str:
+    """The file's text; a corrupt compressed stream or bytes that are not UTF-8 are one line naming the file and
+    the line of text where it happened."""
+    data = _read_bytes(path, gz, field_name)
     try:
-        if gz:
-            with gzip.open(path, "rt", encoding="utf-8-sig") as handle:
-                return handle.read()
-        return path.read_text(encoding="utf-8-sig")  # -sig: spreadsheet exports often start with a BOM
-    except UnicodeDecodeError:
-        raise UserError(f"{field_name}.path: {path} is not UTF-8 text") from None
-    except (OSError, EOFError) as err:
-        raise UserError(f"{field_name}.path: cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
+        return data.decode("utf-8-sig")  # -sig: spreadsheet exports often start with a BOM
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise UserError(
+            f"{field_name}.path: {path}:{line}: not UTF-8 text (byte {err.start}, {data[err.start:err.start + 1]!r}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+def _read_bytes(path: Path, gz: bool, field_name: str) -> bytes:
+    parts: list[bytes] = []
+    try:
+        if not gz:
+            return path.read_bytes()
+        with gzip.open(path, "rb") as handle:
+            while chunk := handle.read(1 << 16):  # small enough for an error to say where it came
+                parts.append(chunk)
+        return b"".join(parts)
+    except (OSError, EOFError, zlib.error) as err:
+        if not gz or getattr(err, "errno", None) is not None:  # the file system's, not the stream's
+            raise UserError(f"{field_name}.path: cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
+        lines = sum(part.count(b"\n") for part in parts)
+        where = f"after line {lines} of its text" if lines else "before the end of its first line"
+        raise UserError(
+            f"{field_name}.path: {path}: corrupt gzip stream {where} ({_one_line(err)}); download or compress it again"
+        ) from None
 
 
 def _read_file(path: Path, field_name: str) -> list[dict]:
     kind, gz = _file_kind(path, field_name)
     if kind == "parquet":
-        try:
-            import pyarrow.parquet as pq
-
-            rows = pq.read_table(path).to_pylist()
-        except Exception as err:  # pyarrow raises its own error types for unreadable files
-            raise UserError(f"{field_name}.path: cannot read {path} as parquet: {_one_line(err)}") from None
+        rows = _parquet_rows(path, field_name)
     else:
         text = _read_text(path, gz, field_name)
         if kind == "csv":
@@ -106,6 +123,7 @@ def _read_file(path: Path, field_name: str) -> list[dict]:
                 rows = _json_lines(text, path)
             if not isinstance(rows, list):
                 raise UserError(f"{path}: expected a JSON list of objects (or JSON lines), got {type(rows).__name__}")
+            _refuse_lone_surrogates(text, rows, path)
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise UserError(f"{path}: row {i + 1} is {type(row).__name__}, expected an object of columns")
@@ -113,24 +131,97 @@ def _read_file(path: Path, field_name: str) -> list[dict]:
 
 
 def _csv_rows(text: str, path: Path) -> list[dict]:
+    """The rows of a CSV by its header. A row with more or fewer fields than the header (an unquoted comma) is
+    refused with its number: read by position, its columns would be shifted into the wrong fields."""
     # Responses run to pages: the csv module's default cap of 128 KiB per field would refuse them.
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows: list[dict] = []
     try:
-        return list(reader)
+        header = next(reader, None)
+        if header is None:
+            return []
+        for fields in reader:
+            if not fields:
+                continue  # a blank line
+            if len(fields) != len(header):
+                raise UserError(
+                    f"{path}:{reader.line_num}: row {len(rows) + 1} has {len(fields)} fields and the header "
+                    f"{len(header)} ({', '.join(header)}); a field holding a comma or a quote must be quoted "
+                    '("a, b"), so fix that row or write the file with a CSV writer'
+                )
+            rows.append(dict(zip(header, fields, strict=True)))
     except csv.Error as err:
         raise UserError(f"{path}:{reader.line_num}: invalid CSV: {err}") from None
+    return rows
+
+
+def _parquet_rows(path: Path, field_name: str) -> list[dict]:
+    """A parquet file's rows, read group by group so that a corrupt page (a broken zstd or snappy stream) names
+    the rows it holds."""
+    import pyarrow.parquet as pq
+
+    try:
+        file = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises its own error types for unreadable files
+        raise UserError(f"{field_name}.path: cannot read {path} as parquet: {_one_line(err)}") from None
+    rows: list[dict] = []
+    for group in range(file.num_row_groups):
+        count = file.metadata.row_group(group).num_rows
+        try:
+            rows += file.read_row_group(group).to_pylist()
+        except Exception as err:
+            raise UserError(
+                f"{field_name}.path: {path}: rows {len(rows) + 1}-{len(rows) + count} (row group {group}) cannot "
+                f"be read: {_one_line(err)}; the file is damaged: write or download it again"
+            ) from None
+    return rows
 
 
 def _json_lines(text: str, path: Path) -> list[Any]:
     rows = []
+    lines = []
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise UserError(f"{path}:{number}: invalid JSON line: {err.msg}") from None
+            lines.append(number)
+    _refuse_lone_surrogates(text, rows, path, lines)
     return rows
+
+
+# JSON may spell half of a UTF-16 surrogate pair alone (\ud800): Python keeps it, no tokenizer can encode it.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _refuse_lone_surrogates(text: str, rows: list[Any], path: Path, lines: list[int] | None = None) -> None:
+    if not _SURROGATE_ESCAPE.search(text):  # the only way such text gets in: most files are passed at once
+        return
+    for index, row in enumerate(rows):
+        bad = _invalid_text(row)
+        if bad is not None:
+            where = f"{path}:{lines[index]}" if lines else str(path)
+            raise UserError(
+                f"{where}: row {index + 1} holds text that is not valid Unicode ({bad!r}: half of a UTF-16 "
+                "surrogate pair, escaped alone); fix or remove that row"
+            )
+
+
+def _invalid_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return value[max(0, err.start - 10) : err.end + 10]
+        return None
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for child in children:
+        found = _invalid_text(child)
+        if found is not None:
+            return found
+    return None
 
 
 def _load_hub(source: DataSource, field_name: str) -> list[dict]:
@@ -208,9 +299,9 @@ def _first_record_columns(path: Path, kind: str, gz: bool, field_name: str) -> l
                         raise UserError(f"{path}: row 1 is {type(record).__name__}, expected an object of columns")
                     return list(record)
             return []
-    except UnicodeDecodeError:
-        raise UserError(f"{field_name}.path: {path} is not UTF-8 text") from None
-    except (OSError, EOFError) as err:
+    except (UnicodeDecodeError, EOFError, zlib.error, OSError) as err:
+        if isinstance(err, UnicodeDecodeError) or getattr(err, "errno", None) is None:
+            _read_text(path, gz, field_name)  # the stream or its text: the whole read names the line
         raise UserError(f"{field_name}.path: cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
 
 
