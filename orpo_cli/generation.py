@@ -8,6 +8,7 @@ prompt positions (and only there while new tokens are generated).
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -48,6 +49,34 @@ def conversation(prompt: str, system: str | None, history: Sequence[Message] = (
 
 
 # ------------------------------------------------------------------------------------------ generate
+_NOTED: set[str] = set()
+
+
+def _within_context(model: nn.Module, width: int, config: Any) -> Any:
+    """`config` with max_new_tokens cut so that prompt + answer fit the model's context (plan/shapes.context_limit,
+    read from the model's config); a prompt that fills it alone is a user error."""
+    from orpo_cli.plan.shapes import context_limit
+
+    limit = context_limit(model.config) if getattr(model, "config", None) is not None else None
+    if limit is None or width + config.max_new_tokens <= limit:
+        return config
+    if width >= limit:
+        raise UserError(
+            f"the prompt is {width} tokens and the model's context is {limit} positions: no room for an answer; "
+            "shorten the prompt (or, in a chat, /reset)"
+        )
+    note = (
+        f"note: answers stop at {limit - width} new tokens, not {config.max_new_tokens}: the prompt takes {width} of "
+        f"the model's {limit} positions"
+    )
+    if note not in _NOTED:  # once per process: eval's samples come in many batches
+        _NOTED.add(note)
+        print(note, file=sys.stderr, flush=True)
+    config = copy.deepcopy(config)
+    config.max_new_tokens = limit - width
+    return config
+
+
 def generation_config(model: nn.Module, tokenizer: Any, *, max_new_tokens: int, temperature: float) -> Any:
     """The model's own generation config with our length, stop tokens and decoding (greedy at temperature 0)."""
     from transformers import GenerationConfig
@@ -136,7 +165,9 @@ def _generate(
     config: Any,
     streamer: Any = None,
 ) -> torch.Tensor:
-    """The new tokens of `model.generate`, run inside the adapter's forward context."""
+    """The new tokens of `model.generate`, run inside the adapter's forward context, stopping at the model's
+    context (a note says so) rather than running past its positions."""
+    config = _within_context(model, input_ids.shape[1], config)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "prompt_lengths": attention_mask.sum(dim=1)}
     with adapter.forward_context(model, batch):
         out = model.generate(

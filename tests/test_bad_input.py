@@ -95,6 +95,9 @@ CASES = [
     ("deep-list", BASE + "x: " + "[" * 3000 + "]" * 3000 + "\n", [], ["recipe.yaml:6: nested more than 32 levels"]),
     ("deep-mapping", BASE + "x: " + "{a: " * 200 + "1" + "}" * 200 + "\n", [], ["nested more than 32 levels"]),
     ("unhashable-key", BASE + "? [a, b]\n: 1\n", [], ["recipe.yaml:6:", "invalid YAML: found unhashable key"]),
+    # ---- lengths beyond the model's context (micro-llama's config: max_position_embeddings 1024)
+    ("max-length-beyond-context", BASE.replace("max_length: 64", "max_length: 2048"), [],
+     ["orpo.max_length: 2048 tokens is longer than the context of builtin:micro-llama, 1024 positions"]),
     # ---- .inf / .nan in any field
     ("lr-inf", BASE.replace("max_steps: 1", "max_steps: 1, lr: .inf"), [], ["train.lr: must be a finite number"]),
     ("lr-nan", BASE.replace("max_steps: 1", "max_steps: 1, lr: .nan"), [], ["train.lr: must be a finite number"]),
@@ -244,6 +247,17 @@ def test_data_that_cannot_be_read_names_the_file_and_the_line(tmp_path, name, ma
         found = re.search(word[3:], line) if word.startswith("re:") else word.replace("FILE", str(path)) in line
         assert found, (word, line)
     assert not out.exists()
+
+
+def test_generate_stops_at_the_models_context_with_a_note_and_refuses_a_prompt_that_fills_it():
+    words = " ".join(f"w{i}" for i in range(300))  # 735 tokens of micro-llama's 1024 positions
+    result = runner.invoke(app, ["generate", "builtin:micro-llama", "--prompt", words, "--max-new-tokens", "2000"])
+    assert result.exit_code == 0, result.output
+    assert "note: answers stop at 289 new tokens, not 2000: the prompt takes 735 of the model's 1024" in result.output
+    longer = " ".join(f"w{i}" for i in range(900))
+    result = runner.invoke(app, ["generate", "builtin:micro-llama", "--prompt", longer, "--max-new-tokens", "20"])
+    assert result.exit_code == 2
+    assert "the prompt is 2504 tokens and the model's context is 1024 positions" in _one_error_line(result)
 
 
 def test_non_string_value_names_the_row(tmp_path):

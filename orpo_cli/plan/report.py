@@ -16,7 +16,7 @@ from typing import Any
 
 from orpo_cli.errors import UserError
 from orpo_cli.plan.gpus import DEFAULT_MFU, Gpu, step_seconds
-from orpo_cli.plan.shapes import ModelShape, StepSetup, pairs_of, worst_case_pairs
+from orpo_cli.plan.shapes import ModelShape, StepSetup, context_limit, pairs_of, worst_case_pairs
 from orpo_cli.plan.step import REFUSE_MARGIN, Lever, StepPlan, levers, plan_step, verdict
 from orpo_cli.plan.units import GIB, gib, human_flops, human_seconds
 from orpo_cli.recipe import LoraSettings, Recipe, ReftSettings, parse_reft_positions
@@ -363,6 +363,24 @@ def render(report: Report, console: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------ train's check
+def check_context_length(recipe: Recipe) -> None:
+    """Before `train` loads or writes anything: refuse an orpo.max_length beyond the model's context (its config's
+    max_position_embeddings, shapes.context_limit). Past it, a model with learned positions fails inside its
+    forward (IndexError) and one with rotary positions trains on positions it never saw. A model whose config
+    cannot be found here is left to the loader, which says why."""
+    try:
+        config, _ = model_config(recipe.model.name_or_path, recipe.model.revision)
+    except UserError:
+        return
+    limit = context_limit(config)
+    if limit is not None and recipe.orpo.max_length > limit:
+        raise UserError(
+            f"orpo.max_length: {recipe.orpo.max_length} tokens is longer than the context of "
+            f"{recipe.model.name_or_path}, {limit} positions (from its config.json); set "
+            f"orpo.max_length: {limit} or less (and orpo.max_prompt_length below it)"
+        )
+
+
 def check_before_training(recipe: Recipe, *, world_size: int, device: Any, echo: Any) -> None:
     """Before `train` loads anything: on CUDA, refuse (UserError, exit 2) a recipe predicted to need more than
     REFUSE_MARGIN x the device's free memory, naming the levers; on a CPU, one line with the predicted peak.

@@ -70,7 +70,7 @@ class ModelShape:
                 o_bias=model_type != "qwen2" and bool(config.get("attention_bias", False)),
                 mlp_bias=bool(config.get("mlp_bias", False)),
                 sliding_window=_window(config),
-                max_positions=config.get("max_position_embeddings"),
+                max_positions=context_limit(config),
                 stored_dtype=_dtype_name(config.get("torch_dtype") or config.get("dtype") or "float32"),
             )
         except (KeyError, TypeError, ValueError) as err:
@@ -113,6 +113,20 @@ class ModelShape:
 
 
 _KNOWN_TYPES = {"llama", "mistral", "qwen2", "phi3"}
+
+
+# The names model configs give their context length under (Llama/Qwen/Mistral, GPT-2, Falcon/MPT, ChatGLM, ...)
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "max_seq_len", "seq_length", "n_ctx")
+
+
+def context_limit(config: Mapping[str, Any] | Any) -> int | None:
+    """The longest sequence a model's positions cover, from its config (a config.json dict or a transformers
+    config object); None when the config does not say. The one reading of it: train, plan, eval and generate."""
+    for key in _CONTEXT_KEYS:
+        value = config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def _window(config: Mapping[str, Any]) -> int | None:

@@ -79,6 +79,7 @@ def start_run(
         pick_device,
         resolve_dtype,
     )
+    from orpo_cli.plan.report import check_context_length
     from orpo_cli.progress import Reporter
     from orpo_cli.training.batching import longest_sequence
     from orpo_cli.training.forward import batch_layout
@@ -96,6 +97,7 @@ def start_run(
     device = pick_device(recipe.model.device)
     check_quantization(recipe.quantization, device)
     check_model_source(recipe.model)
+    check_context_length(recipe)
     check_source(recipe.data)
     if plan_check and not procs.launched:  # the launching process checks once for all its workers
         from orpo_cli.plan.report import check_before_training
