@@ -380,6 +380,27 @@ def test_a_corrupt_local_model_is_one_line_naming_the_key(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_weights_that_do_not_fit_the_config_name_the_tensor_and_both_shapes(tmp_path):
+    from orpo_cli.models.builtin import resolve_model_path
+
+    model = tmp_path / "model"
+    shutil.copytree(resolve_model_path("builtin:micro-llama"), model)
+    config = json.loads((model / "config.json").read_text())
+    config["intermediate_size"] += 8  # 64 -> 72: every MLP weight now disagrees with the file
+    (model / "config.json").write_text(json.dumps(config))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(BASE.replace("builtin:micro-llama", str(model)).replace("DATA", str(FIXTURES / "pairs.jsonl")))
+    shapes = "model.layers.0.mlp.down_proj.weight is [32, 64] in model.safetensors but [32, 72] by config.json"
+    result = runner.invoke(app, ["train", str(recipe), "--output-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    line = _one_error_line(result)
+    assert line.startswith(f"error: model.name_or_path: {model}: the weights do not fit") and shapes in line, line
+    assert "(and 5 more tensors)" in line
+    assert not (tmp_path / "run").exists()
+    result = runner.invoke(app, ["generate", str(model), "--prompt", "hi"])
+    assert result.exit_code == 2 and shapes in _one_error_line(result), result.output
+
+
 def test_recipe_that_is_not_utf8(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_bytes(BASE.encode() + b"name: caf\xe9\n")

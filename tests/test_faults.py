@@ -280,3 +280,19 @@ def test_a_resume_after_a_kill_before_any_checkpoint_stops_and_force_starts_clea
     records = RunDir(out).read_metrics()
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 2, 4]
+
+
+def test_a_checkpoint_whose_shapes_differ_from_the_model_names_the_tensor_and_both_shapes(tmp_path):
+    import torch
+
+    from orpo_cli.errors import UserError
+    from orpo_cli.training.checkpoint import load_checkpoint, write_checkpoint
+
+    run = RunDir(tmp_path / "run")
+    saved = torch.nn.Linear(8, 4, bias=False)
+    optimizer = torch.optim.AdamW(saved.parameters())
+    write_checkpoint(run, 2, {"weight": saved.weight.detach()}, optimizer.state_dict(), {}, keep=1)
+    other = torch.nn.Linear(16, 4, bias=False)
+    with pytest.raises(UserError, match=r"step-2: weight is \[4, 8\] in the checkpoint but \[4, 16\] in the model"):
+        load_checkpoint(run.checkpoint(2), other, torch.optim.AdamW(other.parameters()))
+    assert load_checkpoint(run.checkpoint(2), saved, optimizer)[0] == 2

@@ -186,9 +186,15 @@ def _looks_local(name: str) -> bool:
 
 
 def _from_pretrained(loader: Any, name: str, path: str, **kwargs: Any) -> Any:
-    """Call a from_pretrained, turning 'cannot reach or find it' into one line that says what to do."""
+    """Call a from_pretrained, turning 'cannot reach or find it' into one line that says what to do, and weights
+    whose shapes differ from the config into one line naming the tensor and both shapes."""
     try:
         return loader(path, **kwargs)
+    except RuntimeError as err:
+        mismatch = shape_mismatch(Path(path), kwargs.get("trust_remote_code", False)) if _mismatched(err) else None
+        if mismatch is None:
+            raise
+        raise UserError(f"model.name_or_path: {name}: {mismatch}") from None
     except (OSError, ValueError) as err:
         if Path(path).expanduser().is_dir():
             first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
@@ -197,3 +203,48 @@ def _from_pretrained(loader: Any, name: str, path: str, **kwargs: Any) -> Any:
             f"model.name_or_path: could not load '{name}' from the Hugging Face hub (offline, or no such model); "
             "download it (e.g. `hf download NAME --local-dir DIR`) and set model.name_or_path: DIR"
         ) from None
+
+
+def _mismatched(err: BaseException) -> bool:
+    """transformers' refusal of weights whose shapes differ from the model its config builds (the details go to a
+    log report that names no tensor in the exception itself)."""
+    text = str(err)
+    return "ignore_mismatched_sizes" in text or "size mismatch" in text
+
+
+def shape_mismatch(path: Path, trust_remote_code: bool = False) -> str | None:
+    """'TENSOR is [a, b] in FILE but [c, d] by config.json (and N more)' for a model directory whose safetensors
+    weights do not fit the model its config.json builds; None when none is found (other key names, no files).
+    Reads only the safetensors headers and builds the model on the meta device: no weights are loaded."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not files:
+        return None
+    try:
+        from accelerate import init_empty_weights
+        from safetensors import safe_open
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        expected = {key: list(value.shape) for key, value in model.state_dict().items()}
+        found = []
+        for file in files:
+            with safe_open(str(file), "pt") as weights:
+                for key in weights.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    want = next((expected[k] for k in (key, f"model.{key}", key.removeprefix("model."))
+                                 if k in expected), None)
+                    have = list(weights.get_slice(key).get_shape())
+                    if want is not None and want != have:
+                        found.append((key, have, want, file.name))
+    except Exception:  # this only words an error already raised: never a second one
+        return None
+    if not found:
+        return None
+    key, have, want, file = found[0]
+    more = f" (and {len(found) - 1} more tensors)" if len(found) > 1 else ""
+    return (
+        f"the weights do not fit its config.json: {key} is {have} in {file} but {want} by config.json{more}; the "
+        "weights and config.json must come from the same model (was config.json edited or replaced?)"
+    )

@@ -175,7 +175,7 @@ def load_merged(path: Path, *, device: torch.device | None = None) -> Tuned:
     """A plain transformers causal LM directory (a merged export, or any model)."""
     from transformers import AutoModelForCausalLM
 
-    from orpo_cli.models.loading import quiet_libraries
+    from orpo_cli.models.loading import _mismatched, quiet_libraries, shape_mismatch
 
     quiet_libraries()
     path = Path(path)
@@ -185,6 +185,11 @@ def load_merged(path: Path, *, device: torch.device | None = None) -> Tuned:
     with stage("loading the model", blame=str(path)):  # what else the loader may raise on a broken directory
         try:
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
+        except RuntimeError as err:
+            mismatch = shape_mismatch(path) if _mismatched(err) else None
+            if mismatch is None:
+                raise
+            raise UserError(f"{path}: {mismatch}") from None
         except (OSError, ValueError) as err:
             first = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
             raise UserError(f"{path}: cannot load it as a causal language model: {first}") from None

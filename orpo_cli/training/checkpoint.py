@@ -20,6 +20,7 @@ from torch import nn
 
 from orpo_cli.adapters import trainable_state
 from orpo_cli.atomic import atomic_dir, remove_stale_temporaries
+from orpo_cli.errors import UserError
 from orpo_cli.rundir import RunDir
 from orpo_cli.storage import file_sha256
 
@@ -108,6 +109,12 @@ def load_checkpoint(
     missing = [name for name in weights if name not in params]
     if missing:
         raise ValueError(f"checkpoint {path} has weights this model lacks: {missing[:3]}")
+    for name, value in weights.items():
+        if value.shape != params[name].shape:
+            raise UserError(
+                f"--resume: {path}: {name} is {list(value.shape)} in the checkpoint but {list(params[name].shape)} in "
+                "the model the recipe builds; resume with the run's own recipe and model"
+            )
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
