@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 DEMO    := runs/tiny-lora
 
-.PHONY: install demo demo-real test lint bench bench-real lock clean
+.PHONY: install demo demo-real test lint bench bench-real gpu-check gpu-bundle lock clean
 
 # uv itself: the one on PATH, else installed with pip on first use.
 UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
@@ -63,6 +63,18 @@ bench: install
 # (builtin:smollm2-135m-instruct, random weights), 2 pairs per step, 1 + 3 steps; ~4 minutes on 2 cores.
 bench-real: install
 	$(PY) bench/orpo_bench.py --model builtin:smollm2-135m-instruct --rows 200 --steps 3 --warmup 1 --batch 2 --nll-on-prompt true $(BENCH_ARGS)
+
+# The whole product on one CUDA GPU in one command (bench/gpu_check.py, docs/performance.md "On a GPU"): GPU-only
+# tests, every tiny recipe with kill -9 + --resume, SmolLM2 with LoRA and QLoRA, the bench against TRL at SmolLM2's
+# and Llama-3-8B's shapes, the planner against measured peak memory; one table, one JSON in runs/gpu-check/.
+# Without CUDA: one line, exit 2 (`.venv/bin/python bench/gpu_check.py --cpu-dry-run` for the tiny CPU run).
+gpu-check: install
+	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+# What a GPU machine without network needs for the same check (.gpu-bundle/, <= 60 MiB: the wheels it lacks at
+# uv.lock's versions, orpo-tune's wheel, SmolLM2's config and tokenizer); there: bash bench/gpu_check_lent.sh
+gpu-bundle: install
+	$(PY) bench/gpu_bundle.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -626,7 +626,11 @@ def _prepare(args: argparse.Namespace, work: Path) -> None:
     default = torch.get_default_dtype()
     torch.set_default_dtype(_torch_dtype(args))  # initialised in the benchmark's dtype: an 8B fp32 copy is 32 GB
     try:
-        AutoModelForCausalLM.from_config(config).save_pretrained(str(work / "model"))
+        # On a GPU the random initialisation runs there: 8B parameters drawn on a CPU take minutes.
+        with torch.device(_device(args)):
+            model = AutoModelForCausalLM.from_config(config)
+        model.save_pretrained(str(work / "model"))
+        del model
     finally:
         torch.set_default_dtype(default)
     tokenizer.save_pretrained(str(work / "model"))  # the model directory is a complete local model
