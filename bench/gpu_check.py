@@ -74,7 +74,8 @@ _DRY_TINY = ["model.name_or_path=builtin:micro-llama", "data.train.max_rows=64",
              "train.eval_every=4", "train.log_every=1", "data.eval_ratio=0.1"]
 # Wall seconds a stage needs on one H100 (estimates: the interpreter starts, loading, the steps); with less of the
 # budget left it is skipped rather than cut off half-way.
-_NEEDS_S = {"gpu-tests": 100, "bench-smollm2": 45, "bench-llama3-8b-4bit": 150}
+_NEEDS_S = {"plan": 45, "recipes": 60, "real-shape": 45, "bench-smollm2": 45, "gpu-tests": 100,
+           "bench-llama3-8b-4bit": 150}
 _LONG_WORDS = ("the model reads a long prompt about rivers mountains and weather then answers with a long "
                "reply that names every step of the method and the reason for it in plain words").split()
 
@@ -448,7 +449,7 @@ class GpuCheck:
                 if time.monotonic() > deadline:
                     raise Failed(f"{out.name}: no checkpoint step-{save} in time")
                 time.sleep(0.01)
-            delay = random.Random(len(self.results)).uniform(0.0, 0.3 if self.cuda else 0.5)
+            delay = random.Random(out.name).uniform(0.0, 0.3 if self.cuda else 0.5)  # seeded: a failure says when
             time.sleep(delay)
             if proc.poll() is not None:
                 raise Failed(f"{out.name}: the run ended before the kill ({delay:.2f} s after step-{save})")

@@ -32,13 +32,21 @@ then exit 2; fi
 
 # A venv made from inside another venv (this machine's python3 is /opt/torch/.venv's) sees the base
 # interpreter's packages, not that venv's: --system-site-packages, and the machine's site-packages by a .pth.
+# Without the venv module: the wheels in a folder of their own, put first on PYTHONPATH.
 rm -rf "$VENV"
-$PY -m venv --system-site-packages --without-pip "$VENV" || exit 2
-SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-$PY -c 'import site; print("\n".join(site.getsitepackages()))' > "$SITE/_machine_site_packages.pth"
+if $PY -m venv --system-site-packages --without-pip "$VENV"; then
+    RUN_PY="$VENV/bin/python"
+    SITE=$("$RUN_PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    $PY -c 'import site; print("\n".join(site.getsitepackages()))' > "$SITE/_machine_site_packages.pth"
+else
+    echo "gpu-check: no venv module in $PY: installing the wheels into $VENV/site on PYTHONPATH instead"
+    RUN_PY=$PY
+    SITE="$VENV/site"
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
 $PY -m pip install --quiet --no-index --no-deps --no-compile --disable-pip-version-check --target "$SITE" \
     "$BUNDLE"/wheels/*.whl || exit 2
 
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 ORPO_TUNE_CACHE=${ORPO_TUNE_CACHE:-/tmp/orpo-tune-cache}
-"$VENV/bin/python" bench/gpu_check.py --bundle "$BUNDLE" --out "$RESULTS" --workdir /tmp/orpo-gpu-check \
+"$RUN_PY" bench/gpu_check.py --bundle "$BUNDLE" --out "$RESULTS" --workdir /tmp/orpo-gpu-check \
     --budget-s "$BUDGET_S" "$@" 2>&1 | tee "$RESULTS/gpu-check.log"

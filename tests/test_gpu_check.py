@@ -120,8 +120,10 @@ def test_resume_comparison_and_requirement_checks_catch_differences():
         gpu_check._compare(a, {"v": torch.tensor([1.0, 2.0])})
     assert gpu_check._unmet(["orpo-tune"]) == []  # the lock's versions meet orpo-tune's ranges
     # a package whose requirement the installed version refuses is named, with what is installed
+    from importlib import metadata
+
     unmet = _unmet_with_fake_requirement(gpu_check)
-    assert unmet == [f"fake-needs needs torch>=99 (installed: {torch.__version__})"]
+    assert unmet == [f"fake-needs needs torch>=99 (installed: {metadata.version('torch')})"]
 
 
 def _unmet_with_fake_requirement(module) -> list[str]:
