@@ -562,6 +562,9 @@ class GpuCheck:
             entry = {"planned": planned, "measured": measured}
             if measured.get("max_memory_allocated"):
                 entry["ratio"] = round(planned["allocated"] / measured["max_memory_allocated"], 3)
+                # the whole plan against what nvidia-smi would show: torch's reserved peak plus the context
+                entry["ratio_with_cuda_terms"] = round(
+                    planned["train_peak"] / (measured["max_memory_reserved"] + measured["context_bytes"]), 3)
             figures[name] = entry
         if not self.cuda:
             skip = Skip("the ratio needs CUDA (torch.cuda.max_memory_allocated); planned here: " + ", ".join(
