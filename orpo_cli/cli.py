@@ -162,7 +162,7 @@ def train(
     from orpo_cli.training.setup import run_dir_for, start_run
 
     try:
-        with writing_run(run_dir_for(loaded).root, "train", take=writes_the_run(node_rank)):  # one writer a run
+        with writing_run(run_dir_for(loaded).root, "train", take=writes_the_run(node_rank), blame="output_dir"):
             start_run(loaded, resume=resume, force=force, machines=Machines(nnodes, node_rank, rdzv_endpoint),
                       plan_check=not no_plan_check)
     except QuietExit as err:  # the workers (or rank 0) already said why

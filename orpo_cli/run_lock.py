@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from orpo_cli.errors import UserError
+from orpo_cli.errors import UserError, stage
 
 LOCK_NAME = "orpo-tune.lock"
 
@@ -31,16 +31,17 @@ def lock_path(root: Path) -> Path:
 
 
 @contextlib.contextmanager
-def writing_run(root: Path, verb: str, *, take: bool = True) -> Iterator[None]:
+def writing_run(root: Path, verb: str, *, take: bool = True, blame: str | None = None) -> Iterator[None]:
     """Hold RUN's lock for `verb` inside the block; `take=False` (a worker whose launcher holds it, a rank other
     than 0) holds nothing. A directory this creates for its lock is removed again if it ends up holding
-    nothing else (a refused train leaves nothing on disk)."""
+    nothing else (a refused train leaves nothing on disk). `blame`: the setting a file-system error names."""
     if not take:
         yield
         return
     root = Path(root)
     created = [p for p in (root, *root.parents) if not p.exists()]  # what mkdir will create, deepest first
-    mine = acquire(root, verb)
+    with stage("locking the run directory", blame=blame):
+        mine = acquire(root, verb)
     try:
         yield
     finally:
@@ -64,8 +65,6 @@ def writes_the_run(node_rank: int = 0) -> bool:
 def acquire(root: Path, verb: str) -> dict[str, Any] | None:
     """Take RUN's lock for `verb`, or raise UserError naming the process that holds it. Returns the record
     written (None when an ancestor of this process, e.g. the `--nproc` launcher, already holds it)."""
-    from orpo_cli.atomic import atomic_write_text
-
     root.mkdir(parents=True, exist_ok=True)
     path = lock_path(root)
     with _exclusive(root):
@@ -75,7 +74,9 @@ def acquire(root: Path, verb: str) -> dict[str, Any] | None:
                 return None
             raise UserError(_in_use(root, holder))
         mine = _record(verb)
-        atomic_write_text(path, json.dumps(mine) + "\n")  # replaces a stale lock, if any
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # whole or absent: readers never see half
+        tmp.write_text(json.dumps(mine) + "\n", encoding="utf-8")
+        os.replace(tmp, path)  # replaces a stale lock, if any
         return mine
 
 
