@@ -323,7 +323,11 @@ class TrainSettings(_Section):
         200, ge=1, description="Checkpoint every N steps (and at the end); null: only at the end."
     )
     keep_checkpoints: int = Field(2, ge=1, description="Keep the newest N checkpoints.")
-    tensorboard: bool = Field(True, description="Write TensorBoard event files under the run directory.")
+    tensorboard: bool = Field(
+        True,
+        description="Write TensorBoard event files under the run directory; false takes tensorboard out of "
+        "tracking.backends (the older switch, kept for existing recipes).",
+    )
 
 
 # ----------------------------------------------------------------------------------------- distributed
@@ -381,6 +385,69 @@ class DistributedSettings(_Section):
         raise ValueError("must be auto or a whole number of processes >= 1")
 
 
+# -------------------------------------------------------------------------------------------- tracking
+# Each tracker is an optional extra: the package it needs and the extra that installs it.
+TRACKER_PACKAGES = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
+
+
+class MlflowSettings(_Section):
+    tracking_uri: str | None = Field(
+        None,
+        description="Where MLflow keeps runs: http(s)://HOST:PORT (an `mlflow server`), sqlite:///FILE.db or a "
+        "directory; None: $MLFLOW_TRACKING_URI, else MLflow's default.",
+    )
+
+
+class WandbSettings(_Section):
+    entity: str | None = Field(None, description="W&B team or user owning the project; None: your default.")
+    mode: Literal["online", "offline"] | None = Field(
+        None,
+        description="online uploads as it trains (needs `wandb login` or WANDB_API_KEY); offline writes "
+        "RUN/wandb/ for a later `wandb sync`; None: $WANDB_MODE, else online.",
+    )
+
+
+class TrackingSettings(_Section):
+    backends: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Where the run is tracked: tensorboard (RUN/tensorboard/), mlflow and/or wandb (each "
+        "through its own client: pip install 'orpo-tune[mlflow]' / 'orpo-tune[wandb]'). [] for none.",
+    )
+    project: str = Field(
+        "orpo-tune", description="The MLflow experiment and the W&B project the run is logged under."
+    )
+    run_name: str | None = Field(None, description="The tracked run's name; None: the recipe's name.")
+    tags: list[str] = Field(
+        default_factory=list,
+        description="Tags of the tracked run: W&B tags as written; in MLflow KEY=VALUE sets tag KEY, a bare "
+        "word sets it to true.",
+    )
+    artifacts: bool = Field(
+        True,
+        description="At the end, upload the adapter (the whole model for adapter kind none), the curves PNG and "
+        "the eval table as artifacts of the tracked run.",
+    )
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings, description="MLflow options.")
+    wandb: WandbSettings = Field(default_factory=WandbSettings, description="Weights & Biases options.")
+
+    @field_validator("backends")
+    @classmethod
+    def _installed_once(cls, v: list[str]) -> list[str]:
+        from importlib.util import find_spec
+
+        twice = sorted({b for b in v if v.count(b) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} listed twice; list each backend once")
+        for backend in v:
+            package, extra = TRACKER_PACKAGES.get(backend, (None, None))
+            if package is not None and find_spec(package) is None:
+                raise ValueError(
+                    f"{backend} needs the Python package {package}, which is not installed: "
+                    f"pip install 'orpo-tune[{extra}]' (or remove {backend} from the list)"
+                )
+        return v
+
+
 # ---------------------------------------------------------------------------------------------- recipe
 class Recipe(_Section):
     name: str | None = Field(None, description="Run name; defaults to the recipe file's name.")
@@ -400,6 +467,10 @@ class Recipe(_Section):
         default_factory=DistributedSettings,
         description="Several GPUs or machines: strategy (ddp, fsdp, deepspeed) and processes per machine.",
     )
+    tracking: TrackingSettings = Field(
+        default_factory=TrackingSettings,
+        description="Where runs are watched: TensorBoard, MLflow, Weights & Biases (docs/tracking.md).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -415,6 +486,19 @@ class Recipe(_Section):
                 "adapter.kind: none trains every weight and cannot train quantized weights; "
                 "set quantization.mode: none or use a lora/reft adapter"
             )
+        # train.tensorboard (the older switch) and tracking.backends say one thing in the resolved recipe.
+        listed = "tensorboard" in self.tracking.backends
+        if "tensorboard" in self.train.model_fields_set and self.train.tensorboard and not listed and (
+            "backends" in self.tracking.model_fields_set
+        ):
+            raise ValueError(
+                "train.tensorboard: true, but tracking.backends leaves tensorboard out; "
+                "add tensorboard to tracking.backends (and drop train.tensorboard)"
+            )
+        if not self.train.tensorboard and listed:
+            self.tracking.backends = [b for b in self.tracking.backends if b != "tensorboard"]
+        if self.train.tensorboard and not listed:
+            self.train.tensorboard = False
         return self
 
     def resolved(self) -> dict[str, Any]:

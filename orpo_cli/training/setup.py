@@ -81,6 +81,7 @@ def start_run(
     )
     from orpo_cli.plan.report import check_context_length
     from orpo_cli.progress import Reporter
+    from orpo_cli.tracking import check_tracking, end_tracking, system_facts, trackers_for
     from orpo_cli.training.batching import longest_sequence
     from orpo_cli.training.forward import batch_layout
     from orpo_cli.training.loop import fit
@@ -99,6 +100,7 @@ def start_run(
     check_model_source(recipe.model)
     check_context_length(recipe)
     check_source(recipe.data)
+    check_tracking(recipe.tracking)
     if plan_check and not procs.launched:  # the launching process checks once for all its workers
         from orpo_cli.plan.report import check_before_training
 
@@ -115,12 +117,15 @@ def start_run(
             if device.type == "cuda"
             else "no"
         )
+    facts = system_facts(device=str(device), dtype=str(dtype).removeprefix("torch."), processes=procs.world_size)
+    trackers = trackers_for(recipe.tracking, run, run_name=recipe.name or run.root.name, facts=facts, resume=resume,
+                            note=_to_stderr)
     with stage("setting up accelerate", blame="train.mixed_precision / distributed"):
         accelerator = Accelerator(
             cpu=device.type == "cpu",
             mixed_precision=mixed,
             gradient_accumulation_steps=recipe.train.gradient_accumulation,
-            log_with="tensorboard" if recipe.train.tensorboard else None,
+            log_with=trackers or None,
             project_dir=str(run.root),
             **accelerate_plugins(recipe.distributed, recipe.train),
         )
@@ -182,8 +187,8 @@ def start_run(
             raise
         use_run_log(run.root)  # from here on, a traceback of ours goes to RUN/error.log
     accelerator.wait_for_everyone()
-    if recipe.train.tensorboard:
-        with stage("starting TensorBoard", blame="train.tensorboard"):
+    if trackers:  # TensorBoard writes under RUN/tensorboard/; MLflow and W&B open (or, on --resume, reopen) a run
+        with stage("starting the trackers", blame="tracking"):
             accelerator.init_trackers("tensorboard", config=_flat_config(recipe.resolved()))
 
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]  # before any wrapping
@@ -206,13 +211,12 @@ def start_run(
                 reporter=reporter,
             )
     except (Interrupted, RunFailed) as err:
+        end_tracking(accelerator.trackers, err)
         if not accelerator.is_main_process:  # every rank stops alike; rank 0 says why
             raise QuietExit(130 if isinstance(err, Interrupted) else 1) from None
         raise
     with stage("saving the adapter"):
         _save_adapter(recipe, adapter, result.model or model, trainable_names, strategy, run)
-    accelerator.end_training()
-
     if result.first_eval or result.last_eval:
         rows = [
             [
@@ -227,6 +231,8 @@ def start_run(
         )
     if accelerator.is_main_process:
         _plot_if_possible(run, reporter)
+    with stage("finishing the tracked runs", blame="tracking"):
+        accelerator.end_training()  # the trackers upload the adapter, the curves and the eval table, then close
     reporter.note(f"run directory: {run.root}  (adapter in {run.adapter})")
     return run
 
