@@ -241,8 +241,14 @@ def eval_(
     batch_size: Annotated[int | None, typer.Option(help="Pairs per forward pass (default: the run's "
                                                    "eval batch size).", show_default=False)] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest sample answer, in tokens.")] = 64,
+    tasks: Annotated[str | None, typer.Option(help="Run these lm-evaluation-harness tasks instead (comma-separated: "
+                                              "lm-eval's names, or the built-in offline short_answers); results "
+                                              "under `benchmarks` in RUN_DIR/eval.json.", show_default=False)] = None,
+    limit: Annotated[int | None, typer.Option(help="With --tasks: the first N examples of each task only.",
+                                              show_default=False)] = None,
 ) -> None:
-    """Held-out preference metrics of a run (accuracy, log odds ratio, margin, NLL), base vs tuned."""
+    """Held-out preference metrics of a run (accuracy, log odds ratio, margin, NLL), base vs tuned; with --tasks,
+    standard benchmarks through lm-evaluation-harness (docs/tracking.md#benchmarks)."""
     from rich.console import Console
 
     from orpo_cli.evaluate import EVAL_FILE, eval_table, read_samples, run_eval, samples_table
@@ -254,6 +260,12 @@ def eval_(
     _at_least("--batch-size", batch_size, 1)
     _at_least("--max-new-tokens", max_new_tokens, 1)
     run = open_run(run_dir)
+    if tasks is not None:
+        _benchmarks(run, tasks, base=base, limit=limit, batch_size=batch_size, json_=json_,
+                    others={"--data": data is not None, "--samples": samples > 0})
+        return
+    if limit is not None:
+        raise UserError("--limit applies to --tasks (lm-eval benchmarks); drop it, or add --tasks")
     with writing_run(run.root, "eval"):  # it writes RUN/eval.json (and samples.jsonl)
         result = run_eval(run, data=data, base=base, samples=samples, batch_size=batch_size,
                           max_new_tokens=max_new_tokens, reporter=Reporter())
@@ -268,6 +280,34 @@ def eval_(
         columns, rows = samples_table(read_samples(run))
         table.table(f"greedy answers to {len(rows)} eval prompts", columns, rows, text=True)
     typer.echo(f"wrote {run.root / EVAL_FILE}" + (f" and {result['samples']}" if "samples" in result else ""))
+
+
+def _benchmarks(run: Any, tasks: str, *, base: bool, limit: int | None, batch_size: int | None, json_: bool,
+                others: dict[str, bool]) -> None:
+    """`eval RUN --tasks ...`: lm-evaluation-harness on the tuned model (and the base), side by side."""
+    from rich.console import Console
+
+    from orpo_cli.benchmarks import benchmark_table, check_lm_eval, parse_tasks, run_benchmarks
+    from orpo_cli.evaluate import EVAL_FILE
+    from orpo_cli.progress import Reporter
+    from orpo_cli.run_lock import writing_run
+
+    for option, given in others.items():
+        if given:
+            raise UserError(f"{option} applies to the preference eval, not to --tasks; run them as two commands")
+    _at_least("--limit", limit, 1)
+    names = parse_tasks(tasks)
+    check_lm_eval()
+    with writing_run(run.root, "eval"):  # it writes RUN/eval.json
+        result, _ = run_benchmarks(run, names, base=base, limit=limit, batch_size=batch_size or 8,
+                                   reporter=Reporter())
+    if json_:
+        typer.echo(json.dumps(result))
+        return
+    columns, rows = benchmark_table(result)
+    typer.echo(f"lm-evaluation-harness on {run.root}" + (f" (first {limit} per task)" if limit else ""))
+    Reporter(console=Console()).table("", columns, rows)
+    typer.echo(f"wrote {run.root / EVAL_FILE} (benchmarks)")
 
 
 @app.command()

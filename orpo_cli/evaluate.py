@@ -197,6 +197,11 @@ def run_eval(
         ]
         atomic_write_text(run.root / SAMPLES_FILE, "".join(line + "\n" for line in lines))
         result["samples"] = str(run.root / SAMPLES_FILE)
+    previous = run.root / EVAL_FILE
+    if previous.is_file():  # what `eval --tasks` wrote (benchmarks.py) stays beside the preference metrics
+        kept = json.loads(previous.read_text(encoding="utf-8")).get("benchmarks")
+        if kept is not None:
+            result["benchmarks"] = kept
     atomic_write_text(run.root / EVAL_FILE, json.dumps(result, indent=2) + "\n")
     return result
 

@@ -176,6 +176,7 @@ class _RunTracker(GeneralTracker):
             kind, step = _kind(record), int(record.get("step", 0))
             if step not in held[kind]:
                 self.send(_numbers(record), step)
+                held[kind].add(step)
             self.logged_until[kind] = max(self.logged_until[kind], step)
 
     def log(self, values: dict, step: int | None = None, **kwargs: Any) -> None:

@@ -245,7 +245,7 @@ def test_a_run_tracked_on_an_mlflow_server(tmp_path, mlflow_db):
                 assert time.time() < deadline, "mlflow server did not answer within 120 s"
                 time.sleep(0.5)
         out = tmp_path / "run"
-        result = runner.invoke(app, _args(out, 4, "[mlflow]", uri, "--set", "tracking.project=served",
+        result = runner.invoke(app, _args(out, 4, "[tensorboard,mlflow]", uri, "--set", "tracking.project=served",
                                           "--set", "tracking.run_name=on-server"))
         assert result.exit_code == 0, result.output
         client = MlflowClient(uri)
@@ -255,6 +255,7 @@ def test_a_run_tracked_on_an_mlflow_server(tmp_path, mlflow_db):
         held = _mlflow_metrics(client, runs[0].info.run_id, {k for k, _ in expected})
         assert held == {k: [v] for k, v in expected.items()}
         assert "adapter" in {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+        assert list((out / "tensorboard").rglob("events.out.tfevents.*"))  # and TensorBoard beside it
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and its workers
         try:
