@@ -409,7 +409,11 @@ def generate(
             history = []
             continue
         if text:
-            reply = answer(text, history)
+            try:
+                reply = answer(text, history)
+            except UserError as err:  # e.g. the conversation outgrew the model's context: say so, keep the chat
+                typer.echo(f"error: {err}", err=True)
+                continue
             history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
 
 

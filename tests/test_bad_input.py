@@ -258,6 +258,11 @@ def test_generate_stops_at_the_models_context_with_a_note_and_refuses_a_prompt_t
     result = runner.invoke(app, ["generate", "builtin:micro-llama", "--prompt", longer, "--max-new-tokens", "20"])
     assert result.exit_code == 2
     assert "the prompt is 2504 tokens and the model's context is 1024 positions" in _one_error_line(result)
+    # a chat that outgrows the context says so and goes on
+    chat = runner.invoke(app, ["generate", "builtin:micro-llama", "--interactive", "--max-new-tokens", "3"],
+                         input=f"hi\n{longer}\n/reset\nhello\n")
+    assert chat.exit_code == 0, chat.output
+    assert chat.output.count("error: the prompt is") == 1 and chat.output.count("> ") >= 4, chat.output  # to the end
 
 
 def test_non_string_value_names_the_row(tmp_path):
