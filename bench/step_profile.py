@@ -6,7 +6,7 @@ directory, ``data.jsonl``), runs one micro-batch forward and backward the way th
 
 * ``saved``: the bytes autograd keeps for the backward, per token of the batch, by part
   (``attn_norm``, ``q/k/v`` LoRA, attention, ``o_proj``, ``mlp_norm``, ``gate/up``, ``act`` (SiLU, where the
-  MLP is not fused), ``mlp_product`` (the gate/up product: with training/gated_mlp.py, gate and up), ``down_proj``,
+  MLP is not fused), ``mlp_product`` (the gate/up product: with kernels/gated_mlp.py, gate and up), ``down_proj``,
   ``head``, ``other``). Each tensor is counted once, by its storage (q, k and v's LoRA read the same input
   tensor: it is kept once), parameters and their views are left out (frozen weights cost nothing per
   token), a dropout mask is counted at its real size (one byte per element);
@@ -80,8 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(recipe.model, recipe.quantization, torch.device("cpu"), torch.float32)
     adapter = build_adapter(recipe.adapter)
     model = adapter.attach(model, quantized=False, gradient_checkpointing=recipe.train.gradient_checkpointing)
-    if not args.plain:
-        _as_training_does(model, recipe)
+    paths = _as_training_does(model, adapter, recipe) if not args.plain else None
     model.train()
     layout = args.layout or batch_layout(adapter, model, longest_sequence(pairs))
     batch = collate_pairs(chunk, tokenizer.pad_token_id, layout=layout)
@@ -103,12 +102,21 @@ def main(argv: list[str] | None = None) -> None:
                       "total_mb": round(sum(by_part.values()) / 2**20, 1)}))
     model.zero_grad(set_to_none=True)
     _time(model, step, args.top)
+    if paths is not None:
+        paths.undo()
 
 
-def _as_training_does(model: Any, recipe: Any) -> None:
-    from orpo_cli.training.setup import apply_exact_savings
+def _as_training_does(model: Any, adapter: Any, recipe: Any) -> Any:
+    """The speed paths training/setup.py installs on a CPU run; the caller undoes them (.undo())."""
+    import torch
 
-    apply_exact_savings(model, gradient_checkpointing=recipe.train.gradient_checkpointing)
+    from orpo_cli.kernels import apply_speed_paths
+
+    paths = apply_speed_paths(model, device="cpu", dtype=torch.float32, adapter=adapter,
+                              setting=recipe.train.speed_paths,
+                              gradient_checkpointing=recipe.train.gradient_checkpointing)
+    print(json.dumps(paths.record()))
+    return paths
 
 
 def _rss_mb(field: str) -> float:
@@ -172,7 +180,7 @@ def _saved_bytes(model: Any, step: Any) -> dict[str, int]:
             seen[ptr] = (stack[-1], storage.nbytes())
         return t
 
-    from orpo_cli.training.recompute import observing_kept
+    from orpo_cli.kernels.recompute import observing_kept
 
     # The recomputation's hooks are the innermost: what it keeps is seen through observing_kept.
     with observing_kept(model, pack), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

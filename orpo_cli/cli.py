@@ -14,6 +14,7 @@ import typer
 
 from orpo_cli import __version__
 from orpo_cli.errors import DEBUG_ENV, UserError, framework_exit, report, use_run_log
+from orpo_cli.rundir import RunDir
 
 app = typer.Typer(
     name="orpo-tune",
@@ -164,9 +165,22 @@ def train(
     try:
         with writing_run(run_dir_for(loaded).root, "train", take=writes_the_run(node_rank), blame="output_dir"):
             start_run(loaded, resume=resume, force=force, machines=Machines(nnodes, node_rank, rdzv_endpoint),
-                      plan_check=not no_plan_check)
+                      plan_check=not no_plan_check, after_fit=_draw_curves)
     except QuietExit as err:  # the workers (or rank 0) already said why
         raise typer.Exit(err.code) from None
+
+
+def _draw_curves(run: RunDir) -> None:
+    """Training curves into the run directory when matplotlib is installed (it is an optional extra)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        typer.echo("no training-curves.png: pip install 'orpo-tune[plot]' for it, then `orpo-tune plot RUN_DIR`",
+                   err=True)
+        return
+    from orpo_cli.plots import plot_run
+
+    typer.echo(f"training curves: {plot_run(run)}", err=True)
 
 
 @app.command()

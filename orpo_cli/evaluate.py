@@ -74,19 +74,24 @@ def heldout_metrics(
 
     See `eval_numbers` for what each one is.
     """
+    from orpo_cli.kernels import apply_speed_paths
+
     ordered = sorted(pairs, key=lambda p: len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)))
-    m = preference_metrics(
-        model,
-        adapter,
-        ordered,  # by length, to pad less: the set-level sums do not depend on the order
-        batch_size=batch_size,
-        lam=1.0,
-        nll_on_prompt=False,
-        pad_token_id=pad_token_id,
-        device=device,
-        layout=batch_layout(adapter, model, longest_sequence(pairs)),
-        progress=progress,
-    )
+    dtype = next(model.parameters()).dtype
+    # Inference: of the speed paths, only the prefix/packed layouts' block attention changes anything here.
+    with apply_speed_paths(model, device=device, dtype=dtype, adapter=adapter, only=("block_attention",)):
+        m = preference_metrics(
+            model,
+            adapter,
+            ordered,  # by length, to pad less: the set-level sums do not depend on the order
+            batch_size=batch_size,
+            lam=1.0,
+            nll_on_prompt=False,
+            pad_token_id=pad_token_id,
+            device=device,
+            layout=batch_layout(adapter, model, longest_sequence(pairs)),
+            progress=progress,
+        )
     return eval_numbers(m, len(pairs))
 
 

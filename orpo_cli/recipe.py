@@ -309,6 +309,13 @@ class TrainSettings(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory."
     )
+    speed_paths: Literal["auto", "off"] = Field(
+        "auto",
+        description="The step's speed paths (orpo_cli/kernels: fused RoPE, RMSNorm, SiLU product, recomputed "
+        "activations, LoRA's in-place update, block attention): auto installs those verified for the device, "
+        "dtype and model type (the run logs which, and RUN/speed_paths.json keeps it); off runs transformers' "
+        "and PEFT's own code.",
+    )
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="Autocast dtype; auto follows the model dtype on GPU and is off on CPU."
     )
@@ -331,6 +338,14 @@ class TrainSettings(_Section):
 
 
 # ----------------------------------------------------------------------------------------- distributed
+
+    @field_validator("speed_paths", mode="before")
+    @classmethod
+    def _off_as_yaml_reads_it(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML reads a bare `off` as false
+
+
+
 class FsdpSettings(_Section):
     sharding_strategy: Literal["full_shard", "shard_grad_op", "hybrid_shard", "no_shard"] = Field(
         "full_shard",

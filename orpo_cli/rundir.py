@@ -4,6 +4,7 @@ RUN/recipe.yaml        the fully resolved recipe
 RUN/metrics.jsonl      one JSON object per logged step (train metrics, eval_ metrics)
 RUN/adapter/           the trained adapter (or the full model for adapter kind none)
 RUN/tokenizer/         the tokenizer, with its chat template
+RUN/speed_paths.json   the speed paths the run applied and skipped (and why)
 RUN/checkpoints/step-N resumable checkpoints
 RUN/tensorboard/       TensorBoard event files
 RUN/orpo-tune.lock     while a verb writes into the run: which process (run_lock.py)
@@ -40,6 +41,10 @@ class RunDir:
     @property
     def tokenizer(self) -> Path:
         return self.root / "tokenizer"
+
+    @property
+    def speed_paths(self) -> Path:
+        return self.root / "speed_paths.json"
 
     @property
     def checkpoints(self) -> Path:

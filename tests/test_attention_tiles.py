@@ -1,4 +1,4 @@
-"""The CPU tiled block attention (orpo_cli.training.attention_tiles): its blocks, and its output and gradients
+"""The CPU tiled block attention (orpo_cli.kernels.attention_tiles): its blocks, and its output and gradients
 against plain sdpa under the prefix layout's dense 4-D mask (float64), with tiles small enough that every
 query tile merges several key blocks."""
 
@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import orpo_cli.training.attention_tiles as tiles_mod
+import orpo_cli.kernels.attention_tiles as tiles_mod
 import orpo_cli.training.shared_prompt as prefix
 from orpo_cli.data.pairs import TokenizedPair
-from orpo_cli.training.attention_tiles import Block, plan_tiles, tiled_attention
-from orpo_cli.training.shared_prompt import attention_mask_4d, block_attention
+from orpo_cli.kernels.attention_tiles import Block, plan_tiles, tiled_attention
+from orpo_cli.kernels.block_attention import block_attention
+from orpo_cli.training.shared_prompt import attention_mask_4d
 
 pytestmark = pytest.mark.skipif(not tiles_mod.available(), reason="this torch has no CPU flash-attention operators")
 
@@ -136,6 +137,7 @@ def test_real_smollm2_layers_give_the_padded_layouts_loss_and_gradients_through_
     layout, through the tiles, against the padded layout (plain sdpa with a 2-D mask, as TRL runs it)."""
     import contextlib
 
+    from orpo_cli.kernels import apply_speed_paths
     from orpo_cli.training.batching import collate_pairs
     from orpo_cli.training.forward import orpo_forward
 
@@ -151,6 +153,8 @@ def test_real_smollm2_layers_give_the_padded_layouts_loss_and_gradients_through_
     calls = []
     real_tiled = tiles_mod.tiled_attention
     results = {}
+    installed = apply_speed_paths(model, device="cpu", dtype=torch.float32, adapter=_NoAdapter(),
+                                  only=("block_attention",))
     for layout in ("padded", "packed"):
         tiles_mod.tiled_attention = lambda *a: calls.append(1) or real_tiled(*a)
         try:
@@ -161,6 +165,7 @@ def test_real_smollm2_layers_give_the_padded_layouts_loss_and_gradients_through_
             tiles_mod.tiled_attention = real_tiled
         if layout == "padded":
             assert calls == []
+    installed.undo()
     assert len(calls) == 4  # one call per layer in the packed forward
     (loss_p, grads_p), (loss_t, grads_t) = results["padded"], results["packed"]
     torch.testing.assert_close(loss_t, loss_p, rtol=0, atol=2e-5)

@@ -110,6 +110,7 @@ def test_two_processes_agree_with_one_process_on_the_same_global_batch(tmp_path)
         "checkpoints",
         "metrics.jsonl",
         "recipe.yaml",
+        "speed_paths.json",
         "tokenizer",
         "training-curves.png",
     ]

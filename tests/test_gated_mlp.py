@@ -1,4 +1,4 @@
-"""orpo_cli.training.gated_mlp: the SiLU-gated product in row blocks, bit for bit the two ops it replaces."""
+"""orpo_cli.kernels.gated_mlp: the SiLU-gated product in row blocks, bit for bit the two ops it replaces."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import orpo_cli.training.gated_mlp as gated
-from orpo_cli.training.gated_mlp import fuse_gated_mlps, is_fused, silu_product
+import orpo_cli.kernels.gated_mlp as gated
+from orpo_cli.kernels.gated_mlp import fuse_gated_mlps, is_fused, silu_product
 
 
 def _mlp(act: nn.Module | None = None, hidden: int = 24, width: int = 40) -> nn.Module:

@@ -18,6 +18,8 @@ import torch
 
 from orpo_cli.adapters import build_adapter
 from orpo_cli.data.pairs import TokenizedPair
+from orpo_cli.kernels import apply_speed_paths
+from orpo_cli.kernels.recompute import observing_kept
 from orpo_cli.models.builtin import materialize_builtin
 from orpo_cli.models.loading import load_model
 from orpo_cli.plan.memory import activation_bytes, head_transient, recompute_bytes, trainable_tensors
@@ -27,8 +29,6 @@ from orpo_cli.recipe import FullSettings, LoraSettings, ModelSettings, Quantizat
 from orpo_cli.training.batching import collate_pairs
 from orpo_cli.training.forward import orpo_forward
 from orpo_cli.training.loop import _build_optimizer
-from orpo_cli.training.recompute import observing_kept
-from orpo_cli.training.setup import apply_exact_savings
 
 CPU = torch.device("cpu")
 LENGTHS = (PairLengths(20, 30, 25), PairLengths(15, 40, 35), PairLengths(30, 10, 20))
@@ -44,6 +44,16 @@ def _pairs(lengths=LENGTHS) -> list[TokenizedPair]:
     return [TokenizedPair(ids(p.prompt), ids(p.chosen), ids(p.rejected)) for p in lengths]
 
 
+_INSTALLED: list = []  # the speed paths _model installed, undone after each test
+
+
+@pytest.fixture(autouse=True)
+def _undo_speed_paths():
+    yield
+    while _INSTALLED:
+        _INSTALLED.pop().undo()
+
+
 def _model(name: str, mode: str, gc: bool, dropout: float = 0.0, optimized: bool = True):
     """The model as training/setup.py makes it for one process: attached, and (`optimized`) with LoRA's update
     added in place and, without checkpointing, norms and MLP activations recomputed in the backward."""
@@ -53,8 +63,12 @@ def _model(name: str, mode: str, gc: bool, dropout: float = 0.0, optimized: bool
     settings = FullSettings() if mode == "full" else LoraSettings(r=LORA_R, dropout=dropout)
     adapter = build_adapter(settings)
     model = adapter.attach(model, quantized=mode == "qlora", gradient_checkpointing=gc)
-    if optimized:  # exactly as setup.py does where the weights are whole (no FSDP, no ZeRO-3)
-        apply_exact_savings(model, gradient_checkpointing=gc)
+    # Exactly as setup.py does on a CPU where the weights are whole (no FSDP, no ZeRO-3); not `optimized`: the
+    # layout's block attention alone (what the planner models for every run).
+    _INSTALLED.append(
+        apply_speed_paths(model, device=CPU, dtype=torch.float32, adapter=adapter, gradient_checkpointing=gc,
+                          only=None if optimized else ("block_attention",))
+    )
     model.train()
     return path, model, adapter
 
@@ -120,7 +134,7 @@ def _measure(name: str, mode: str, layout: str, gc: bool, optimizer: str = "adam
             module._gradient_checkpointing_func = counting(module._gradient_checkpointing_func)
     original_checkpoint = loss_module.checkpoint
     loss_module.checkpoint = counting(original_checkpoint)
-    # The recomputation's saved-tensor hooks (training/recompute.py) are the innermost, so ours never see what
+    # The recomputation's saved-tensor hooks (kernels/recompute.py) are the innermost, so ours never see what
     # autograd saves under them: observing_kept counts what it lets through and what its records hold.
     try:
         batch = collate_pairs(_pairs(), 0, layout=layout)

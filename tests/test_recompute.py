@@ -1,4 +1,4 @@
-"""orpo_cli.training.recompute: norm and MLP activations recomputed in the backward, bit for bit, for less memory."""
+"""orpo_cli.kernels.recompute: norm and MLP activations recomputed in the backward, bit for bit, for less memory."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from orpo_cli.data.pairs import TokenizedPair
+from orpo_cli.kernels.gated_mlp import fuse_gated_mlps
+from orpo_cli.kernels.recompute import disable_recompute, enable_recompute, recomputing
 from orpo_cli.training.batching import collate_pairs
 from orpo_cli.training.forward import orpo_forward
-from orpo_cli.training.gated_mlp import fuse_gated_mlps
-from orpo_cli.training.recompute import disable_recompute, enable_recompute, recomputing
 
 PAD = 0
 VOCAB = 96
@@ -58,7 +58,7 @@ def _loss_and_grads(model: nn.Module, batch: dict) -> tuple[torch.Tensor, list[t
 
 def _saved_bytes(model: nn.Module, batch: dict) -> int:
     """Bytes autograd keeps for the backward in one forward: each storage once, parameters left out."""
-    from orpo_cli.training.recompute import observing_kept
+    from orpo_cli.kernels.recompute import observing_kept
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -152,7 +152,7 @@ def test_a_module_whose_recomputation_differs_is_left_alone() -> None:
     assert any(not torch.equal(a, b) for a, b in zip(grads, halved, strict=True))
     for a, b, c in zip(halved, halved_r, halved_r2, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
-    from orpo_cli.training.recompute import _find_state
+    from orpo_cli.kernels.recompute import _find_state
 
     state = _find_state(model)
     mlps = [m for m in model.modules() if isinstance(m, LlamaMLP)]

@@ -1,12 +1,12 @@
-"""orpo_cli.training.rms_norm: RMSNorm's fused backward against autograd's, and where it applies."""
+"""orpo_cli.kernels.rms_norm: RMSNorm's fused backward against autograd's, and where it applies."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from orpo_cli.training import rms_norm
-from orpo_cli.training.rms_norm import fuse_rms_norms, is_fused
+from orpo_cli.kernels import rms_norm
+from orpo_cli.kernels.rms_norm import fuse_rms_norms, is_fused
 
 
 def _norm(dtype: torch.dtype, width: int = 40) -> torch.nn.Module:
@@ -96,21 +96,22 @@ def test_real_smollm2_layers_train_to_the_same_numbers_with_every_saving(smollm2
     RMSNorm as one function each, the recomputation, the fused product) against none of it."""
     from test_recompute import _loss_and_grads
 
+    from orpo_cli.adapters.lora import LoraAdapter
     from orpo_cli.data.pairs import TokenizedPair
-    from orpo_cli.training import rotary
+    from orpo_cli.kernels import apply_speed_paths, rotary
+    from orpo_cli.recipe import LoraSettings
     from orpo_cli.training.batching import collate_pairs
-    from orpo_cli.training.setup import apply_exact_savings
 
     model = smollm2_four_layers
     g = torch.Generator().manual_seed(5)
     pairs = [TokenizedPair(*(torch.randint(1, 40000, (n,), generator=g).tolist() for n in (140, 160, 150))) for _ in range(2)]
     batch = collate_pairs(pairs, 2, layout="packed")
     loss, grads = _loss_and_grads(model, batch)
-    apply_exact_savings(model, gradient_checkpointing=False)
-    assert sum(rms_norm.is_fused(m) for m in model.modules()) == 4 * 2 + 1
-    assert rotary.fuse_rotary(model) == 4
-    _loss_and_grads(model, batch)  # the recomputation's first forward checks what it will recompute
-    loss_s, grads_s = _loss_and_grads(model, batch)
+    with apply_speed_paths(model, device="cpu", dtype=torch.float32, adapter=LoraAdapter(LoraSettings())) as paths:
+        assert sum(rms_norm.is_fused(m) for m in model.modules()) == 4 * 2 + 1
+        assert paths.applied["rope"] == 4 and rotary.fuse_rotary(model) == 4
+        _loss_and_grads(model, batch)  # the recomputation's first forward checks what it will recompute
+        loss_s, grads_s = _loss_and_grads(model, batch)
     assert abs(loss_s.item() - loss.item()) <= 1e-6 * abs(loss.item())
     scale = max(x.abs().max().item() for x in grads)
     assert scale > 1e-4

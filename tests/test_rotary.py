@@ -1,4 +1,4 @@
-"""orpo_cli.training.rotary: RoPE as one autograd function, bit for bit the model's own."""
+"""orpo_cli.kernels.rotary: RoPE as one autograd function, bit for bit the model's own."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from orpo_cli.training import rotary
+from orpo_cli.kernels import rotary
 
 
 def _llama(**overrides: object) -> torch.nn.Module:
@@ -36,8 +36,14 @@ def original(monkeypatch: pytest.MonkeyPatch):
     return function
 
 
+@pytest.fixture
+def inside(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As inside the forward of an attention module that fuse_rotary marked: the dispatcher may take the fused path."""
+    monkeypatch.setattr(rotary._INSIDE, "depth", 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_outputs_and_gradients_are_the_model_s_bit_for_bit(original, dtype: torch.dtype) -> None:
+def test_outputs_and_gradients_are_the_model_s_bit_for_bit(original, inside, dtype: torch.dtype) -> None:
     model = _llama()
     # Packed positions (two sequences in one row, a third in the other) and GQA heads, q and k as the
     # attention makes them: a [rows, W, heads, d] projection viewed as [rows, heads, W, d].
@@ -67,7 +73,7 @@ def test_outputs_and_gradients_are_the_model_s_bit_for_bit(original, dtype: torc
     assert got[2].abs().sum() > 0
 
 
-def test_the_model_s_own_function_where_the_fused_one_does_not_apply(original) -> None:
+def test_the_model_s_own_function_where_the_fused_one_does_not_apply(original, inside, monkeypatch) -> None:
     calls = []
     apply = rotary._Rotary.apply
     fused = rotary._dispatcher(original)
@@ -80,7 +86,10 @@ def test_the_model_s_own_function_where_the_fused_one_does_not_apply(original) -
         fused(q, k, cos.double(), sin.double())  # mixed dtypes
         fused(q.transpose(1, 2), k.transpose(1, 2), cos, sin, unsqueeze_dim=2)  # another layout
         fused(q.detach(), k.detach(), cos, sin)  # no gradient wanted
+        monkeypatch.setattr(rotary._INSIDE, "depth", 0)
+        fused(q, k, cos, sin)  # outside a marked attention module: another model's call
         assert calls == []
+        monkeypatch.setattr(rotary._INSIDE, "depth", 1)
         fused(q, k, cos, sin)
         assert calls == [1]
     finally:
@@ -102,6 +111,8 @@ def test_a_model_trains_to_the_same_numbers_through_it(original) -> None:
     got = torch.autograd.grad(fused_loss, params)
     assert torch.equal(fused_loss, loss)
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    rotary.unfuse_rotary(model)
+    assert vars(modeling_llama)["apply_rotary_pos_emb"] is original  # the last model out puts it back
 
 
 def test_a_model_whose_rope_is_not_llama_s_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:

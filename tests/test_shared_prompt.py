@@ -10,12 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import orpo_cli.kernels.block_attention as blocks
 import orpo_cli.training.shared_prompt as prefix
+from orpo_cli.adapters import NoAdapter
 from orpo_cli.data.pairs import TokenizedPair
+from orpo_cli.kernels import apply_speed_paths
+from orpo_cli.kernels.block_attention import block_attention
 from orpo_cli.training.batching import collate_pairs, longest_sequence
 from orpo_cli.training.forward import batch_layout, orpo_forward
 from orpo_cli.training.loss import orpo_loss
-from orpo_cli.training.shared_prompt import Segments, attention_mask_4d, block_attention
+from orpo_cli.training.shared_prompt import Segments, attention_mask_4d
 
 VOCAB = 96
 LENGTHS = [(3, 4, 2), (5, 1, 6), (2, 7, 3), (1, 2, 2)]  # (prompt, chosen, rejected) per pair
@@ -157,8 +161,11 @@ def test_prefix_layout_gives_the_padded_loss_and_gradients(family, attn, monkeyp
     model = _model(family, attn)
     pairs = _pairs(seed=1)
     calls = []
-    real_block = prefix.block_attention
-    monkeypatch.setattr(prefix, "block_attention", lambda *a, **k: calls.append(1) or real_block(*a, **k))
+    real_block = blocks.block_attention
+    monkeypatch.setattr(blocks, "block_attention", lambda *a, **k: calls.append(1) or real_block(*a, **k))
+    installed = apply_speed_paths(model, device="cpu", dtype=torch.float32, adapter=NoAdapter(),
+                                  only=("block_attention",))
+    assert installed.applied == ({"block_attention": 2} if attn == "sdpa" else {})
     for nll_on_prompt in (False, True):
         ref_terms, ref_grads = _reference(model, pairs, nll_on_prompt)
         batches = {layout: collate_pairs(pairs, 0, layout=layout) for layout in ("padded", "prefix", "packed")}
@@ -170,15 +177,16 @@ def test_prefix_layout_gives_the_padded_loss_and_gradients(family, attn, monkeyp
     assert batches["packed, 3 rows"]["segments"].starts == ((0, 0), (1, 0), (2, 0), (2, 12))
     # sdpa runs the exact per-pair blocks (once per layer and prefix forward); eager the dense 4-D mask.
     assert len(calls) == (2 * 3 * 2 if attn == "sdpa" else 0)
+    installed.undo()
 
 
 def test_dense_mask_path_without_block_attention_gives_the_same_loss():
     """The 4-D mask alone is correct: what any sdpa kernel that ignores the segments keyword computes."""
     model = _model("llama", "sdpa")
     batch = collate_pairs(_pairs(seed=2), 0)
-    ref_terms, ref_grads = _run(model, batch, True)
-    without = {k: v for k, v in batch.items() if k != "segments"}
-    terms, grads = _run(model, without, True)
+    with apply_speed_paths(model, device="cpu", dtype=torch.float32, adapter=NoAdapter(), only=("block_attention",)):
+        ref_terms, ref_grads = _run(model, batch, True)
+    terms, grads = _run(model, batch, True)  # without the block attention, the segments keyword is ignored
     _assert_same(terms, grads, ref_terms, ref_grads)
 
 

@@ -11,16 +11,20 @@ import contextlib
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from orpo_cli.kernels.paths import SpeedPath
 
 
 class InferenceAdapter(Protocol):
     """What eval, export's checks and generate need around a model's forward passes."""
 
     packs_pairs: bool  # True when several pairs may share a batch row (it reads nothing per row): LoRA, full
+    speed_paths: tuple[SpeedPath, ...]  # its own speed paths (LoRA's in-place update), for kernels.apply_speed_paths
 
     def forward_context(
         self, model: nn.Module, batch: Mapping[str, torch.Tensor]
@@ -67,6 +71,7 @@ class NoAdapter:
     loaded back). Not full fine-tuning (FullAdapter), which trains and saves the base's own weights."""
 
     packs_pairs = True  # a plain model reads nothing per row
+    speed_paths = ()
 
     def forward_context(
         self, model: nn.Module, batch: Mapping[str, torch.Tensor]

@@ -18,6 +18,7 @@ class FullAdapter:
     name = "none"
     mergeable = True
     packs_pairs = True
+    speed_paths = ()  # none of its own (orpo_cli/kernels' STEP_PATHS still apply)
     trains_base = True
     fsdp_refusal = (
         "adapter.kind: none (full fine-tuning) does not combine with fsdp here: the loss uses the output "

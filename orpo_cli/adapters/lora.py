@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from orpo_cli.adapters.lora_inplace import SPEED_PATH as LORA_INPLACE
 from orpo_cli.errors import UserError, stage
 from orpo_cli.recipe import LoraSettings
 
@@ -18,6 +19,7 @@ class LoraAdapter:
     name = "lora"
     mergeable = True
     packs_pairs = True
+    speed_paths = (LORA_INPLACE,)  # adapters/lora_inplace.py: the update added into the base output
     trains_base = False
     fsdp_refusal = None
 

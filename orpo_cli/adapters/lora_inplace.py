@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from orpo_cli.kernels.paths import SpeedPath
+
 _MARK = "_orpo_inplace_update"
 _SHARED = "_orpo_shared_input"
 
@@ -41,13 +43,35 @@ _SHARED = "_orpo_shared_input"
 _SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
+# What the in-place forward reads of PEFT's LoRA ``Linear`` on every call (checked once, at install).
+_PEFT_ATTRIBUTES = (
+    "disable_adapters", "merged", "base_layer", "active_adapters", "lora_A", "lora_B", "lora_variant",
+    "lora_dropout", "scaling",
+)
+
+
+def declines(model: nn.Module) -> str | None:
+    """Why :func:`add_updates_in_place` would change nothing of `model`, or None: no PEFT LoRA ``Linear``, or a
+    PEFT whose layer no longer has what the in-place forward reads."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    layers = [m for m in model.modules() if _over_linear(m, LoraLinear)]
+    if not layers:
+        return "no PEFT LoRA layer over a plain nn.Linear"
+    missing = [name for name in _PEFT_ATTRIBUTES if not hasattr(layers[0], name)]
+    if missing:
+        return f"PEFT's LoRA Linear has no {', '.join(missing)} (another PEFT than it was verified with)"
+    return None
+
+
 def add_updates_in_place(model: nn.Module) -> int:
-    """Give every PEFT LoRA ``Linear`` of `model` the in-place forward (idempotent); returns how many."""
+    """Give every PEFT LoRA ``Linear`` over a plain ``nn.Linear`` of `model` the in-place forward (idempotent);
+    returns how many."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     count = 0
     for module in model.modules():
-        if isinstance(module, LoraLinear) and not getattr(module, _MARK, False):
+        if _over_linear(module, LoraLinear) and not getattr(module, _MARK, False):
             module.forward = types.MethodType(_forward, module)
             setattr(module, _MARK, True)
             count += 1
@@ -61,6 +85,11 @@ def add_updates_in_place(model: nn.Module) -> int:
                 for m in members:
                     setattr(m, _SHARED, group)
     return count
+
+
+def _over_linear(module: nn.Module, lora_linear: type) -> bool:
+    """A PEFT LoRA ``Linear`` over a plain ``nn.Linear`` (not GPT-2's Conv1D, not a quantized layer)."""
+    return isinstance(module, lora_linear) and type(getattr(module, "base_layer", None)) is nn.Linear
 
 
 class _SharedInput:
@@ -144,3 +173,26 @@ def _forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Ten
     out = self.base_layer(rows)
     out.addmm_(a, self.lora_B[name].weight.t(), alpha=self.scaling[name])
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def remove_updates_in_place(model: nn.Module) -> None:
+    """Undo :func:`add_updates_in_place`: every LoRA layer of `model` runs PEFT's forward again."""
+    for module in model.modules():
+        if getattr(module, _MARK, False):
+            vars(module).pop("forward", None)
+            delattr(module, _MARK)
+        if hasattr(module, _SHARED):
+            delattr(module, _SHARED)
+
+
+SPEED_PATH = SpeedPath(
+    name="lora_inplace",
+    unit="layers",
+    devices=("cpu",),
+    dtypes=(torch.float32, torch.bfloat16),
+    model_types=None,  # any model PEFT puts a LoRA Linear on; each call checks that it computes what PEFT would
+    install=add_updates_in_place,
+    undo=remove_updates_in_place,
+    declines=declines,
+)
+"""LoRA's speed path: `LoraAdapter.speed_paths` offers it to orpo_cli/kernels' apply_speed_paths."""

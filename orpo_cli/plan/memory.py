@@ -194,7 +194,7 @@ def _layer_saved(shape: ModelShape, setup: StepSetup, batch: BatchShape, input_g
     # per forward (cached), a frozen one's per call, kept for the input's gradient where the input needs one
     casts_weights = d.autocast and setup.quantization == "none" and setup.weight_bytes != d.compute
     weight_copies = 0
-    # training/recompute.py: a linear that keeps a norm's output or (in a gate/up/down MLP; Phi-3's fused
+    # kernels/recompute.py: a linear that keeps a norm's output or (in a gate/up/down MLP; Phi-3's fused
     # gate_up_proj is not one) the product down_proj reads keeps a recipe instead, when it keeps that tensor
     # itself; a cast copy of it (autocast's, PEFT's fp32 one, dropout's) is kept as before
     mlp_recomputed = setup.recompute and "gate_proj" in by_name
@@ -259,7 +259,7 @@ def _layer_saved(shape: ModelShape, setup: StepSetup, batch: BatchShape, input_g
             out["attention output"] = t * q_dim * c + t * shape.heads * 4
             out["attention mask (float)"] = batch.rows * batch.width * batch.width * c
         elif not setup.cuda:
-            # the CPU's tiled block attention (training/attention_tiles.py): q, k and v themselves, its output
+            # the CPU's tiled block attention (kernels/attention_tiles.py): q, k and v themselves, its output
             # (every column, [rows, W, heads, dim]) and a float log-sum-exp per head and column
             out["attention output"] = t * q_dim * c + t * shape.heads * 4
         else:

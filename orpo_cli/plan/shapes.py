@@ -174,7 +174,7 @@ class StepSetup:
     optimizer: str = "adamw"
     gradient_checkpointing: bool = False
     # Norm outputs and the MLP's act(gate) and act(gate) * up recomputed in the backward instead of kept
-    # (training/recompute.py): what setup.py does unless checkpointing is on or the strategy shards the weights.
+    # (kernels/recompute.py): what setup.py does unless checkpointing is on or the strategy shards the weights.
     # The default is a plain single-process run's; a setup that cannot recompute must say False (checked below).
     recompute: bool = True
     layout: Layout = "packed"

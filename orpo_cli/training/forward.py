@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from orpo_cli.adapters import Adapter
+from orpo_cli.kernels.recompute import recomputing
 from orpo_cli.training.batching import DEFAULT_LAYOUT, LAYOUTS, Layout
 from orpo_cli.training.loss import ORPOTerms, orpo_loss_from_hidden
-from orpo_cli.training.recompute import recomputing
 from orpo_cli.training.shared_prompt import (
     MASKED_ATTENTION,
     attention_implementation,

@@ -16,12 +16,12 @@ from torch.utils.checkpoint import checkpoint
 
 CHUNK_ROWS = 256
 """Rows projected onto the vocabulary at a time: 256 x 32k fp32 logits are 33 MB; larger chunks gain no
-speed on a CPU (measured 64-1024) and cost memory."""
+speed on a CPU (docs/performance.md) and cost memory."""
 
 STATS_BLOCK_ELEMENTS = 1 << 18
 """On a CPU, a chunk's softmax statistics (max, shifted exp, sum) are taken over blocks of rows of about this
 many logits (1 MB in fp32), so the three passes read a block from the core's L2 cache, not the whole 33-50 MB
-chunk from memory three times (toy shape: 9.5 -> 4.8 ms per chunk). Row by row they are the same operations,
+chunk from memory three times (what that saves: docs/performance.md). Row by row they are the same operations,
 so the same numbers."""
 
 
@@ -59,8 +59,8 @@ class _FrozenHeadLogProbs(torch.autograd.Function):
             weight = weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
         # One [chunk, V] logits buffer for every chunk: a fresh one per chunk would be a fresh block of tens of
-        # MB each time (above glibc's largest mmap threshold on a CPU, so mapped and zeroed again: ~20% of the
-        # logits matmul's time at the benchmark's shape).
+        # MB each time (above glibc's largest mmap threshold on a CPU, so mapped and zeroed again: see
+        # docs/performance.md).
         logits = torch.empty(min(chunk_size, hidden.shape[0]), weight.shape[0], dtype=weight.dtype, device=hidden.device)
         with torch.autocast(device_type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_size):

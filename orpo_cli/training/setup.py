@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from orpo_cli.errors import Interrupted, RunFailed, UserError, stage, use_run_log
+from orpo_cli.progress import Reporter
 from orpo_cli.recipe import Recipe
 from orpo_cli.rundir import RunDir
-from orpo_cli.training.batching import Layout
+from orpo_cli.tracking import check_tracking, end_tracking, system_facts, trackers_for
+from orpo_cli.training.batching import Layout, longest_sequence
 from orpo_cli.training.distributed import Machines, QuietExit, check_processes, launch, plan_processes
+from orpo_cli.training.forward import batch_layout
+from orpo_cli.training.strategy import Strategy, accelerate_plugins, shape_fsdp_units
 
 # The metrics (training/metric_names.py) of train's closing table: the loop's eval at step 0 vs the last step.
 EVAL_TABLE = ("rewards/accuracies", "log_odds_ratio", "rewards/margins", "nll_loss", "loss")
@@ -54,45 +60,80 @@ def start_run(
     machines: Machines | None = None,
     plan_check: bool = False,
     layout: Layout | None = None,
+    after_fit: Callable[[RunDir], None] | None = None,
 ) -> RunDir:
     """Train the recipe into its run directory; returns the run directory. `plan_check`: refuse, before anything
     loads, a recipe `orpo-tune plan` predicts to need clearly more than the GPU's free memory (one line on a CPU).
     `layout`: the batch layout; None (what train does) takes forward.batch_layout's choice for the adapter, the
     model and the data. A benchmark's ablation may force another in one process (it is not passed to workers).
+    `after_fit`: what the command does with the run once the adapter is saved, on the main process, before the
+    trackers close (cli.train draws the training curves: training imports no verb).
 
     When the recipe (or --nproc) asks for several processes and this is not already one of them, this
     process launches them (torchrun's launcher) and waits; each of them comes back here as a worker.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from orpo_cli.adapters import build_adapter, count_parameters
-    from orpo_cli.atomic import atomic_dir, atomic_write_text
-    from orpo_cli.data.prepare import check_source, prepare_data
-    from orpo_cli.models.loading import (
-        check_model_source,
-        check_quantization,
-        load_model,
-        load_tokenizer,
-        pick_device,
-        resolve_dtype,
-    )
-    from orpo_cli.plan.report import check_context_length
-    from orpo_cli.progress import Reporter
-    from orpo_cli.tracking import check_tracking, end_tracking, system_facts, trackers_for
-    from orpo_cli.training.batching import longest_sequence
-    from orpo_cli.training.forward import batch_layout
-    from orpo_cli.training.loop import fit
-    from orpo_cli.training.strategy import Strategy, accelerate_plugins, shape_fsdp_units
+    from orpo_cli.kernels import apply_speed_paths
 
     run = run_dir_for(recipe)
-    # ---- cheap checks first: errors in seconds, before anything is loaded or written
+    machines = machines or Machines()
+    procs, device, resumed_changes = _check_before_loading(recipe, run, machines, resume, force, plan_check)
+    if procs.needs_launch:  # every check passed here once: now the workers, each back in this function
+        launch(recipe, procs, machines, resume=resume, force=force)
+        return run
+
+    session = _accelerate(recipe, run, device, procs.world_size, resume)
+    tokenizer, data, model, adapter = _load(recipe, session, device, resumed_changes)
+    # The speed paths verified for this device, dtype and model (orpo_cli/kernels; train.speed_paths: off for none),
+    # none where the weights are sharded (under FSDP or ZeRO-3 a layer's weights exist only inside the gathers).
+    paths = apply_speed_paths(
+        model,
+        device=device,
+        dtype=session.dtype,
+        adapter=adapter,
+        setting=recipe.train.speed_paths,
+        gradient_checkpointing=recipe.train.gradient_checkpointing,
+        shards_weights=session.strategy.shards_weights,
+    )
+    try:  # no patch outlives the run: transformers' and PEFT's functions are their own again after it
+        session.reporter.note(paths.line())
+        if session.strategy.fsdp:
+            by_layer = recipe.distributed.fsdp.auto_wrap == "decoder_layers"
+            shape_fsdp_units(session.accelerator, model, by_layer=by_layer)
+        # Once for the run: how every batch is laid out, from the adapter, the attention and the longest pair.
+        layout = layout or batch_layout(adapter, model, longest_sequence([*data.train, *data.eval]))
+        _describe(recipe, session, device, model)
+        _write_run_directory(recipe, run, session, tokenizer, paths.record(), resume=resume, force=force)
+        _train(recipe, run, session, data, model, adapter, tokenizer, layout, resume=resume, after_fit=after_fit)
+    finally:
+        paths.undo()
+    session.reporter.note(f"run directory: {run.root}  (adapter in {run.adapter})")
+    return run
+
+
+class _Session(NamedTuple):
+    """What the run's processes share, set up once: accelerate, the strategy, the reporter, the model dtype, the
+    trackers."""
+
+    accelerator: Any
+    strategy: Strategy
+    reporter: Reporter
+    dtype: Any
+    trackers: list[Any]
+
+
+def _check_before_loading(
+    recipe: Recipe, run: RunDir, machines: Machines, resume: bool, force: bool, plan_check: bool
+) -> tuple[Any, Any, dict[str, tuple[Any, Any]]]:
+    """The cheap checks, errors in seconds before anything is loaded or written: (processes, device, the resumable
+    settings that change)."""
+    from orpo_cli.data.prepare import check_source
+    from orpo_cli.models.loading import check_model_source, check_quantization, pick_device
+    from orpo_cli.plan.report import check_context_length
+
     with stage("checking the run directory", blame="output_dir"):
         run.check(resume=resume, force=force)
         resumed_changes = _check_same_recipe(run, recipe) if resume else {}
-    machines = machines or Machines()
     procs = plan_processes(recipe, machines)
     check_processes(recipe, procs, resume=resume, run=run)
     device = pick_device(recipe.model.device)
@@ -105,9 +146,17 @@ def start_run(
         from orpo_cli.plan.report import check_before_training
 
         check_before_training(recipe, world_size=procs.world_size, device=device, echo=_to_stderr)
-    if procs.needs_launch:  # every check passed here once: now the workers, each back in this function
-        launch(recipe, procs, machines, resume=resume, force=force)
-        return run
+    return procs, device, resumed_changes
+
+
+def _accelerate(recipe: Recipe, run: RunDir, device: Any, world_size: int, resume: bool) -> _Session:
+    """The trackers; accelerate with the strategy's plugins and the recipe's mixed precision; the run's Strategy;
+    the seed."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from orpo_cli.models.loading import resolve_dtype
 
     dtype = resolve_dtype(recipe.model.dtype, device)
     mixed = recipe.train.mixed_precision
@@ -117,7 +166,7 @@ def start_run(
             if device.type == "cuda"
             else "no"
         )
-    facts = system_facts(device=str(device), dtype=str(dtype).removeprefix("torch."), processes=procs.world_size)
+    facts = system_facts(device=str(device), dtype=str(dtype).removeprefix("torch."), processes=world_size)
     trackers = trackers_for(recipe.tracking, run, run_name=recipe.name or run.root.name, facts=facts, resume=resume,
                             note=_to_stderr)
     with stage("setting up accelerate", blame="train.mixed_precision / distributed"):
@@ -129,24 +178,32 @@ def start_run(
             project_dir=str(run.root),
             **accelerate_plugins(recipe.distributed, recipe.train),
         )
-    strategy = Strategy(accelerator)  # what the loop does differently under it, decided here once
-    fsdp = strategy.fsdp
-    reporter = Reporter(enabled=accelerator.is_main_process)
     set_seed(recipe.seed)
+    # What the loop does differently under the strategy, decided here once.
+    reporter = Reporter(enabled=accelerator.is_main_process)
+    return _Session(accelerator, Strategy(accelerator), reporter, dtype, trackers)
 
-    tokenizer = load_tokenizer(
-        recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code
-    )
+
+def _load(
+    recipe: Recipe, session: _Session, device: Any, resumed_changes: dict[str, tuple[Any, Any]]
+) -> tuple[Any, ...]:
+    """The tokenizer, the data, the model and its adapter, attached: (tokenizer, data, model, adapter)."""
+    from orpo_cli.adapters import build_adapter
+    from orpo_cli.data.prepare import prepare_data
+    from orpo_cli.models.loading import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code)
     with stage("preparing the data"):
         data = prepare_data(recipe.data, recipe.orpo, tokenizer)
     for key, (was, now) in resumed_changes.items():
-        reporter.note(f"--resume: {key} changes from {was} to {now}")
-    reporter.note(data.stats.summary())
+        session.reporter.note(f"--resume: {key} changes from {was} to {now}")
+    session.reporter.note(data.stats.summary())
 
     # FSDP flattens each unit's weights into one tensor of one dtype: 4-bit weights are stored in the model's
     # dtype, and the base is not prepared for k-bit training (that would upcast its norms to fp32).
+    fsdp = session.strategy.fsdp
     model = load_model(
-        recipe.model, recipe.quantization, device, dtype, quant_storage=dtype if fsdp else None
+        recipe.model, recipe.quantization, device, session.dtype, quant_storage=session.dtype if fsdp else None
     )
     adapter = build_adapter(recipe.adapter)
     model = adapter.attach(
@@ -154,30 +211,39 @@ def start_run(
         quantized=recipe.quantization.mode != "none" and not fsdp,
         gradient_checkpointing=recipe.train.gradient_checkpointing,
     )
-    # The savings that change no number, where the weights are whole on every rank (under FSDP or ZeRO-3 a
-    # layer's weights exist only inside the strategy's gathers).
-    if not strategy.shards_weights:
-        apply_exact_savings(model, gradient_checkpointing=recipe.train.gradient_checkpointing)
-    if fsdp:
-        shape_fsdp_units(accelerator, model, by_layer=recipe.distributed.fsdp.auto_wrap == "decoder_layers")
-    # Once for the run: how every batch is laid out, from the adapter, the attention and the longest pair.
-    layout = layout or batch_layout(adapter, model, longest_sequence([*data.train, *data.eval]))
-    trainable, total = count_parameters(model)
-    reporter.note(
-        f"model: {recipe.model.name_or_path} on {device} ({str(dtype).removeprefix('torch.')}, "
-        f"quantization {recipe.quantization.mode}); adapter {recipe.adapter.kind}: "
-        f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.4f}%)"
-    )
-    if not strategy.resumable:
-        reporter.note(f"{strategy.name}: no resumable checkpoints are written (see docs/distributed.md)")
+    return tokenizer, data, model, adapter
 
-    # ---- the run directory: only now that everything checked out
+
+def _describe(recipe: Recipe, session: _Session, device: Any, model: Any) -> None:
+    from orpo_cli.adapters import count_parameters
+
+    trainable, total = count_parameters(model)
+    session.reporter.note(
+        f"model: {recipe.model.name_or_path} on {device} "
+        f"({str(session.dtype).removeprefix('torch.')}, quantization {recipe.quantization.mode}); "
+        f"adapter {recipe.adapter.kind}: {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / max(total, 1):.4f}%)"
+    )
+    if not session.strategy.resumable:
+        session.reporter.note(f"{session.strategy.name}: no resumable checkpoints are written (see docs/distributed.md)")
+
+
+def _write_run_directory(
+    recipe: Recipe, run: RunDir, session: _Session, tokenizer: Any, speed_paths: dict[str, Any], *, resume: bool,
+    force: bool,
+) -> None:
+    """RUN/recipe.yaml, RUN/speed_paths.json and RUN/tokenizer/: only now that everything checked out; then the
+    trackers the recipe asks for."""
+    from orpo_cli.atomic import atomic_dir, atomic_write_text
+
+    accelerator = session.accelerator
     if accelerator.is_main_process:
         created = not run.holds_anything()  # (its lock aside: cli.train holds it)
         try:
             with stage("writing the run directory", blame="output_dir"):
                 run.prepare(resume=resume, force=force)
                 atomic_write_text(run.recipe, recipe.to_yaml())
+                atomic_write_text(run.speed_paths, json.dumps(speed_paths, indent=2) + "\n")
                 if not run.tokenizer.is_dir():
                     with atomic_dir(run.tokenizer, replace=True) as tmp:
                         tokenizer.save_pretrained(str(tmp))
@@ -187,10 +253,19 @@ def start_run(
             raise
         use_run_log(run.root)  # from here on, a traceback of ours goes to RUN/error.log
     accelerator.wait_for_everyone()
-    if trackers:  # TensorBoard writes under RUN/tensorboard/; MLflow and W&B open (or, on --resume, reopen) a run
+    if session.trackers:  # TensorBoard writes under RUN/tensorboard/; MLflow and W&B open (or, on --resume, reopen) a run
         with stage("starting the trackers", blame="tracking"):
             accelerator.init_trackers("tensorboard", config=_flat_config(recipe.resolved()))
 
+
+def _train(
+    recipe: Recipe, run: RunDir, session: _Session, data: Any, model: Any, adapter: Any, tokenizer: Any,
+    layout: Layout, *, resume: bool, after_fit: Callable[[RunDir], None] | None,
+) -> None:
+    """`fit`, then the adapter saved, the step-0 vs last eval table, `after_fit`, the trackers closed."""
+    from orpo_cli.training.loop import fit
+
+    accelerator, strategy, reporter = session.accelerator, session.strategy, session.reporter
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]  # before any wrapping
     try:
         with stage("training"):
@@ -229,35 +304,10 @@ def start_run(
         reporter.table(
             f"eval: step 0 vs step {result.steps}", ["metric", "step 0", f"step {result.steps}"], rows
         )
-    if accelerator.is_main_process:
-        _plot_if_possible(run, reporter)
+    if after_fit is not None and accelerator.is_main_process:
+        after_fit(run)  # the command's (cli.train draws the curves), before the trackers upload them
     with stage("finishing the tracked runs", blame="tracking"):
         accelerator.end_training()  # the trackers upload the adapter, the curves and the eval table, then close
-    reporter.note(f"run directory: {run.root}  (adapter in {run.adapter})")
-    return run
-
-
-def apply_exact_savings(model: Any, *, gradient_checkpointing: bool) -> None:
-    """The savings that change no number beyond rounding (the in-place LoRA sum, the siblings' stacked lora_A
-    product and the norm's backward round differently: the last bits), for a model whose weights are whole in this
-    process (not FSDP/ZeRO-3):
-    LoRA's update added in place (adapters/lora_inplace.py; a no-op for other adapters), RoPE and RMSNorm as one
-    function each (training/rotary.py, training/rms_norm.py), and, without
-    whole-layer checkpointing (which recomputes everything anyway), norm and MLP activations recomputed in the
-    backward (training/recompute.py) and the SiLU-gated product in cache-sized blocks (training/gated_mlp.py).
-    One function for training, the planner's tests and bench/step_profile.py."""
-    from orpo_cli.adapters.lora_inplace import add_updates_in_place
-    from orpo_cli.training.gated_mlp import fuse_gated_mlps
-    from orpo_cli.training.recompute import enable_recompute
-    from orpo_cli.training.rms_norm import fuse_rms_norms
-    from orpo_cli.training.rotary import fuse_rotary
-
-    add_updates_in_place(model)
-    fuse_rotary(model)
-    fuse_rms_norms(model)
-    if not gradient_checkpointing:
-        enable_recompute(model)
-        fuse_gated_mlps(model)
 
 
 def _save_adapter(
@@ -345,15 +395,3 @@ def _flat_config(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
     return flat
-
-
-def _plot_if_possible(run: RunDir, reporter: Any) -> None:
-    """Training curves into the run directory when matplotlib is installed (it is an optional extra)."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        reporter.note("no training-curves.png: pip install 'orpo-tune[plot]' for it, then `orpo-tune plot RUN_DIR`")
-        return
-    from orpo_cli.plots import plot_run
-
-    reporter.note(f"training curves: {plot_run(run)}")

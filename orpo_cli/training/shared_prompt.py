@@ -24,12 +24,9 @@ here too (see :func:`orpo_cli.training.targets.loss_targets`): which hidden row 
 Attention. A dense ``[B, W, W]`` mask makes the kernel score every query against every key of its row,
 the chosen-rejected block and the padding included. With ``sdpa`` the forward therefore also passes the
 host-side :class:`Segments` (per-pair lengths as Python ints) under the keyword ``orpo_prefix``, which
-transformers hands down to the attention function; :func:`install_block_attention` wraps the registered
-``sdpa`` function so that, given it, each pair's attention runs as two exact blocks: prompt + chosen
-causally (``is_causal``, no mask), and rejected against ``[prompt | rejected]`` with a small
-lower-right causal mask (on a CPU, the same blocks in query tiles that skip the masked scores:
-training/attention_tiles.py). Without the keyword the wrapper is the plain ``sdpa`` function, and the dense
-mask passed alongside stays correct for any kernel that does not know the keyword.
+transformers hands down to the attention function; where the run installed the block attention (a speed
+path: orpo_cli/kernels/block_attention.py), each pair's attention runs as exact blocks instead. Without it
+the keyword is ignored, and the dense mask passed alongside is exact for any kernel.
 
 Custom 4-D masks reach the attention kernels as-is in transformers 5 (``masking_utils`` returns a 4-D
 mask untouched) for the ``sdpa`` and ``eager`` implementations: ``sdpa`` takes the boolean mask (True =
@@ -46,18 +43,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from orpo_cli.data.pairs import TokenizedPair
-from orpo_cli.training import attention_tiles
+from orpo_cli.kernels import attention_tiles
+from orpo_cli.kernels.block_attention import PREFIX_KWARG
 from orpo_cli.training.targets import loss_targets
 
 # Attention implementations that apply a custom 4-D mask exactly.
 MASKED_ATTENTION = ("sdpa", "eager")
 
-# The keyword under which the forward hands the per-pair lengths to the attention function.
-PREFIX_KWARG = "orpo_prefix"
 
 # Segment codes of a column, in column order: prompt 0, chosen 1, rejected 2, padding 3.
 _PROMPT, _PAD = 0, 3
@@ -292,7 +287,8 @@ def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
 
     ``input_ids``, ``position_ids`` and the 4-D ``attention_mask`` in the form the model's attention takes
     (boolean for ``sdpa``, additive for ``eager``); for ``sdpa`` also the host-side segments under
-    :data:`PREFIX_KWARG`, which the wrapped ``sdpa`` turns into exact per-pair block attention.
+    :data:`PREFIX_KWARG`, which the block attention turns into exact per-pair blocks where it is installed
+    (anywhere else the dense mask alone is exact).
     """
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     if attention_implementation(model) == "eager":
@@ -300,93 +296,6 @@ def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
         inputs["attention_mask"] = attention_mask_4d(batch, dtype if dtype.is_floating_point else torch.float32)
         return inputs
     inputs["attention_mask"] = attention_mask_4d(batch)
-    if "segments" in batch:
-        install_block_attention()
+    if "segments" in batch:  # read only by a model with the block attention (orpo_cli/kernels/block_attention.py)
         inputs[PREFIX_KWARG] = batch["segments"]
     return inputs
-
-
-def block_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    segments: Segments,
-    *,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-) -> torch.Tensor:
-    """Attention of a prefix batch, pair by pair, on exactly the blocks the 4-D mask allows.
-
-    `query` is ``[rows, Hq, W, d]``, `key` and `value` ``[rows, Hkv, W, d]`` (``Hq`` a multiple of ``Hkv``).
-    Pair i's prompt + chosen columns attend causally among themselves; its rejected columns attend to
-    ``[prompt | rejected]`` under :meth:`Segments.rejected_mask`; padding columns get zeros. Returns
-    ``[rows, W, Hq, d]``, the layout transformers' attention functions return. The loop is over pairs (a
-    handful per micro-batch), never over tokens; the splits are views, so the backward pass stitches the
-    gradients together without scattering into zero-filled copies. On a CPU without attention dropout the
-    same blocks run in tiles instead (training/attention_tiles.py), which skips the scores the mask discards.
-    """
-    if query.device.type == "cpu" and not dropout and attention_tiles.available():
-        return attention_tiles.tiled_attention(query, key, value, segments.tiles(), scaling)
-    width, heads, dim = query.shape[2], query.shape[1], query.shape[3]
-    gqa = key.shape[1] != heads
-    masked_gqa = gqa and query.device.type == "cpu"  # elsewhere masked GQA falls back to the math kernel
-    out_rows = []
-    for members, q, k, v in zip(
-        segments.by_row(query.shape[0]), query.unbind(0), key.unbind(0), value.unbind(0), strict=True
-    ):
-        sizes = [n for i in members for n in (sum(segments.lengths[i][:2]), segments.lengths[i][2])]
-        pad = width - sum(sizes)
-        q_parts, k_parts, v_parts = (t.unsqueeze(0).split([*sizes, pad], dim=2) for t in (q, k, v))
-        pieces = []
-        for slot, pair in enumerate(members):
-            p = segments.lengths[pair][0]
-            q_pc, q_r = q_parts[2 * slot], q_parts[2 * slot + 1]
-            k_pc, k_r = k_parts[2 * slot], k_parts[2 * slot + 1]
-            v_pc, v_r = v_parts[2 * slot], v_parts[2 * slot + 1]
-            pieces.append(F.scaled_dot_product_attention(
-                q_pc, k_pc, v_pc, is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa
-            ))
-            k_pr, v_pr = torch.cat([k_pc[:, :, :p], k_r], dim=2), torch.cat([v_pc[:, :, :p], v_r], dim=2)
-            if gqa and not masked_gqa:
-                k_pr = k_pr.repeat_interleave(heads // k_pr.shape[1], dim=1)
-                v_pr = v_pr.repeat_interleave(heads // v_pr.shape[1], dim=1)
-            pieces.append(F.scaled_dot_product_attention(
-                q_r, k_pr, v_pr, attn_mask=segments.rejected_mask(pair, query.device),
-                dropout_p=dropout, scale=scaling, enable_gqa=masked_gqa,
-            ))
-        if pad:
-            pieces.append(query.new_zeros(1, heads, pad, dim))
-        out_rows.append(torch.cat(pieces, dim=2))
-    return torch.cat(out_rows, dim=0).transpose(1, 2).contiguous()
-
-
-_BASE_SDPA: Any = None
-
-
-def install_block_attention() -> None:
-    """Wrap transformers' registered ``sdpa`` attention so that it honours :data:`PREFIX_KWARG` (idempotent).
-
-    The wrapper calls :func:`block_attention` when a forward passes segments (and no KV cache or logit
-    soft-capping is in use), and the original function, untouched, otherwise, with the dense 4-D mask the
-    forward passed too: models that never see the keyword behave as before. Registered once per process,
-    globally, through transformers' ``AttentionInterface``, so that activation checkpointing, which re-runs
-    a layer after the forward call has returned, finds it too.
-    """
-    global _BASE_SDPA
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-
-    current = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    if getattr(current, "_orpo_prefix", False):
-        return
-    _BASE_SDPA = current
-
-    def sdpa_with_prefix(module, query, key, value, attention_mask, *args, **kwargs):
-        segments = kwargs.pop(PREFIX_KWARG, None)
-        if segments is None or query.shape[2] != key.shape[2] or kwargs.get("softcap") is not None:
-            return _BASE_SDPA(module, query, key, value, attention_mask, *args, **kwargs)
-        dropout = kwargs.get("dropout", args[0] if args else 0.0)
-        scaling = kwargs.get("scaling", args[1] if len(args) > 1 else None)
-        return block_attention(query, key, value, segments, dropout=dropout, scaling=scaling), None
-
-    sdpa_with_prefix._orpo_prefix = True  # type: ignore[attr-defined]
-    AttentionInterface.register("sdpa", sdpa_with_prefix)

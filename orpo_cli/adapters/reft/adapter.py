@@ -46,6 +46,7 @@ class ReftAdapter:
     name = "reft"
     mergeable = False
     packs_pairs = False
+    speed_paths = ()  # none of its own (orpo_cli/kernels' STEP_PATHS still apply)
     trains_base = False
     fsdp_refusal = (
         "adapter.kind: reft does not combine with fsdp: its interventions run from hooks, outside the "

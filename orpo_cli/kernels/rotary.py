@@ -4,7 +4,7 @@ Llama-style attention applies RoPE as ``q * cos + rotate_half(q) * sin`` (and th
 ``rotate_half(x) = cat(-x[..., h:], x[..., :h])``. Left to autograd that is five passes over q in the forward
 (the product, the negation, the concatenation's copy, the second product, the sum), and in the backward two
 products, the negation, and for each half a full-size zero tensor with the half copied in (the slices'
-backward) before the three gradients are summed: at SmolLM2-135M's shape 6.5 ms per layer and step.
+backward) before the three gradients are summed (what that costs: docs/performance.md).
 
 :class:`_Rotary` computes the two halves directly: ``out1 = q1 * c1 - q2 * s1``, ``out2 = q2 * c2 + q1 * s2``,
 and in the backward ``dq1 = g1 * c1 + g2 * s2``, ``dq2 = g2 * c2 - g1 * s1``. These are the same
@@ -12,25 +12,30 @@ multiplications and additions, each rounded once, as autograd's (``a + (-b)`` is
 the slices' zeros changes nothing), so outputs and gradients are the same numbers bit for bit; a test holds
 them equal in fp32 and bf16. It keeps ``cos`` and ``sin`` for the backward, as autograd does.
 
-:func:`fuse_rotary` routes a model's attention modules through it, on a CPU, with gradients, where all of q,
-k, cos and sin have one dtype; anything else (inference, autocast's mixed dtypes, other shapes, another
-device) takes the model's own function. The modeling module's ``apply_rotary_pos_emb`` is replaced by a
-dispatcher only where it and its ``rotate_half`` are, compiled, exactly Llama's (Llama, Qwen2, Mistral,
-Gemma-2 in the pinned transformers): the replacement is process-wide, which is safe because it computes the
-same numbers.
+:func:`fuse_rotary` routes one model's attention modules through it, with gradients, where all of q, k, cos and
+sin have one dtype; anything else (inference, autocast's mixed dtypes, other shapes) takes the model's own
+function. The modeling module's ``apply_rotary_pos_emb`` is a module-level name that every model of that type
+calls, so the function put in its place (a dispatcher) takes the fused path only inside the forward of an
+attention module that :func:`fuse_rotary` marked (a pre-hook and a hook count it in and out): another model of
+the same type in the process runs the original. :func:`unfuse_rotary` removes the hooks, and the last model to
+leave puts the original function back. Installed where the model's type is one whose function is Llama's
+(orpo_cli/kernels/paths.py) and, as a guard, only where it and its ``rotate_half`` are, compiled, exactly the
+reference below (:func:`declines` says why not).
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Any
 
 import torch
 from torch import nn
 
-from orpo_cli.training.module_code import code_of
+from orpo_cli.kernels.module_code import code_of
 
 _ORIGINAL = "_orpo_original"
+_HANDLES = "_orpo_rotary_hooks"
 
 
 def _reference_rotate_half(x):  # noqa: ANN001, ANN202 - Llama's, written out to compare code with
@@ -101,33 +106,90 @@ def _takes_fused(q: Any, k: Any, cos: Any, sin: Any, unsqueeze_dim: Any) -> bool
     return torch.broadcast_shapes(q.shape, angles) == q.shape and torch.broadcast_shapes(k.shape, angles) == k.shape
 
 
+class _Inside(threading.local):
+    depth = 0  # how many marked attention forwards are running on this thread (0 or 1 but for nesting)
+
+
+_INSIDE = _Inside()
+
+
 def _dispatcher(original: Any) -> Any:
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):  # noqa: ANN001, ANN202 - the model's signature
-        if _takes_fused(q, k, cos, sin, unsqueeze_dim):
+        if _INSIDE.depth and _takes_fused(q, k, cos, sin, unsqueeze_dim):
             return _Rotary.apply(q, k, cos.unsqueeze(1), sin.unsqueeze(1))
         return original(q, k, cos, sin, unsqueeze_dim)
 
     setattr(apply_rotary_pos_emb, _ORIGINAL, original)
+    apply_rotary_pos_emb._orpo_users = 0  # type: ignore[attr-defined] - attention modules routed, all models
     return apply_rotary_pos_emb
+
+
+def _enter(_module: nn.Module, _args: Any) -> None:
+    _INSIDE.depth += 1
+
+
+def _leave(_module: nn.Module, _args: Any, _output: Any) -> None:
+    _INSIDE.depth -= 1
+
+
+def _attention_namespaces(model: nn.Module) -> list[tuple[nn.Module, dict[str, Any]]]:
+    found = []
+    for module in model.modules():
+        if type(module).__name__.endswith("Attention"):
+            namespace = vars(sys.modules.get(type(module).__module__, object()))
+            if "apply_rotary_pos_emb" in namespace:
+                found.append((module, namespace))
+    return found
+
+
+def declines(model: nn.Module) -> str | None:
+    """Why :func:`fuse_rotary` would route nothing of `model`, or None."""
+    found = _attention_namespaces(model)
+    if not found:
+        return "no attention module calling apply_rotary_pos_emb"
+    for module, namespace in found:
+        function = namespace["apply_rotary_pos_emb"]
+        function = getattr(function, _ORIGINAL, function)
+        if code_of(function) != _APPLY or code_of(namespace.get("rotate_half")) != _ROTATE_HALF:
+            return f"{type(module).__module__}.apply_rotary_pos_emb is not the code it was verified against"
+    return None
 
 
 def fuse_rotary(model: nn.Module) -> int:
     """Route RoPE of `model`'s attention through :class:`_Rotary` where its modeling module's function is
     Llama's (idempotent); returns how many attention modules are routed."""
     routed = 0
-    for module in model.modules():
-        if not type(module).__name__.endswith("Attention"):
+    for module, namespace in _attention_namespaces(model):
+        if getattr(module, _HANDLES, None) is not None:
+            routed += 1
             continue
-        namespace = vars(sys.modules.get(type(module).__module__, object()))
-        function = namespace.get("apply_rotary_pos_emb")
-        if function is None:
-            continue
+        function = namespace["apply_rotary_pos_emb"]
         if not hasattr(function, _ORIGINAL):
             if code_of(function) != _APPLY or code_of(namespace.get("rotate_half")) != _ROTATE_HALF:
                 continue
-            namespace["apply_rotary_pos_emb"] = _dispatcher(function)
+            function = namespace["apply_rotary_pos_emb"] = _dispatcher(function)
+        function._orpo_users += 1
+        handles = (module.register_forward_pre_hook(_enter), module.register_forward_hook(_leave, always_call=True))
+        setattr(module, _HANDLES, (handles, namespace))
         routed += 1
     return routed
+
+
+def unfuse_rotary(model: nn.Module) -> None:
+    """Undo :func:`fuse_rotary` on `model`; the modeling module's own function is back once no model uses it."""
+    for module in model.modules():
+        installed = getattr(module, _HANDLES, None)
+        if installed is None:
+            continue
+        handles, namespace = installed
+        for handle in handles:
+            handle.remove()
+        delattr(module, _HANDLES)
+        function = namespace.get("apply_rotary_pos_emb")
+        if hasattr(function, _ORIGINAL):
+            function._orpo_users -= 1
+            if function._orpo_users <= 0:
+                namespace["apply_rotary_pos_emb"] = getattr(function, _ORIGINAL)
 
 
 _APPLY, _ROTATE_HALF = code_of(_reference_apply), code_of(_reference_rotate_half)

@@ -15,7 +15,7 @@ their place and recomputes them when the backward asks:
 * the MLP product ``act(gate) * up`` that down_proj's adapter reads, from ``gate`` and ``up`` (kept by the
   activation's and the product's backward).
 
-That is 2h + 2i per layer per token fewer (-38% at SmolLM2-135M's shape, see docs/performance.md), for one
+That is 2h + 2i per layer per token fewer (what that is at a real shape: docs/performance.md), for one
 more norm and activation per layer in the backward (elementwise, a few percent of a step). The numbers do
 not change: the recomputation runs the same modules on the same inputs (on a CPU and on CUDA those
 kernels are deterministic), and the first training forward checks, once per module, that recomputing each
@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from orpo_cli.training.gated_mlp import is_fused, silu_product
+from orpo_cli.kernels.gated_mlp import is_fused, silu_product
 
 _ATTRIBUTE = "_orpo_recompute"
 
@@ -260,7 +260,7 @@ def _mlp_hooks(state: Recompute, mlp: nn.Module) -> list[Any]:
         act_noted = state.noted.get(act_out.untyped_storage().data_ptr()) if act_out is not None else None
 
         def product() -> torch.Tensor:
-            if is_fused(mlp):  # training/gated_mlp.py: the same product, without a whole act(gate)
+            if is_fused(mlp):  # kernels/gated_mlp.py: the same product, without a whole act(gate)
                 return silu_product(gate, up)
             if act_noted is None or state.remaking:  # the first forward's check: keep nothing
                 return act(gate) * up

@@ -4,8 +4,8 @@ A prefix/packed pair ``[prompt | chosen | rejected]`` (training/shared_prompt.py
 keys of the prompt and the earlier tokens of its own part. Two plain ``sdpa`` calls per pair (prompt +
 chosen causally, rejected against ``[prompt | rejected]`` under a mask) are exact, but torch's CPU
 flash kernel skips masked scores only in whole key blocks of 512 columns: below that it computes every
-score of a causal or masked block and discards half of them (measured at SmolLM2-135M's shape: 40% of
-the scores a pair's attention computes are discarded).
+score of a causal or masked block and discards half of them (docs/performance.md says how many at
+SmolLM2-135M's shape).
 
 Here each part's queries are cut into tiles of :data:`TILE` rows, and each tile attends to at most three
 key blocks: the whole prompt and the earlier tiles of its part as dense blocks (no mask), its own tile
@@ -30,7 +30,7 @@ import torch
 
 TILE = 128
 """Query rows per tile. Smaller tiles discard fewer scores but make more, smaller kernel calls; 128 was
-the fastest of 64-256 at SmolLM2-135M's shape on this project's CPU (docs/performance.md)."""
+the fastest of 64-256 measured (docs/performance.md)."""
 
 
 class Block(NamedTuple):

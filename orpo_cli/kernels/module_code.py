@@ -1,6 +1,6 @@
 """Recognising a module by its code, and giving the ones recognised another forward.
 
-The fused paths (training/gated_mlp.py, training/rms_norm.py, training/rotary.py) replace what a model's own
+The fused paths (kernels/gated_mlp.py, kernels/rms_norm.py, kernels/rotary.py) replace what a model's own
 code computes only where that code is, compiled, exactly the reference they were written against: read from
 the code, not by running the module, so nothing is computed and no weight is touched at setup.
 """
@@ -43,3 +43,11 @@ def swap_forwards(
         setattr(module, marker, True)
         swapped += 1
     return swapped
+
+
+def restore_forwards(model: nn.Module, marker: str) -> None:
+    """Undo :func:`swap_forwards`: every module of `model` marked with `marker` runs its class's forward again."""
+    for module in model.modules():
+        if getattr(module, marker, False):
+            vars(module).pop("forward", None)
+            delattr(module, marker)

@@ -2,7 +2,7 @@
 
 A Llama-style MLP runs ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``. Left to autograd, its two
 elementwise ops write ``silu(gate)`` out to memory, read it back for the product, keep it for the backward
-(or, with training/recompute.py, remake it there), and the backward makes ``dp * up`` and ``dp * silu(gate)``
+(or, with kernels/recompute.py, remake it there), and the backward makes ``dp * up`` and ``dp * silu(gate)``
 as whole tensors before SiLU's backward reads the first again: at the real model's shape each of these is
 ``tokens x 1,536`` floats, ten passes over memory the size of the MLP per layer and step.
 
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orpo_cli.training.module_code import code_of, swap_forwards
+from orpo_cli.kernels.module_code import code_of, restore_forwards, swap_forwards
 
 BLOCK_ELEMENTS = 1 << 16
 """Elements of one block of rows (256 KB in fp32): a block's gate, up, output gradient and two temporaries
@@ -107,6 +107,22 @@ def fuse_gated_mlps(model: nn.Module) -> int:
     nothing is computed and no weight is touched (a memory-mapped checkpoint's pages stay where they are).
     """
     return swap_forwards(model, _qualifies, _fused_forward, _ATTRIBUTE)
+
+
+def unfuse_gated_mlps(model: nn.Module) -> None:
+    """Undo :func:`fuse_gated_mlps`: `model`'s modules run their class's forward again."""
+    restore_forwards(model, _ATTRIBUTE)
+
+
+def declines(model: nn.Module) -> str | None:
+    """Why :func:`fuse_gated_mlps` would fuse nothing of `model`, or None."""
+    mlps = [m for m in model.modules() if _is_silu_gated(m)]
+    if not mlps:
+        return "no SiLU-gated MLP"
+    for mlp in mlps:
+        if code_of(type(mlp).forward) not in _PLAIN_FORWARDS:
+            return f"{type(mlp).__name__}.forward is not the code it was verified against"
+    return None
 
 
 def _qualifies(module: nn.Module) -> bool:

@@ -3,12 +3,11 @@
 Llama-style models normalise twice per decoder layer, ``w * (x * rsqrt(mean(x^2) + eps))``. Autograd runs the
 backward of each of its six operations: the weight's product, the product by ``rsqrt`` (and, for the
 ``rsqrt`` term, a product by ``x`` and its sum), ``rsqrt``'s, the mean's (a full-size expanded division), the
-square's (a full-size product), and two full-size sums of the three gradients that reach ``x``: at
-SmolLM2-135M's shape 7.6 ms per norm and step, 60 norms.
+square's (a full-size product), and two full-size sums of the three gradients that reach ``x``.
 
 :class:`_RMSNorm` keeps what autograd keeps (``x`` and ``rsqrt``: the residual stream and one float per row)
-and computes ``dx = r * g' - x * (r^3 / n) * sum(g' * x)`` with ``g' = g * w``: 3.7 ms. The forward is the
-model's own operations in the model's order, so outputs are the same numbers bit for bit. The backward is
+and computes ``dx = r * g' - x * (r^3 / n) * sum(g' * x)`` with ``g' = g * w`` (what that saves:
+docs/performance.md). The forward is the model's own operations in the model's order, so outputs are the same numbers bit for bit. The backward is
 the same derivative summed in another order: ``dx`` differs from autograd's in the last bits (a test bounds
 it), as any two implementations' do.
 
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from orpo_cli.training.module_code import code_of, swap_forwards
+from orpo_cli.kernels.module_code import code_of, restore_forwards, swap_forwards
 
 _ATTRIBUTE = "_orpo_fused_norm"
 
@@ -83,6 +82,24 @@ def is_fused(norm: nn.Module) -> bool:
 def fuse_rms_norms(model: nn.Module) -> int:
     """Give every Llama-style RMSNorm of `model` the fused backward (idempotent); returns how many have it."""
     return swap_forwards(model, _qualifies, _fused_forward, _ATTRIBUTE)
+
+
+def unfuse_rms_norms(model: nn.Module) -> None:
+    """Undo :func:`fuse_rms_norms`: `model`'s modules run their class's forward again."""
+    restore_forwards(model, _ATTRIBUTE)
+
+
+def declines(model: nn.Module) -> str | None:
+    """Why :func:`fuse_rms_norms` would fuse nothing of `model`, or None."""
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    if not norms:
+        return "no RMSNorm module"
+    for norm in norms:
+        if code_of(type(norm).forward) != _REFERENCE:
+            return f"{type(norm).__name__}.forward is not the code it was verified against"
+    if all(getattr(norm, "weight", None) is None or norm.weight.requires_grad for norm in norms):
+        return "the norms' weights train (the fused backward is for a frozen weight)"
+    return None
 
 
 def _qualifies(module: nn.Module) -> bool:
