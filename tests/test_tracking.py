@@ -203,7 +203,7 @@ def test_mlflow_and_wandb_hold_metrics_jsonl_and_a_killed_run_resumes_the_same_t
     assert mlrun.data.tags["team"] == "nlp" and mlrun.data.tags["orpo"] == "true"
     assert mlrun.data.params["train.lr"] == "0.001" and mlrun.data.params["model.name_or_path"] == "builtin:micro-llama"
     assert mlrun.data.tags["system.device"] == "cpu" and mlrun.data.tags["system.dtype"] == "float32"
-    assert mlrun.data.tags["system.torch"]
+    assert mlrun.data.tags["system.torch"] and mlrun.data.tags["system.mlflow"] and mlrun.data.tags["system.wandb"]
     keys = {k for k, _ in expected}
     assert {"loss", "rewards/accuracies", "eval_loss", "eval_log_odds_chosen", "tokens_per_s"} <= keys
     same(_mlflow_metrics(client, mlrun.info.run_id, keys))
