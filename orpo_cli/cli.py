@@ -252,6 +252,9 @@ def eval_(
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")] = False,
     samples: Annotated[int, typer.Option(help="Answer N distinct eval prompts with the base and the tuned model: "
                                          "shown side by side, and written to RUN_DIR/samples.jsonl.")] = 0,
+    answers: Annotated[bool, typer.Option("--answers", help="Answer every eval question that has a known answer "
+                                          "(data.columns.answer) greedily, and report how many replies contain it / "
+                                          "are exactly it (base and tuned).")] = False,
     batch_size: Annotated[int | None, typer.Option(help="Pairs per forward pass (default: the run's "
                                                    "eval batch size).", show_default=False)] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest sample answer, in tokens.")] = 64,
@@ -265,7 +268,7 @@ def eval_(
     standard benchmarks through lm-evaluation-harness (docs/tracking.md#benchmarks)."""
     from rich.console import Console
 
-    from orpo_cli.evaluate import EVAL_FILE, eval_table, read_samples, run_eval, samples_table
+    from orpo_cli.evaluate import EVAL_FILE, eval_table, read_samples, run_eval, samples_right, samples_table
     from orpo_cli.progress import Reporter
     from orpo_cli.run_lock import writing_run
     from orpo_cli.rundir import open_run
@@ -281,7 +284,7 @@ def eval_(
     if limit is not None:
         raise UserError("--limit applies to --tasks (lm-eval benchmarks); drop it, or add --tasks")
     with writing_run(run.root, "eval"):  # it writes RUN/eval.json (and samples.jsonl)
-        result = run_eval(run, data=data, base=base, samples=samples, batch_size=batch_size,
+        result = run_eval(run, data=data, base=base, samples=samples, answers=answers, batch_size=batch_size,
                           max_new_tokens=max_new_tokens, reporter=Reporter())
     if json_:
         typer.echo(json.dumps(result))
@@ -291,8 +294,11 @@ def eval_(
     table = Reporter(console=Console())
     table.table("", columns, rows)
     if "samples" in result:  # the change where a person looks: the same prompts, answered before and after
-        columns, rows = samples_table(read_samples(run))
+        shown = read_samples(run)
+        columns, rows = samples_table(shown)
         table.table(f"greedy answers to {len(rows)} eval prompts", columns, rows, text=True)
+        if (right := samples_right(shown)) is not None:
+            typer.echo(right)
     typer.echo(f"wrote {run.root / EVAL_FILE}" + (f" and {result['samples']}" if "samples" in result else ""))
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,7 +59,12 @@ EVAL_METRICS = {
     "chosen_logps": "chosen mean log-prob",
     "rejected_logps": "rejected mean log-prob",
     "num_pairs": "pairs",
+    # with --answers, where the eval rows carry a known answer (data.columns.answer): greedy answers scored
+    "answer_right": "greedy answer contains the right answer",
+    "answer_exact": "greedy answer is exactly the right answer",
+    "answer_questions": "questions with a known answer",
 }
+_COUNTS = ("num_pairs", "answer_questions")
 
 
 def heldout_metrics(
@@ -145,17 +152,28 @@ def run_eval(
     data: Path | None = None,
     base: bool = False,
     samples: int = 0,
+    answers: bool = False,
     batch_size: int | None = None,
     max_new_tokens: int = 64,
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a run (and its base with `base`), write RUN/eval.json (and RUN/samples.jsonl); return the result."""
+    """Evaluate a run (and its base with `base`), write RUN/eval.json (and RUN/samples.jsonl); return the result.
+
+    `answers`: also answer every distinct eval question that has a known answer, greedily, and score the answers
+    (`score_answer`) beside the preference metrics.
+    """
     reporter = reporter or Reporter()
     recipe = read_recipe(run.recipe)
     check_trained(run)
     device = inference_device(recipe)
     # Data first: a bad --data fails in seconds, before a model loads.
     pairs, source = eval_pairs(recipe, load_saved_tokenizer(run.tokenizer), data)
+    questions = _distinct_prompts([p for p in pairs if p.answer is not None], len(pairs)) if answers else []
+    if answers and not questions:
+        raise UserError(
+            "--answers: none of the eval pairs carries a known answer; name the data column that holds it "
+            "in data.columns.answer"
+        )
     tuned = load_run(run, device=device)
     size = batch_size or recipe.train.eval_batch_size or recipe.train.micro_batch_size
     reporter.note(f"eval: {len(pairs)} pairs from {source}; adapter {recipe.adapter.kind}, base {recipe.model.name_or_path}"
@@ -171,21 +189,32 @@ def run_eval(
     result: dict[str, Any] = {"run": str(run.root), "data": source, "adapter": recipe.adapter.kind}
     result.update(measure(tuned.model, tuned.adapter, "tuned"))
     chosen = _distinct_prompts(pairs, samples)
-    answers: dict[str, list[str]] = {}
-    if samples:
-        answers["tuned"] = _answers(tuned.model, tuned.adapter, tuned.tokenizer, chosen, device, max_new_tokens,
-                                    reporter, "tuned")
-    if base or samples:
+    # One generation per prompt, shared by the samples and the answer scores.
+    shown = {tuple(p.prompt_ids) for p in chosen}
+    prompts = chosen + [q for q in questions if tuple(q.prompt_ids) not in shown]
+    generated: dict[str, list[str]] = {}
+    if prompts:
+        generated["tuned"] = _answers(tuned.model, tuned.adapter, tuned.tokenizer, prompts, device, max_new_tokens,
+                                      reporter, "tuned")
+    if base or prompts:
         # The base model: the adapter switched off where it can be, else (full fine-tuning) loaded again.
         off = tuned.adapter.disabled(tuned.model)
         model, adapter = (tuned.model, tuned.adapter) if off is not None else (load_base(recipe, device), NoAdapter())
         with off if off is not None else contextlib.nullcontext():
             if base:
                 result["base"] = measure(model, adapter, "base")
-                result["diff"] = {k: result[k] - result["base"][k] for k in EVAL_METRICS if k != "num_pairs"}
-            if samples:
-                answers["base"] = _answers(model, adapter, tuned.tokenizer, chosen, device, max_new_tokens,
-                                           reporter, "base")
+                result["diff"] = {k: result[k] - result["base"][k] for k in EVAL_METRICS if k in result and k not in _COUNTS}
+            if prompts:
+                generated["base"] = _answers(model, adapter, tuned.tokenizer, prompts, device, max_new_tokens,
+                                             reporter, "base")
+    if questions:
+        by_prompt = {tuple(p.prompt_ids): i for i, p in enumerate(prompts)}
+        for label, target in (("tuned", result), ("base", result.get("base"))):
+            if target is not None:
+                target.update(answer_scores(questions, [generated[label][by_prompt[tuple(q.prompt_ids)]]
+                                                        for q in questions]))
+        if "diff" in result:
+            result["diff"].update({k: result[k] - result["base"][k] for k in ("answer_right", "answer_exact")})
     if samples:
         decode = tuned.tokenizer.decode
         user_message = _user_message_reader(tuned.tokenizer, recipe)
@@ -197,8 +226,9 @@ def run_eval(
                 "rejected": decode(p.rejected_ids, skip_special_tokens=True),
                 "base": b,
                 "tuned": t,
+                **({"answer": p.answer} if p.answer is not None else {}),
             }, ensure_ascii=False)
-            for p, b, t in zip(chosen, answers["base"], answers["tuned"], strict=True)
+            for p, b, t in zip(chosen, generated["base"], generated["tuned"], strict=True)
         ]
         atomic_write_text(run.root / SAMPLES_FILE, "".join(line + "\n" for line in lines))
         result["samples"] = str(run.root / SAMPLES_FILE)
@@ -230,10 +260,64 @@ def read_samples(run: RunDir) -> list[dict[str, str]]:
 
 
 def samples_table(samples: Sequence[dict[str, str]]) -> tuple[list[str], list[list[str]]]:
-    """Columns and rows for Reporter.table: each eval prompt with the base's and the tuned model's answer."""
-    return ["prompt", "base model", "tuned model"], [
-        [s.get("user") or s["prompt"], s["base"].strip(), s["tuned"].strip()] for s in samples
+    """Columns and rows for Reporter.table: each eval prompt with the base's and the tuned model's answer.
+
+    Where the samples carry a known answer, a column shows it and each answer is marked right (✓) or wrong (✗)
+    by `score_answer`.
+    """
+    known = any("answer" in s for s in samples)
+
+    def shown(s: dict[str, str], label: str) -> str:
+        text = s[label].strip()
+        if "answer" not in s:
+            return text
+        return f"{'✓' if score_answer(s[label], s['answer'])[0] else '✗'} {text}"
+
+    columns = ["prompt"] + (["right answer"] if known else []) + ["base model", "tuned model"]
+    return columns, [
+        [s.get("user") or s["prompt"]] + ([s.get("answer", "")] if known else []) + [shown(s, "base"), shown(s, "tuned")]
+        for s in samples
     ]
+
+
+def samples_right(samples: Sequence[dict[str, str]]) -> str | None:
+    """'base right 5/8, tuned right 7/8' over the samples with a known answer, or None where none has one."""
+    known = [s for s in samples if "answer" in s]
+    if not known:
+        return None
+    right = {label: sum(score_answer(s[label], s["answer"])[0] for s in known) for label in ("base", "tuned")}
+    return (f"right answers (the answer in the reply): base {right['base']}/{len(known)}, "
+            f"tuned {right['tuned']}/{len(known)}")
+
+
+def _normal(text: str) -> str:
+    """Lower case, accents and punctuation dropped, whitespace collapsed: what answer matching compares."""
+    text = unicodedata.normalize("NFKD", text.casefold())
+    text = "".join(c for c in text if not unicodedata.combining(c))
+    return " ".join(re.sub(r"[^\w\s]", " ", text).split())
+
+
+def score_answer(generated: str, answer: str) -> tuple[bool, bool]:
+    """(contains, exact): whether the reply holds the answer as whole words, and whether it is nothing else.
+
+    Both compare case-, accent- and punctuation-blind: "Brasília." is exactly "Brasilia"; "24 hours" contains
+    "24" but "124" does not.
+    """
+    reply, wanted = _normal(generated), _normal(answer)
+    if not wanted:
+        return False, False
+    contains = re.search(rf"(?<!\w){re.escape(wanted)}(?!\w)", reply) is not None
+    return contains, reply == wanted
+
+
+def answer_scores(questions: Sequence[TokenizedPair], replies: Sequence[str]) -> dict[str, float]:
+    """eval.json's answer numbers: the share of `replies` that contain / exactly are their question's answer."""
+    scored = [score_answer(reply, q.answer or "") for q, reply in zip(questions, replies, strict=True)]
+    return {
+        "answer_right": sum(c for c, _ in scored) / len(scored),
+        "answer_exact": sum(e for _, e in scored) / len(scored),
+        "answer_questions": len(scored),
+    }
 
 
 def _user_message_reader(tokenizer: Any, recipe: Recipe) -> Callable[[str], str | None]:
@@ -272,13 +356,13 @@ def eval_table(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
         value = result[key]
         row: list[Any] = [label, _shown(key, value)]
         if has_base:
-            row += [_shown(key, result["base"][key]), "" if key == "num_pairs" else _signed(result["diff"][key])]
+            row += [_shown(key, result["base"][key]), "" if key in _COUNTS else _signed(result["diff"][key])]
         rows.append(row)
     return columns, rows
 
 
 def _shown(key: str, value: Any) -> Any:
-    return str(value) if key == "num_pairs" else float(value)
+    return str(value) if key in _COUNTS else float(value)
 
 
 def _signed(value: float) -> str:

@@ -239,6 +239,9 @@ class ColumnMap(_Section):
     )
     rejected: str = Field("rejected", description="Column holding the dispreferred response.")
     system: str | None = Field(None, description="Column holding a per-row system prompt, if any.")
+    answer: str | None = Field(
+        None, description="Column holding the known right answer (text), if any: eval marks answers right or wrong."
+    )
     conversations: str = Field(
         "conversations", description="Column holding the ShareGPT conversation (sharegpt format)."
     )

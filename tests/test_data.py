@@ -594,3 +594,45 @@ def test_builtin_short_answers_rows():
         assert len(row["chosen"].split()) <= 2 and len(row["rejected"].split()) >= 10
         assert f" {row['chosen']}." in row["rejected"] or f" {row['chosen']} " in row["rejected"]
     assert len({r["prompt"] for r in rows}) > 150 and len({r["chosen"] for r in rows}) > 50
+
+
+def test_builtin_facts_rows_prefer_the_right_answer_in_the_same_words():
+    from orpo_cli.data.builtin_sets import FACTS_ROWS, fact_rows
+    from orpo_cli.evaluate import score_answer
+
+    rows = fact_rows()
+    assert rows == fact_rows() and rows != fact_rows(seed=1)  # a pure function of the seed
+    assert len(rows) == FACTS_ROWS == len(load_rows(DataSource(path="builtin:facts")))
+    for row in rows:
+        assert set(row) == {"prompt", "chosen", "rejected", "answer"}
+        # the same sentence but for the answer: right-ness is the whole preference
+        before = row["chosen"][: row["chosen"].rindex(row["answer"])]
+        assert before and row["rejected"].startswith(before) and row["chosen"] != row["rejected"]
+        assert score_answer(row["chosen"], row["answer"])[0] and not score_answer(row["rejected"], row["answer"])[0]
+    assert len({r["prompt"] for r in rows}) > 150 and len({r["answer"] for r in rows}) > 50
+
+
+def test_the_answer_column_reaches_the_pairs_and_the_cache(tok, tmp_path, monkeypatch):
+    rows = [
+        {"prompt": "What colour is the sky?", "chosen": "The sky is blue.", "rejected": "The sky is red.", "answer": "blue"},
+        {"prompt": "What is two plus two?", "chosen": "It is 4.", "rejected": "It is 5.", "answer": 4},  # a number
+        {"prompt": "What is a cat?", "chosen": "A cat is an animal.", "rejected": "A cat is a car.", "answer": " "},
+    ]
+    data = write_jsonl(tmp_path / "facts.jsonl", rows)
+    first = prep(tok, tmp_path, train=str(data), columns={"answer": "answer"})
+    assert [p.answer for p in first.train] == ["blue", "4", None]  # a blank answer is no known answer
+    with monkeypatch.context() as patch:
+        patch.setattr(tokenizing, "_encode", lambda *a, **k: pytest.fail("the tokenizer ran on a cache hit"))
+        second = prep(tok, tmp_path, train=str(data), columns={"answer": "answer"})
+    assert second.stats.from_cache and second.train == first.train
+    # Without data.columns.answer the column is ignored; a cache entry of the other setting is not reused.
+    assert [p.answer for p in prep(tok, tmp_path, train=str(data)).train] == [None, None, None]
+
+
+def test_a_missing_or_non_text_answer_column_is_one_line(tok, tmp_path):
+    rows = [{"prompt": "Q?", "chosen": "A.", "rejected": "B.", "answer": ["A"]}]
+    data = write_jsonl(tmp_path / "facts.jsonl", rows)
+    with pytest.raises(UserError, match=r"column 'answer' holds list, expected the answer as text or a number"):
+        prep(tok, tmp_path, train=str(data), columns={"answer": "answer"})
+    with pytest.raises(UserError, match=r"'solution'"):
+        prep(tok, tmp_path, train=str(data), columns={"answer": "solution"})

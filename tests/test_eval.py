@@ -245,3 +245,83 @@ def test_log_odds_ratio_is_trls_in_metrics_and_eval_json_names_the_mean_log_odds
     assert numbers["or_loss"] == pytest.approx(-mean_log_sigmoid, rel=1e-5)
     assert abs(mean_ratio - mean_log_sigmoid) > 0.5  # two quantities, two names
     assert numbers["margin"] == pytest.approx(sum(chosen) / 2 - sum(rejected) / 2)
+
+
+# ------------------------------------------------------------------------------------------ known answers
+@pytest.mark.parametrize(
+    ("reply", "answer", "contains", "exact"),
+    [
+        ("Brasilia.", "Brasília", True, True),  # case, accents and punctuation do not count
+        ("The capital of Brazil is Brasília.", "Brasilia", True, False),
+        ("A day has 24 hours.", "24", True, False),
+        ("A day has 124 hours.", "24", False, False),  # whole words only
+        ("The capital is new  delhi!", "New Delhi", True, False),
+        ("The capital of Australia is Sydney.", "Canberra", False, False),
+        ("anything", " ", False, False),
+    ],
+)
+def test_score_answer(reply, answer, contains, exact):
+    from orpo_cli.evaluate import score_answer
+
+    assert score_answer(reply, answer) == (contains, exact)
+
+
+def _run_with_answers(run, tmp_path) -> Path:
+    """The run's recipe reads data.columns.answer; held-out rows that carry one (`--data`)."""
+    import yaml
+
+    recipe = yaml.safe_load(run.recipe.read_text())
+    recipe["data"].setdefault("columns", {})["answer"] = "answer"
+    run.recipe.write_text(yaml.safe_dump(recipe))
+    rows = [{"prompt": q, "chosen": f"It is {a}.", "rejected": f"It is not {a}.", "answer": a}
+            for q, a in (("What colour is a banana?", "yellow"), ("Where is Paris?", "France"), ("What is 3 plus 4?", "7"))]
+    path = tmp_path / "held.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_answers_are_scored_and_marked_for_base_and_tuned(tiny_lora_run, copy_run, tmp_path, monkeypatch):
+    import orpo_cli.evaluate as evaluate
+
+    run = copy_run(tiny_lora_run)
+    data = _run_with_answers(run, tmp_path)
+    asked = []
+
+    def replies(model, adapter, tokenizer, pairs, device, max_new_tokens, reporter, label):  # the tiny model says noise
+        asked.append((label, len(pairs)))
+        if label == "tuned":
+            return [f"It is {p.answer}." for p in pairs]  # all right, none exactly
+        return ["I do not know."] + [p.answer for p in pairs[1:]]  # the first wrong, the rest exactly right
+
+    monkeypatch.setattr(evaluate, "_answers", replies)
+    result = _eval(run.root, "--data", data, "--base", "--answers", "--samples", 3)
+    assert result.exit_code == 0, result.output
+    assert asked == [("tuned", 3), ("base", 3)]  # one generation per prompt, shared by samples and scores
+    saved = json.loads((run.root / "eval.json").read_text())
+    assert (saved["answer_right"], saved["answer_exact"], saved["answer_questions"]) == (1.0, 0.0, 3)
+    assert saved["base"]["answer_right"] == saved["base"]["answer_exact"] == pytest.approx(2 / 3)
+    assert saved["diff"]["answer_right"] == pytest.approx(1 / 3)
+    assert "greedy answer contains the right answer" in result.stdout
+    table = result.stdout[result.stdout.index("greedy answers to 3 eval prompts"):]
+    assert "right answer" in table and "✗ I do not know." in table and "✓ It is yellow." in table
+    assert "right answers (the answer in the reply): base 2/3, tuned 3/3" in result.stdout
+    assert [json.loads(line)["answer"] for line in (run.root / "samples.jsonl").read_text().splitlines()] == [
+        "yellow", "France", "7"]
+
+    # Without --answers: no answer numbers, and no generation beyond the samples asked for.
+    asked.clear()
+    result = _eval(run.root, "--data", data, "--samples", 1)
+    assert result.exit_code == 0, result.output
+    assert asked == [("tuned", 1), ("base", 1)] and "answer_right" not in json.loads((run.root / "eval.json").read_text())
+    assert "base 0/1, tuned 1/1" in result.stdout
+
+
+def test_answers_without_known_answers_is_one_line(tiny_lora_run, copy_run):
+    run = copy_run(tiny_lora_run)
+    result = _eval(run.root, "--answers")
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        "error: --answers: none of the eval pairs carries a known answer; name the data column that holds it in "
+        "data.columns.answer"
+    ]
+    assert not (run.root / "eval.json").exists()

@@ -11,7 +11,7 @@ and an eval split, plus `DataStats` for the log. `check_source(data)` is the che
 model is loaded: the file exists and is readable, and the mapped columns are in it.
 
 Sources (`data.train.path`, `data.eval.path`): a local `.jsonl`, `.json` (a list of objects, or JSON
-lines), `.csv`, `.parquet`, or `.gz` of a text one; `builtin:demo` or `builtin:short-answers` (generated in
+lines), `.csv`, `.parquet`, or `.gz` of a text one; `builtin:demo`, `builtin:short-answers` or `builtin:facts` (generated in
 code, see `orpo_cli.data.builtin_sets`); a local
 directory or anything else is handed to `datasets.load_dataset` (a hub id; offline this fails with a
 one-line error that says to download it and point the recipe at a local file).

@@ -309,3 +309,95 @@ def short_answer_rows(seed: int = 0, n: int = SHORT_ANSWERS_ROWS) -> list[dict]:
         chatty = " ".join([rng.choice(_CHATTY_OPEN), rng.choice(_CHATTY_MIDDLE), sentence, rng.choice(_CHATTY_CLOSE)])
         rows.append({"prompt": question, "chosen": answer, "rejected": chatty})
     return rows
+
+
+# ------------------------------------------------------------------------------------------ builtin:facts
+# A preference whose winner a reader can check: plain questions with one right answer, chosen = the right answer
+# in one short sentence ("The capital of Australia is Canberra."), rejected = the same sentence with a plausible
+# wrong answer ("The capital of Australia is Sydney."). Style and length are the same on both sides, so the
+# preference is right-ness alone, and the tuned model keeps the base's sentence style. Every row carries
+# `answer` (the right answer, "Canberra"), which `orpo-tune eval` scores greedy answers against (data.columns.answer).
+# Questions about one fact come in several wordings; the split groups rows by prompt, so a held-out question is a
+# wording not trained on, and its fact may be trained on in other words. Made for builtin:smollm2-135m-instruct
+# (recipes/smollm2-demo.yaml). Same rules as builtin:demo: a pure function of (seed, n), `FACTS_VERSION` bumped
+# whenever the generator changes.
+FACTS_VERSION = "facts-v1"
+FACTS_ROWS = 600
+
+_FACT_CAPITALS = {  # country: (capital, a city often named instead)
+    "Australia": ("Canberra", "Sydney"), "Canada": ("Ottawa", "Toronto"), "Turkey": ("Ankara", "Istanbul"),
+    "Brazil": ("Brasilia", "Rio de Janeiro"), "Switzerland": ("Bern", "Zurich"),
+    "New Zealand": ("Wellington", "Auckland"), "Nigeria": ("Abuja", "Lagos"), "Morocco": ("Rabat", "Casablanca"),
+    "Vietnam": ("Hanoi", "Ho Chi Minh City"), "Pakistan": ("Islamabad", "Karachi"), "India": ("New Delhi", "Mumbai"),
+    "Scotland": ("Edinburgh", "Glasgow"), "Japan": ("Tokyo", "Kyoto"), "France": ("Paris", "Lyon"),
+    "Germany": ("Berlin", "Munich"), "Italy": ("Rome", "Milan"), "Spain": ("Madrid", "Barcelona"),
+    "Egypt": ("Cairo", "Alexandria"), "China": ("Beijing", "Shanghai"), "Russia": ("Moscow", "Saint Petersburg"),
+    "Kenya": ("Nairobi", "Mombasa"), "Poland": ("Warsaw", "Krakow"), "Greece": ("Athens", "Thessaloniki"),
+    "Norway": ("Oslo", "Bergen"), "Sweden": ("Stockholm", "Gothenburg"), "Portugal": ("Lisbon", "Porto"),
+    "the Netherlands": ("Amsterdam", "Rotterdam"), "Peru": ("Lima", "Cusco"), "Ireland": ("Dublin", "Cork"),
+    "Austria": ("Vienna", "Salzburg"), "Thailand": ("Bangkok", "Phuket"), "South Korea": ("Seoul", "Busan"),
+    "Argentina": ("Buenos Aires", "Cordoba"), "Colombia": ("Bogota", "Medellin"), "Israel": ("Jerusalem", "Tel Aviv"),
+    "Belgium": ("Brussels", "Antwerp"), "Denmark": ("Copenhagen", "Aarhus"), "Finland": ("Helsinki", "Turku"),
+}
+_FACT_COUNTS = {  # question: (right, wrong)
+    "How many legs does a spider have?": ("8", "6"), "How many legs does an insect have?": ("6", "8"),
+    "How many days are in a week?": ("7", "5"), "How many months are in a year?": ("12", "10"),
+    "How many hours are in a day?": ("24", "12"), "How many minutes are in an hour?": ("60", "100"),
+    "How many sides does a triangle have?": ("3", "4"), "How many sides does a hexagon have?": ("6", "8"),
+    "How many wheels does a bicycle have?": ("2", "3"), "How many continents are there?": ("7", "5"),
+    "How many players are on a football team?": ("11", "10"), "How many days are in a leap year?": ("366", "365"),
+    "How many strings does a violin have?": ("4", "6"), "How many planets are in the solar system?": ("8", "9"),
+}
+_FACT_WORDS = {  # question: (right, wrong), answered as "The answer is X."
+    "What is the largest planet in the solar system?": ("Jupiter", "Saturn"),
+    "Which planet is closest to the sun?": ("Mercury", "Venus"),
+    "What is the largest ocean on Earth?": ("Pacific", "Atlantic"),
+    "What gas do plants take in from the air?": ("carbon dioxide", "oxygen"),
+    "What is the boiling point of water in degrees Celsius?": ("100", "90"),
+    "What is the freezing point of water in degrees Celsius?": ("0", "10"),
+    "Who wrote Romeo and Juliet?": ("Shakespeare", "Dickens"),
+    "What is the chemical symbol for gold?": ("Au", "Ag"),
+    "What is the tallest mountain in the world?": ("Everest", "K2"),
+    "What is the longest river in Africa?": ("Nile", "Congo"),
+    "Which animal is the largest mammal?": ("blue whale", "elephant"),
+    "What is the hardest natural material?": ("diamond", "granite"),
+}
+
+
+def _fact_capital(rng: random.Random) -> tuple[str, str, str, str]:
+    country, (city, wrong) = rng.choice(sorted(_FACT_CAPITALS.items()))
+    question = rng.choice([f"What is the capital of {country}?", f"Which city is the capital of {country}?",
+                           f"Name the capital of {country}.", f"What city is the capital of {country}?"])
+    return question, f"The capital of {country} is {city}.", f"The capital of {country} is {wrong}.", city
+
+
+def _fact_sum(rng: random.Random) -> tuple[str, str, str, str]:
+    a, b = rng.randrange(2, 10), rng.randrange(2, 10)
+    wrong = a + b + rng.choice([-2, -1, 1, 2])
+    question = rng.choice([f"What is {a} plus {b}?", f"What is {a} + {b}?", f"Add {a} and {b}."])
+    return question, f"{a} plus {b} is {a + b}.", f"{a} plus {b} is {wrong}.", str(a + b)
+
+
+def _fact_count(rng: random.Random) -> tuple[str, str, str, str]:
+    question, (right, wrong) = rng.choice(sorted(_FACT_COUNTS.items()))
+    return question, f"The answer is {right}.", f"The answer is {wrong}.", right
+
+
+def _fact_word(rng: random.Random) -> tuple[str, str, str, str]:
+    question, (right, wrong) = rng.choice(sorted(_FACT_WORDS.items()))
+    return question, f"The answer is {right}.", f"The answer is {wrong}.", right
+
+
+_FACT_KINDS: tuple[Callable[[random.Random], tuple[str, str, str, str]], ...] = (
+    _fact_capital, _fact_capital, _fact_capital, _fact_sum, _fact_count, _fact_word,
+)
+
+
+def fact_rows(seed: int = 0, n: int = FACTS_ROWS) -> list[dict]:
+    """`n` deterministic rows `{prompt, chosen, rejected, answer}`: chosen right, rejected wrong, in the same words."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        question, chosen, rejected, answer = rng.choice(_FACT_KINDS)(rng)
+        rows.append({"prompt": question, "chosen": chosen, "rejected": rejected, "answer": answer})
+    return rows

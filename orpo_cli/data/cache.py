@@ -17,7 +17,7 @@ from orpo_cli.storage import cache_root, file_sha256
 
 log = logging.getLogger(__name__)
 
-_CACHE_VERSION = "orpo-data-3"  # bump when the output of this module changes for the same inputs
+_CACHE_VERSION = "orpo-data-4"  # bump when the output of this module changes for the same inputs
 
 
 # ------------------------------------------------------------------------------------------ cache
@@ -44,9 +44,9 @@ def _cache_key(data: DataSettings, orpo: OrpoSettings, tokenizer: Any) -> str:
 def _source_fingerprint(source: DataSource) -> dict[str, Any]:
     fingerprint: dict[str, Any] = source.model_dump(mode="json")
     if source.path.startswith(BUILTIN_PREFIX):
-        from orpo_cli.data.builtin_sets import DEMO_VERSION, SHORT_ANSWERS_VERSION
+        from orpo_cli.data.builtin_sets import DEMO_VERSION, FACTS_VERSION, SHORT_ANSWERS_VERSION
 
-        fingerprint["builtin"] = [DEMO_VERSION, SHORT_ANSWERS_VERSION]
+        fingerprint["builtin"] = [DEMO_VERSION, SHORT_ANSWERS_VERSION, FACTS_VERSION]
         return fingerprint
     local = Path(source.path).expanduser()
     if local.is_file():
@@ -77,6 +77,7 @@ def _save_cache(path: Path, prepared: PreparedData) -> None:
     from safetensors.numpy import save_file
 
     tensors = {}
+    answers = {split: [p.answer for p in getattr(prepared, split)] for split in _SPLITS}
     for split in _SPLITS:
         pairs: list[TokenizedPair] = getattr(prepared, split)
         for name in _FIELDS:
@@ -91,7 +92,8 @@ def _save_cache(path: Path, prepared: PreparedData) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:16]}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
-            save_file(tensors, tmp, metadata={"stats": prepared.stats.to_json(), "version": _CACHE_VERSION})
+            metadata = {"stats": prepared.stats.to_json(), "version": _CACHE_VERSION, "answers": json.dumps(answers)}
+            save_file(tensors, tmp, metadata=metadata)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -111,13 +113,17 @@ def _load_cache(path: Path) -> PreparedData | None:
             if metadata.get("version") != _CACHE_VERSION:
                 return None
             splits = {}
+            answers = json.loads(metadata["answers"])
             for split in _SPLITS:
                 columns = []
                 for name in _FIELDS:
                     flat = handle.get_tensor(f"{split}.{name}.ids").tolist()
                     offsets = handle.get_tensor(f"{split}.{name}.offsets").tolist()
                     columns.append([flat[a:b] for a, b in itertools.pairwise(offsets)])
-                splits[split] = [TokenizedPair(*triple) for triple in zip(*columns, strict=True)]
+                splits[split] = [
+                    TokenizedPair(*triple, answer=answer)
+                    for triple, answer in zip(zip(*columns, strict=True), answers[split], strict=True)
+                ]
             stats = DataStats.from_json(metadata["stats"])
     except Exception as err:  # a damaged cache file is rebuilt, not fatal
         log.warning("data: ignoring unreadable cache %s: %s", path, err)

@@ -35,6 +35,8 @@ def _required_columns(data: DataSettings) -> dict[str, str]:
     need["rejected"] = cols.rejected
     if cols.system is not None:
         need["system"] = cols.system
+    if cols.answer is not None:
+        need["answer"] = cols.answer
     return need
 
 
@@ -79,6 +81,7 @@ class _Example:
     prompt: list[Message]
     chosen: list[Message]
     rejected: list[Message]
+    answer: str | None = None
 
 
 @dataclass
@@ -99,6 +102,11 @@ class _RowParser:
     def __call__(self, row: dict, number: int) -> list[_Example | _Dropped]:
         parse = getattr(self, f"_{self.data.format}")
         result = parse(row, number)
+        if self.cols.answer is not None:
+            answer = self._answer(row, self.cols.answer, number)
+            for item in result:
+                if isinstance(item, _Example):
+                    item.answer = answer
         return [_Dropped(number, r) if isinstance(r, str) else r for r in result]
 
     # -- field access ---------------------------------------------------------------------------
@@ -110,6 +118,17 @@ class _RowParser:
             f"data: row {number}: column '{column}' holds {type(value).__name__}, expected text ({self.where})"
             + self._looks_like(row)
         )
+
+    def _answer(self, row: dict, column: str, number: int) -> str | None:
+        """The row's known right answer: text, or a number ("24"); None where blank."""
+        value = row.get(column)
+        if isinstance(value, bool) or not isinstance(value, str | int | float | None):
+            raise UserError(
+                f"data: row {number}: column '{column}' holds {type(value).__name__}, expected the answer as text "
+                f"or a number ({self.where})"
+            )
+        text = "" if value is None else str(value).strip()
+        return text or None
 
     def _looks_like(self, row: dict) -> str:
         """'; the rows look like data.format: X ...' when the row has another format's shape, else ''."""

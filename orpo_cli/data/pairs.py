@@ -16,11 +16,16 @@ DROP_TEMPLATE = "the chat template refused it"  # followed by the template's rea
 # ------------------------------------------------------------------------------------------ results
 @dataclass(frozen=True, slots=True)
 class TokenizedPair:
-    """One preference pair: prompt ids (BOS included) and the two responses' ids (EOS included)."""
+    """One preference pair: prompt ids (BOS included) and the two responses' ids (EOS included).
+
+    `answer`: the known right answer to the prompt, where the data has one (data.columns.answer): eval scores
+    generated answers against it.
+    """
 
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    answer: str | None = None
 
 
 @dataclass

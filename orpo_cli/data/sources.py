@@ -15,7 +15,7 @@ from typing import Any
 from orpo_cli.errors import UserError
 from orpo_cli.recipe import BUILTIN_PREFIX, DataSource
 
-BUILTIN_DATASETS = ("demo", "short-answers")
+BUILTIN_DATASETS = ("demo", "short-answers", "facts")
 _FILE_KINDS = ("jsonl", "json", "csv", "parquet")
 
 
@@ -42,9 +42,9 @@ def load_rows(source: DataSource, field_name: str = "data.train") -> list[dict]:
 # ------------------------------------------------------------------------------------------ reading
 def _builtin_rows(path: str, field_name: str) -> list[dict]:
     name = path.removeprefix(BUILTIN_PREFIX)
-    from orpo_cli.data.builtin_sets import demo_rows, short_answer_rows
+    from orpo_cli.data.builtin_sets import demo_rows, fact_rows, short_answer_rows
 
-    generators = {"demo": demo_rows, "short-answers": short_answer_rows}
+    generators = {"demo": demo_rows, "short-answers": short_answer_rows, "facts": fact_rows}
     if name not in generators:
         raise UserError(f"{field_name}.path: unknown built-in dataset '{name}'; known: {', '.join(BUILTIN_DATASETS)}")
     return generators[name]()

@@ -109,7 +109,7 @@ def _tokenize(
     drops: Counter[str],
 ) -> tuple[list[TokenizedPair], int]:
     """Render, tokenize and truncate `examples`; count drops into `drops`; return (pairs, truncated)."""
-    rendered = []
+    rendered, answers = [], []
     for example in examples:
         try:
             prompt, chosen, rejected = renderer(example)
@@ -120,6 +120,7 @@ def _tokenize(
             drops[DROP_SAME] += 1
         else:
             rendered.append((prompt, chosen, rejected))
+            answers.append(example.answer)
     if not rendered:
         return [], 0
     prompt_tokens = _encode(tokenizer, [p for p, _, _ in rendered])
@@ -154,7 +155,7 @@ def _tokenize(
             drops[DROP_SAME_TRUNCATED] += 1
             continue
         truncated += cut != (prompt_ids, chosen_ids, rejected_ids)
-        pairs.append(TokenizedPair(*cut))
+        pairs.append(TokenizedPair(*cut, answer=answers[i]))
     return pairs, truncated
 
 
