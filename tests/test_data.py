@@ -400,7 +400,7 @@ def test_template_and_builtin_errors(tok, builtin_dir, tmp_path):
     assert _error(prep, fresh, tmp_path, train=str(FIXTURES / "pairs.jsonl"), chat_template=broken).startswith(
         "data.chat_template: the template does not render"
     )
-    assert _error(load_rows, DataSource(path="builtin:dmeo")) == "data.train.path: unknown built-in dataset 'dmeo'; known: demo, short-answers"
+    assert _error(load_rows, DataSource(path="builtin:dmeo")) == "data.train.path: unknown built-in dataset 'dmeo'; known: demo, short-answers, facts"
     bad_role = write_jsonl(tmp_path / "tool.jsonl", [{"conversations": [{"from": "tool", "value": "x"}], "chosen": "a", "rejected": "b"}])
     assert "has a turn from 'tool'" in _error(prep, tok, tmp_path, train=str(bad_role), format="sharegpt")
 

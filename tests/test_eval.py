@@ -15,6 +15,7 @@ from orpo_cli.evaluate import EVAL_METRICS
 
 runner = CliRunner()
 KEYS = {"accuracy", "mean_log_odds_ratio", "margin", "nll", "perplexity", "num_pairs"}
+ANSWER_KEYS = {"answer_right", "answer_exact", "answer_questions"}
 
 
 def _eval(*args):
@@ -204,7 +205,7 @@ def test_metric_labels_cover_the_required_keys(lora_eval):
     _, out = lora_eval
     numbers = {k for k, v in out.items() if isinstance(v, int | float)}
     assert KEYS <= numbers
-    assert numbers == set(EVAL_METRICS)
+    assert numbers == set(EVAL_METRICS) - ANSWER_KEYS  # those come with --answers (test_answers_are_scored...)
     columns, rows = eval_table(out)
     assert columns == ["metric", "tuned", "base", "tuned - base"]
     shown = {row[0]: row for row in rows}
@@ -301,7 +302,12 @@ def test_answers_are_scored_and_marked_for_base_and_tuned(tiny_lora_run, copy_ru
     assert (saved["answer_right"], saved["answer_exact"], saved["answer_questions"]) == (1.0, 0.0, 3)
     assert saved["base"]["answer_right"] == saved["base"]["answer_exact"] == pytest.approx(2 / 3)
     assert saved["diff"]["answer_right"] == pytest.approx(1 / 3)
-    assert "greedy answer contains the right answer" in result.stdout
+    from orpo_cli.evaluate import eval_table
+
+    shown = {row[0]: row for row in eval_table(saved)[1]}  # each under its label in the table
+    assert shown[EVAL_METRICS["answer_right"]][1:] == [1.0, pytest.approx(2 / 3), "+0.3333"]
+    assert shown[EVAL_METRICS["answer_questions"]][1:] == ["3", "3", ""]
+    assert "greedy answer contains the right" in result.stdout
     table = result.stdout[result.stdout.index("greedy answers to 3 eval prompts"):]
     assert "right answer" in table and "✗ I do not know." in table and "✓ It is yellow." in table
     assert "right answers (the answer in the reply): base 2/3, tuned 3/3" in result.stdout
