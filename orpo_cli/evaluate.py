@@ -228,7 +228,8 @@ def run_eval(
                 "tuned": t,
                 **({"answer": p.answer} if p.answer is not None else {}),
             }, ensure_ascii=False)
-            for p, b, t in zip(chosen, generated["base"], generated["tuned"], strict=True)
+            # the samples are the first prompts answered; --answers may have answered more
+            for p, b, t in zip(chosen, generated["base"][: len(chosen)], generated["tuned"][: len(chosen)], strict=True)
         ]
         atomic_write_text(run.root / SAMPLES_FILE, "".join(line + "\n" for line in lines))
         result["samples"] = str(run.root / SAMPLES_FILE)

@@ -314,6 +314,13 @@ def test_answers_are_scored_and_marked_for_base_and_tuned(tiny_lora_run, copy_ru
     assert [json.loads(line)["answer"] for line in (run.root / "samples.jsonl").read_text().splitlines()] == [
         "yellow", "France", "7"]
 
+    # Fewer samples than questions: every question is answered once, the samples are the first of them.
+    asked.clear()
+    result = _eval(run.root, "--data", data, "--answers", "--samples", 2)
+    assert result.exit_code == 0, result.output
+    assert asked == [("tuned", 3), ("base", 3)] and "base 1/2, tuned 2/2" in result.stdout
+    assert json.loads((run.root / "eval.json").read_text())["answer_questions"] == 3
+
     # Without --answers: no answer numbers, and no generation beyond the samples asked for.
     asked.clear()
     result = _eval(run.root, "--data", data, "--samples", 1)
