@@ -340,13 +340,28 @@ def export(
                                               "the base model's own dtype).", show_default=False)] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing --out (only once the new export is "
                                         "complete).")] = False,
+    format: Annotated[str, typer.Option("--format", help="hf: a merged transformers model (or a ReFT bundle); gguf: "
+                                        "one GGUF file for llama.cpp, Ollama and LM Studio, checked in llama.cpp.")] = "hf",
+    quant: Annotated[str | None, typer.Option(help="GGUF tensor type: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1 or q4_0 "
+                                              "(default f16).", show_default=False)] = None,
+    adapter_only: Annotated[bool, typer.Option(help="GGUF: the base model and the LoRA as a GGUF adapter that "
+                                               "llama.cpp applies at load (--lora), instead of a merged file.")] = False,
 ) -> None:
-    """Export a merged model (LoRA, full fine-tuning) or, for ReFT, a bundle that `generate` loads."""
+    """Export a merged model (LoRA, full fine-tuning) or, for ReFT, a bundle that `generate` loads; or GGUF."""
     from orpo_cli.export import check_out, export_run, parse_dtype, rounding_line
     from orpo_cli.export_checks import MERGE_TOLERANCE_FACTOR
     from orpo_cli.progress import Reporter
     from orpo_cli.rundir import open_run
 
+    if format not in ("hf", "gguf"):
+        raise UserError(f"--format: {format!r} is not one of hf, gguf")
+    if format == "hf" and (quant is not None or adapter_only):
+        raise UserError(f"{'--quant' if quant is not None else '--adapter-only'} is for --format gguf; add --format gguf")
+    if format == "gguf":
+        if dtype is not None:
+            raise UserError("--dtype is for --format hf; a GGUF's tensor type is --quant")
+        _export_gguf(run_dir, out, quant or "f16", adapter_only, force)
+        return
     run = open_run(run_dir)
     parse_dtype(dtype)
     check_out(run, out, force)  # before any model loads
@@ -377,6 +392,39 @@ def export(
         typer.echo(f'load it with: orpo-tune generate {result.out} --prompt "..."')
 
 
+def _export_gguf(run_dir: Path, out: Path, quant: str, adapter_only: bool, force: bool) -> None:
+    from orpo_cli.adapters import build_adapter
+    from orpo_cli.export import check_out
+    from orpo_cli.export_gguf import check_gguf_request, export_gguf_run
+    from orpo_cli.models.tuned import read_recipe
+    from orpo_cli.progress import Reporter
+    from orpo_cli.rundir import open_run
+
+    run = open_run(run_dir)
+    check_out(run, out, force)  # before any model loads
+    check_gguf_request(build_adapter(read_recipe(run.recipe).adapter), quant.lower(), adapter_only)
+    reporter = Reporter()
+    result = export_gguf_run(run, out, quant=quant, adapter_only=adapter_only, force=force, reporter=reporter)
+    for note in result.notes:
+        reporter.note(f"note: {note}")
+    what = f"{result.model_file} + LoRA {result.adapter_file}" if result.adapter_file else result.model_file
+    typer.echo(f"exported {what} ({result.quant}) to {result.out}")
+    typer.echo(f"verified: the merge (fp32) vs base + adapter: max |Δlogit| = {result.merge_diff:.3g} <= tolerance "
+               f"{result.tolerance:.3g} ({result.probe_tokens} tokens)")
+    typer.echo(f"verified: read back by transformers vs the merge quantized to {result.quant} in memory: max |Δlogit| "
+               f"= {result.readback_diff:.3g} <= {result.tolerance:.3g}")
+    for label, rt in (("llama.cpp", result.runtime), ("llama.cpp, base + LoRA", result.lora_runtime)):
+        if rt is not None:
+            typer.echo(f"verified in {label}: greedy answers agree with the merged model's on {rt.tokens_agree}/"
+                       f"{rt.tokens_total} tokens ({rt.answers_equal}/{rt.probes} whole); max |Δlogit| vs the "
+                       f"quantized model {rt.max_logit_diff:.3g}")
+    typer.echo(f"{result.quant} costs max |Δlogit| {result.quant_cost[0]:.3g}, RMS {result.quant_cost[1]:.3g} vs base + "
+               "adapter")
+    typer.echo(f"run it with: llama-cli -m {result.out / result.model_file}"
+               + (f" --lora {result.out / result.adapter_file}" if result.adapter_file else "")
+               + f", or ollama create NAME -f {result.out / 'Modelfile'}")
+
+
 @app.command()
 @_user_errors
 def generate(
@@ -400,7 +448,9 @@ def generate(
         raise UserError("--prompt TEXT is required (or --interactive for a chat)")
     _at_least("--max-new-tokens", max_new_tokens, 1)
     _at_least("--temperature", temperature, 0)
-    detect(path)  # a wrong PATH fails before anything loads
+    if detect(path) == "gguf":  # a wrong PATH fails before anything loads
+        _generate_gguf(path, prompt, system, max_new_tokens, temperature, seed, interactive)
+        return
     tuned = load_tuned(path)
     template = chat_template_in_use(tuned.tokenizer, tuned.recipe)
     if system is None and tuned.recipe is not None:
@@ -435,6 +485,40 @@ def generate(
                 typer.echo(f"error: {err}", err=True)
                 continue
             history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+
+
+def _generate_gguf(path: Path, prompt: str | None, system: str | None, max_new_tokens: int, temperature: float,
+                   seed: int, interactive: bool) -> None:
+    """`generate` on an `export --format gguf`: the prompt rendered as in training, answered by llama.cpp."""
+    from orpo_cli.generation import chat_template_in_use, conversation, render_prompt
+    from orpo_cli.models.gguf_runtime import GgufExport
+
+    export = GgufExport(Path(path))
+    template = chat_template_in_use(export.tokenizer, export.recipe)
+    if system is None and export.recipe is not None:
+        system = export.recipe.data.system_prompt
+    history: list[dict[str, str]] = []
+    pending = prompt
+    while True:
+        if pending is None:
+            if not interactive:
+                break
+            try:
+                pending = input("> ")
+            except EOFError:
+                break
+        text, pending = pending.strip(), None
+        if text in {"/exit", "/quit"}:
+            break
+        if text == "/reset":
+            history = []
+            continue
+        if text:
+            ids = render_prompt(export.tokenizer, conversation(text, system, history), template)
+            reply = export.stream(ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+            history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+        if not interactive:
+            break
 
 
 @app.command()

@@ -155,38 +155,10 @@ def _export_merged(
 
     cpu = torch.device("cpu")
     dtype = dtype or _stored_dtype(recipe)
-    tokenizer = load_saved_tokenizer(run.tokenizer)
-    probes = probe_prompts(recipe, tokenizer)
-    tokens = sum(len(ids) for ids, _ in probes)
-    if adapter.trains_base:
-        reporter.note(f"export: loading the fully fine-tuned weights of {run.root}")
-    else:
-        reporter.note(f"export: loading {recipe.model.name_or_path} in full precision (fp32) to merge the "
-                      f"{adapter.name} adapter into it")
-    model = adapter.load(load_base(recipe, cpu, full_precision=True), run.adapter)
-    model.eval()
-    reference = probe_logits(model, adapter, probes, cpu)
-    notes = [_quantization_gap(run, recipe, probes, reference)] if recipe.quantization.mode != "none" else []
-    off = adapter.disabled(model)
-    base = None
-    if off is not None:
-        with off:
-            base = probe_logits(model, adapter, probes, cpu)
-    merged = adapter.merge(model)
-    del model
-
-    # 1. The merge, in fp32, before anything is written: a wrong merge fails here in seconds.
-    merged_logits = probe_logits(merged, NoAdapter(), probes, cpu)
-    floor = noise_floor(merged, probes, merged_logits)
-    tolerance = MERGE_TOLERANCE_FACTOR * floor
-    diff = max_abs_diff(reference, merged_logits)
-    if not diff <= tolerance:  # also catches NaN
-        raise RunFailed(
-            f"export verification failed: the merged model's logits differ from base + adapter by {diff:.3g} > "
-            f"tolerance {tolerance:.3g} ({MERGE_TOLERANCE_FACTOR:g} x this model's fp32 noise floor {floor:.3g}): "
-            f"the merge is wrong; nothing was written to {out}"
-        )
-    del merged_logits
+    merge = merge_verified(run, recipe, adapter, out, reporter)
+    tokenizer, probes, merged, reference, base = merge.tokenizer, merge.probes, merge.merged, merge.reference, merge.base
+    notes, floor, tolerance, diff, tokens = merge.notes, merge.noise_floor, merge.tolerance, merge.diff, merge.tokens
+    del merge  # `merged` below is the only reference, so `del merged` frees it
 
     # 2. Round the weights to --dtype in memory (what the files must hold: parameters only, since buffers
     # such as RoPE's inv_freq are not saved and a loaded model recomputes them in fp32), then save and load
@@ -226,6 +198,68 @@ def _export_merged(
         (tmp / "README.md").write_text(_model_card(run, recipe, adapter, result), encoding="utf-8")
     return result
 
+
+
+@dataclass
+class VerifiedMerge:
+    """The merged fp32 model and what it was checked with (the first step of every merged export, HF or GGUF)."""
+
+    tokenizer: Any
+    probes: list[tuple[list[int], int]]
+    merged: nn.Module
+    reference: list[torch.Tensor]  # base + adapter on the probes
+    base: list[torch.Tensor] | None  # the base alone (None where the adapter cannot be switched off)
+    noise_floor: float
+    tolerance: float
+    diff: float  # merged vs base + adapter
+    notes: list[str]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(ids) for ids, _ in self.probes)
+
+
+def merge_verified(
+    run: RunDir, recipe: Recipe, adapter: Adapter, out: Path, reporter: Reporter, before_merge: Any = None
+) -> VerifiedMerge:
+    """Load base + adapter in fp32 on the CPU, merge, and check the merge (step 1 of the module docstring).
+
+    `before_merge(model)` sees base + adapter before the merge (the GGUF export reads the LoRA factors there).
+    """
+    cpu = torch.device("cpu")
+    tokenizer = load_saved_tokenizer(run.tokenizer)
+    probes = probe_prompts(recipe, tokenizer)
+    if adapter.trains_base:
+        reporter.note(f"export: loading the fully fine-tuned weights of {run.root}")
+    else:
+        reporter.note(f"export: loading {recipe.model.name_or_path} in full precision (fp32) to merge the "
+                      f"{adapter.name} adapter into it")
+    model = adapter.load(load_base(recipe, cpu, full_precision=True), run.adapter)
+    model.eval()
+    reference = probe_logits(model, adapter, probes, cpu)
+    notes = [_quantization_gap(run, recipe, probes, reference)] if recipe.quantization.mode != "none" else []
+    off = adapter.disabled(model)
+    base = None
+    if off is not None:
+        with off:
+            base = probe_logits(model, adapter, probes, cpu)
+    if before_merge is not None:
+        before_merge(model)
+    merged = adapter.merge(model)
+    del model
+
+    # The merge, in fp32, before anything is written: a wrong merge fails here in seconds.
+    merged_logits = probe_logits(merged, NoAdapter(), probes, cpu)
+    floor = noise_floor(merged, probes, merged_logits)
+    tolerance = MERGE_TOLERANCE_FACTOR * floor
+    diff = max_abs_diff(reference, merged_logits)
+    if not diff <= tolerance:  # also catches NaN
+        raise RunFailed(
+            f"export verification failed: the merged model's logits differ from base + adapter by {diff:.3g} > "
+            f"tolerance {tolerance:.3g} ({MERGE_TOLERANCE_FACTOR:g} x this model's fp32 noise floor {floor:.3g}): "
+            f"the merge is wrong; nothing was written to {out}"
+        )
+    return VerifiedMerge(tokenizer, probes, merged, reference, base, floor, tolerance, diff, notes)
 
 
 def _quantization_gap(
@@ -369,9 +403,7 @@ def _alive(pid: int) -> bool:
 def _model_card(run: RunDir, recipe: Recipe, adapter: Adapter, result: ExportResult) -> str:
     name = recipe.name or run.root.name
     base = recipe.model.name_or_path
-    front = f"---\nbase_model: {base}\nlibrary_name: transformers\ntags: [orpo, orpo-tune]\n---\n\n"
-    if base.startswith("builtin:"):
-        front = "---\nlibrary_name: transformers\ntags: [orpo, orpo-tune]\n---\n\n"
+    front = hub_header(recipe, library="transformers")
     how = "(full fine-tuning: every weight trained)" if adapter.trains_base else "merged into the weights"
     lines = [
         f"# {name}",
@@ -402,6 +434,27 @@ def _model_card(run: RunDir, recipe: Recipe, adapter: Adapter, result: ExportRes
         *_recipe_section(run),
     ]
     return front + "\n".join(lines)
+
+
+def hub_header(recipe: Recipe, *, library: str) -> str:
+    """The model card's metadata block, as the Hugging Face hub reads it: base_model, library_name, tags,
+    license (the base's, where known) and datasets (a hub dataset the run trained on)."""
+    from orpo_cli.data.sources import _looks_like_file
+    from orpo_cli.models.builtin import hub_identity
+    from orpo_cli.recipe import BUILTIN_PREFIX
+
+    base, license_ = hub_identity(recipe.model.name_or_path)
+    lines = ["---"]
+    if base:
+        lines.append(f"base_model: {base}")
+    lines.append(f"library_name: {library}")
+    lines.append("tags: [orpo, orpo-tune" + (", gguf" if library == "gguf" else "") + "]")
+    if license_:
+        lines.append(f"license: {license_}")
+    data = recipe.data.train.path
+    if not data.startswith(BUILTIN_PREFIX) and not Path(data).expanduser().exists() and not _looks_like_file(data):
+        lines.append(f"datasets: [{data}]")
+    return "\n".join(lines) + "\n---\n\n"
 
 
 def _verified_lines(result: ExportResult) -> list[str]:
@@ -446,7 +499,7 @@ def _bundle_card(run: RunDir, recipe: Recipe, kind: str, result: ExportResult, b
         '    orpo-tune generate PATH --prompt "..."',
         *_recipe_section(run),
     ]
-    return "\n".join(lines)
+    return hub_header(recipe, library="orpo-tune") + "\n".join(lines)
 
 
 def _recipe_section(run: RunDir) -> list[str]:

@@ -143,6 +143,7 @@ class PackagedSpec:
     dtype: str  # the dtype the model is published in on the hub; its weights are saved in it
     hub_id: str  # where everyone with the hub gets the same model
     version: str
+    license: str = "apache-2.0"  # the model's license, as the hub's model card metadata names it
 
     @property
     def cache_key(self) -> str:
@@ -169,6 +170,18 @@ _PACKAGED: dict[str, PackagedSpec] = {
         ),
     )
 }
+
+
+def hub_identity(name_or_path: str) -> tuple[str | None, str | None]:
+    """(hub id, license) of a base model for a model card: a packaged built-in's published model, a hub id
+    as given (license unknown here), nothing for the tiny built-ins and local directories."""
+    if is_builtin(name_or_path):
+        spec = _REGISTRY.get(name_or_path.removeprefix(BUILTIN_PREFIX)) or _PACKAGED.get(
+            name_or_path.removeprefix(BUILTIN_PREFIX))
+        return (spec.hub_id, spec.license) if isinstance(spec, PackagedSpec) else (None, None)
+    if Path(name_or_path).expanduser().exists():
+        return None, None
+    return name_or_path, None
 
 
 def list_builtins() -> list[str]:

@@ -31,7 +31,8 @@ from orpo_cli.rundir import RunDir
 
 BUNDLE_MANIFEST = "orpo-bundle.json"
 BUNDLE_FORMAT = "orpo-tune-bundle"
-EXPORT_RECIPE = "orpo-tune-recipe.yaml"  # not recipe.yaml: an export must not pass for a run directory
+EXPORT_RECIPE = "orpo-tune-recipe.yaml"
+GGUF_MANIFEST = "orpo-gguf.json"  # an `export --format gguf` directory: run by llama.cpp (models/gguf_runtime.py)  # not recipe.yaml: an export must not pass for a run directory
 
 
 @dataclass
@@ -57,7 +58,7 @@ def read_recipe(path: Path) -> Recipe:
 
 
 def detect(path: Path) -> str:
-    """What `path` holds: "run", "bundle" or "model"; anything else is a user error."""
+    """What `path` holds: "run", "bundle", "gguf" or "model"; anything else is a user error."""
     from orpo_cli.models.builtin import check_builtin, is_builtin
 
     if is_builtin(str(path)):
@@ -70,6 +71,8 @@ def detect(path: Path) -> str:
         )
     if (path / BUNDLE_MANIFEST).is_file():
         return "bundle"
+    if (path / GGUF_MANIFEST).is_file():
+        return "gguf"
     if (path / "recipe.yaml").is_file():
         return "run"
     if (path / "config.json").is_file():
