@@ -264,3 +264,18 @@ def test_user_errors_are_one_line_exit_2(tiny_lora_run, tmp_path, args, message)
     assert message in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert tiny_lora_run.recipe.is_file()
+
+
+def test_model_card_header_names_the_hub_base_license_and_dataset():
+    """Every export's README.md starts with the hub's metadata: the published base and its license for the
+    packaged built-in, a hub dataset by id, nothing invented for the tiny built-ins and local data."""
+    from orpo_cli.export import hub_header
+    from orpo_cli.recipe_loading import load_recipe
+
+    root = Path(__file__).parents[1] / "recipes"
+    real = load_recipe(root / "smollm2-demo.yaml", ["data.train.path=trl-lib/ultrafeedback_binarized"])
+    assert hub_header(real, library="gguf") == (
+        "---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\nlibrary_name: gguf\ntags: [orpo, orpo-tune, gguf]\n"
+        "license: apache-2.0\ndatasets: [trl-lib/ultrafeedback_binarized]\n---\n\n")
+    tiny = load_recipe(root / "tiny-lora.yaml", [])
+    assert hub_header(tiny, library="transformers") == "---\nlibrary_name: transformers\ntags: [orpo, orpo-tune]\n---\n\n"
