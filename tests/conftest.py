@@ -144,6 +144,7 @@ def smollm2_run(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> 
         "smollm2-demo.yaml",
         "data.train.path=builtin:short-answers",
         "data.columns.answer=null",
+        "orpo.lambda=0.1",
         "train.max_steps=6",
         "train.eval_every=6",
         "train.save_every=6",

@@ -603,6 +603,7 @@ def test_builtin_facts_rows_prefer_the_right_answer_in_the_same_words():
     rows = fact_rows()
     assert rows == fact_rows() and rows != fact_rows(seed=1)  # a pure function of the seed
     assert len(rows) == FACTS_ROWS == len(load_rows(DataSource(path="builtin:facts")))
+    assert len({(r["prompt"], r["rejected"]) for r in rows}) == len(rows)  # no row twice
     for row in rows:
         assert set(row) == {"prompt", "chosen", "rejected", "answer"}
         # the same sentence but for the answer: right-ness is the whole preference

@@ -321,8 +321,8 @@ def short_answer_rows(seed: int = 0, n: int = SHORT_ANSWERS_ROWS) -> list[dict]:
 # wording not trained on, and its fact may be trained on in other words. Made for builtin:smollm2-135m-instruct
 # (recipes/smollm2-demo.yaml). Same rules as builtin:demo: a pure function of (seed, n), `FACTS_VERSION` bumped
 # whenever the generator changes.
-FACTS_VERSION = "facts-v1"
-FACTS_ROWS = 600
+FACTS_VERSION = "facts-v2"
+FACTS_ROWS = 300
 
 _FACT_CAPITALS = {  # country: (capital, a city often named instead)
     "Australia": ("Canberra", "Sydney"), "Canada": ("Ottawa", "Toronto"), "Turkey": ("Ankara", "Istanbul"),
@@ -394,10 +394,17 @@ _FACT_KINDS: tuple[Callable[[random.Random], tuple[str, str, str, str]], ...] = 
 
 
 def fact_rows(seed: int = 0, n: int = FACTS_ROWS) -> list[dict]:
-    """`n` deterministic rows `{prompt, chosen, rejected, answer}`: chosen right, rejected wrong, in the same words."""
+    """`n` deterministic rows `{prompt, chosen, rejected, answer}`: chosen right, rejected wrong, in the same words.
+
+    No row repeats: a question with one wording and one wrong answer (the counts) is one row, so no held-out
+    question weighs several times in the eval split.
+    """
     rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
+    rows: list[dict] = []
+    seen: set[tuple[str, str]] = set()
+    while len(rows) < n:
         question, chosen, rejected, answer = rng.choice(_FACT_KINDS)(rng)
-        rows.append({"prompt": question, "chosen": chosen, "rejected": rejected, "answer": answer})
+        if (question, rejected) not in seen:
+            seen.add((question, rejected))
+            rows.append({"prompt": question, "chosen": chosen, "rejected": rejected, "answer": answer})
     return rows
