@@ -144,8 +144,8 @@ def _evaluate(model: Any, adapter: Any, tokenizer: Any, specs: list[Any], chat: 
               limit: int | None, batch_size: int) -> dict[str, Any]:
     import lm_eval
 
-    lm = _wrapped(model, adapter, tokenizer, batch_size)
     with stage("running lm-evaluation-harness", blame="--tasks"), _quiet_lm_eval():
+        lm = _wrapped(model, adapter, tokenizer, batch_size)
         out = lm_eval.simple_evaluate(
             model=lm, tasks=specs, limit=limit, apply_chat_template=chat, system_instruction=system,
             log_samples=True, bootstrap_iters=0,
