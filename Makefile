@@ -41,7 +41,6 @@ REAL := runs/smollm2-demo
 demo-real: install
 	$(VENV)/bin/orpo-tune train recipes/smollm2-demo.yaml --force
 	$(VENV)/bin/orpo-tune eval $(REAL) --base --samples 8 --answers --max-new-tokens 40
-	$(VENV)/bin/orpo-tune eval $(REAL) --tasks short_answers --base
 	$(VENV)/bin/orpo-tune export $(REAL) --out exports/smollm2-demo --force
 	$(VENV)/bin/orpo-tune generate exports/smollm2-demo --prompt "What is the capital of Australia?" --max-new-tokens 40
 
