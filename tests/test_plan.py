@@ -459,18 +459,25 @@ def test_planner_constants_are_the_codes():
     assert StepSetup(pairs=LENGTHS).pack_width == PACK_WIDTH
 
 
-@pytest.mark.parametrize(("positions", "tied"), [("f1+l1", False), ("f0+l1", False), ("f2", False), ("f1+l1", True)])
-def test_planner_counts_reft_interventions_as_the_adapter_builds_them(positions: str, tied: bool) -> None:
-    """Untied, each group of positions that edits any token has its own intervention (f0+l1: one)."""
+@pytest.mark.parametrize(
+    ("positions", "tied", "kind"),
+    [("f1+l1", False, "loreft"), ("f0+l1", False, "loreft"), ("f2", False, "noreft"), ("f1+l1", True, "loreft")],
+)
+def test_planner_counts_reft_interventions_as_the_adapter_builds_them(positions: str, tied: bool, kind: str) -> None:
+    """Untied, each group of positions that edits any token has its own intervention (f0+l1: one); a LoReFT one
+    also holds its orthogonal parametrization's [hidden, hidden] basis, a buffer the planner counts with the weights."""
     from orpo_cli.adapters.base import count_parameters
     from orpo_cli.plan.report import step_setup
     from orpo_cli.recipe_loading import validate_recipe
 
     path = str(materialize_builtin("tiny-llama"))
-    adapter = {"kind": "reft", "layers": [0, 1], "positions": positions, "tied": tied, "rank": 2}
+    adapter = {"kind": "reft", "layers": [0, 1], "positions": positions, "tied": tied, "rank": 2, "intervention": kind}
     recipe = validate_recipe({"model": {"name_or_path": path}, "data": {"train": "d.jsonl"}, "adapter": adapter})
     model = load_model(ModelSettings(name_or_path=path), QuantizationSettings(), CPU, torch.float32)
     model = build_adapter(recipe.adapter).attach(model, quantized=False, gradient_checkpointing=False)
     shape = ModelShape.from_config(json.loads((Path(path) / "config.json").read_text()))
-    planned = plan_step(shape, step_setup(recipe, shape, cuda=False, world_size=1)).trainable_params
-    assert planned == count_parameters(model)[0]
+    plan = plan_step(shape, step_setup(recipe, shape, cuda=False, world_size=1))
+    assert plan.trainable_params == count_parameters(model)[0]
+    buffers = sum(b.numel() * b.element_size() for b in model.reft_interventions.buffers())
+    assert plan.weights.get("reft: LoReFT orthogonal bases", 0) == buffers
+    assert (buffers > 0) is (kind == "loreft")

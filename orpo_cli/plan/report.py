@@ -140,7 +140,8 @@ def step_setup(
         layers = shape.layers if adapter.layers == "all" else len(adapter.layers)
         first, last = parse_reft_positions(adapter.positions)
         both = first > 0 and last > 0  # untied, each group of positions that edits any has its own intervention
-        extra = dict(reft_layers=layers, reft_rank=adapter.rank, reft_interventions_per_layer=2 if both and not adapter.tied else 1)
+        extra = dict(reft_layers=layers, reft_rank=adapter.rank, reft_interventions_per_layer=2 if both and not adapter.tied else 1,
+                     reft_orthogonal=adapter.intervention == "loreft")
     window = shape.sliding_window
     if model.attn_implementation not in ("sdpa", "eager") or (window is not None and window < orpo.max_length):
         layout = "padded"  # forward.py: no custom 4-D masks, or a window some pairs may exceed

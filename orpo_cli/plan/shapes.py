@@ -171,6 +171,7 @@ class StepSetup:
     reft_layers: int = 0
     reft_rank: int = 4
     reft_interventions_per_layer: int = 1
+    reft_orthogonal: bool = True  # LoReFT: each intervention's R is parametrized over a [hidden, hidden] fp32 basis
     optimizer: str = "adamw"
     gradient_checkpointing: bool = False
     # Norm outputs and the MLP's act(gate) and act(gate) * up recomputed in the backward instead of kept

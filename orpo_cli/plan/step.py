@@ -113,6 +113,11 @@ def plan_step(shape: ModelShape, setup: StepSetup) -> StepPlan:
     notes: list[str] = []
     batch = batch_shape(setup.pairs, setup.layout, setup.pack_width)
     weights = weight_bytes(shape, setup)
+    if setup.adapter == "reft" and setup.reft_orthogonal:
+        # torch's orthogonal parametrization keeps a [hidden, hidden] fp32 basis (a buffer) beside each LoReFT's R:
+        # 67 MB per intervention at hidden 4096, more than R, W and b (tests/test_plan.py holds it to the modules')
+        count = setup.reft_layers * setup.reft_interventions_per_layer
+        weights["reft: LoReFT orthogonal bases"] = 4 * shape.hidden**2 * count
     tensors = trainable_tensors(shape, setup)
     w_share, g_share, o_share = _shares(setup)
     trainable_numel = sum(n for n, _ in tensors)
