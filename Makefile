@@ -43,6 +43,8 @@ demo-real: install
 	$(VENV)/bin/orpo-tune eval $(REAL) --base --samples 8 --answers --max-new-tokens 40
 	$(VENV)/bin/orpo-tune export $(REAL) --out exports/smollm2-demo --force
 	$(VENV)/bin/orpo-tune generate exports/smollm2-demo --prompt "What is the capital of Australia?" --max-new-tokens 40
+	$(VENV)/bin/orpo-tune export $(REAL) --out exports/smollm2-demo-gguf --format gguf --quant q8_0 --force
+	$(VENV)/bin/orpo-tune generate exports/smollm2-demo-gguf --prompt "What is the capital of Australia?" --max-new-tokens 40
 
 test: install
 	@$(UV) sync --locked --check --quiet || { echo "error: .venv differs from uv.lock; run 'make install' (or delete .venv)"; exit 1; }

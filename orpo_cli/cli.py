@@ -415,10 +415,12 @@ def _export_gguf(run_dir: Path, out: Path, quant: str, adapter_only: bool, force
                f"= {result.readback_diff:.3g} <= {result.tolerance:.3g}")
     for label, rt in (("llama.cpp", result.runtime), ("llama.cpp, base + LoRA", result.lora_runtime)):
         if rt is not None:
-            typer.echo(f"verified in {label}: greedy answers agree with the merged model's on {rt.tokens_agree}/"
-                       f"{rt.tokens_total} tokens ({rt.answers_equal}/{rt.probes} whole); along its answers the top "
-                       f"token differs at {rt.forced_mismatches}/{rt.forced_positions} positions (largest logit gap "
-                       f"{rt.worst_gap:.3g}); max |Δlogit| vs the quantized model {rt.max_logit_diff:.3g}")
+            typer.echo(f"verified in {label}: greedy answers agree with those of the model the file holds (run by "
+                       f"torch) on {rt.tokens_agree}/{rt.tokens_total} tokens ({rt.answers_equal}/{rt.probes} whole); "
+                       f"along them its top token differs at {rt.forced_mismatches}/{rt.forced_positions} positions "
+                       f"(largest logit gap {rt.worst_gap:.3g}); max |Δlogit| vs that model {rt.max_logit_diff:.3g}")
+            typer.echo(f"  vs the fp32 merge's greedy answers: {rt.fp32_agree}/{rt.fp32_total} tokens "
+                       f"({rt.fp32_equal}/{rt.probes} whole)")
     typer.echo(f"{result.quant} costs max |Δlogit| {result.quant_cost[0]:.3g}, RMS {result.quant_cost[1]:.3g} vs base + "
                "adapter")
     typer.echo(f"run it with: llama-cli -m {result.out / result.model_file}"

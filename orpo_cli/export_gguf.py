@@ -10,8 +10,9 @@ for llama.cpp, Ollama and LM Studio, checked in two readers before anything appe
    adapter) is measured and reported, as the HF export reports its rounding.
 4. Run in llama.cpp (llama-cpp-python): its tokenization of the probe prompts must be the run's tokenizer's;
    along the merged model's own greedy answers (teacher-forced), llama.cpp's argmax must be the same token or
-   within `runtime_margin(quant)` of it at every position; its free-running greedy answers are compared with the
-   merged model's and the agreement reported.
+   within `runtime_tolerance` of it, and its logits within that tolerance of the quantized model's (a share of
+   the largest |logit| set per quant type); its greedy answers must equal the quantized model's for f32, f16 and
+   bf16, and are compared with the fp32 merge's (reported) for every type.
 5. --adapter-only: the base GGUF + the GGUF LoRA, applied by llama.cpp at load, vs the merged GGUF in llama.cpp.
 
 A ReFT run is refused (an intervention edits activations, not weights). Beside the GGUF: an Ollama Modelfile, a
@@ -45,31 +46,37 @@ from orpo_cli.rundir import RunDir
 GGUF_FORMAT = "orpo-tune-gguf"
 DEFAULT_QUANT = "f16"
 _GREEDY_TOKENS = 24
-# llama.cpp computes with other numerics than torch (an F16 KV cache; with quantized weights the activations
-# quantized to 8 bits in the dot products): where its argmax differs from the merged model's, the two logits
-# may differ by this much (in logits) before the runtime is called wrong. Measured on SmolLM2-135M (see
-# docs/export-and-serving.md): the largest such gap was 0.0 for f32/f16/bf16 and well under these margins.
-_RUNTIME_MARGIN = {"f32": 0.25, "f16": 0.25, "bf16": 0.5, "q8_0": 0.5, "q5_1": 1.0, "q5_0": 1.0, "q4_1": 1.5,
-                   "q4_0": 1.5}
+# llama.cpp computes with other numerics than torch: an F16 KV cache, and with bf16 or quantized weights the
+# activations rounded to bf16 or quantized to 8 bits inside the dot products. Its logits on the probes may differ
+# from those of the model the file holds (the same weights, run by torch in fp32) by at most this share of that
+# model's largest |logit|; where its top token along the model's greedy answer differs, the two tokens' logits
+# may differ by no more than that either. Set from the real SmolLM2-135M (docs/export-and-serving.md) with room:
+# a wrong file (a swapped tensor, a wrong RoPE base) moves the logits by about their whole size.
+_RUNTIME_RTOL = {"f32": 0.02, "f16": 0.02, "bf16": 0.05, "q8_0": 0.15, "q5_1": 0.25, "q5_0": 0.25, "q4_1": 0.3,
+                 "q4_0": 0.3}
 _STRICT_GREEDY = ("f32", "f16", "bf16")  # free-running greedy answers must agree token for token
 _REFT_REFUSAL = ("--format gguf: a {kind} adapter edits activations, not weights, so no GGUF (merged or LoRA) "
                  "can hold it; export without --format gguf for the bundle `orpo-tune generate` runs")
 
 
-def runtime_margin(quant: str) -> float:
-    return _RUNTIME_MARGIN[quant]
+def runtime_tolerance(quant: str, logits: list[torch.Tensor]) -> float:
+    """How far llama.cpp's logits may be from the file's model's (see _RUNTIME_RTOL)."""
+    return _RUNTIME_RTOL[quant] * max(1.0, max(float(x.abs().max()) for x in logits))
 
 
 @dataclass
 class RuntimeCheck:
-    tokens_agree: int  # free-running greedy tokens equal to the merged model's, before the first difference
+    tokens_agree: int  # llama.cpp's greedy tokens equal to the file's model's (torch), before the first difference
     tokens_total: int
-    answers_equal: int  # probes whose whole greedy answer is the merged model's
+    answers_equal: int  # probes whose whole greedy answer is the file's model's
     probes: int
     forced_mismatches: int  # teacher-forced positions whose argmax differs (each within the margin)
     forced_positions: int
     worst_gap: float  # the largest logit gap at such a position
     max_logit_diff: float  # llama.cpp's logits vs the in-memory quantized model
+    fp32_agree: int  # llama.cpp's greedy tokens equal to the fp32 merge's, before the first difference
+    fp32_total: int
+    fp32_equal: int  # probes whose whole greedy answer is the fp32 merge's
 
 
 @dataclass
@@ -168,7 +175,7 @@ def _write_and_check(
     template = chat_template_in_use(tokenizer, recipe)
     stem = _safe_stem(name)
     model_file = f"{stem}-{quant}.gguf"
-    reference_greedy = _hf_greedy(merged, tokenizer, probes)
+    fp32_greedy = _hf_greedy(merged, tokenizer, probes)
 
     reporter.note(f"export: writing {model_file} ({quant})")
     written = write_model_gguf(tmp / model_file, merged, tokenizer, run.tokenizer, quant=quant, name=name,
@@ -177,6 +184,7 @@ def _write_and_check(
     for param in merged.parameters():
         param.data = quantize_like_gguf(param.data, quant)
     quantized = probe_logits(merged, NoAdapter(), probes, torch.device("cpu"))
+    file_greedy = _hf_greedy(merged, tokenizer, probes)  # the answers of the model the file holds
     reporter.note("export: reading the GGUF back with transformers' GGUF loader")
     readback = _transformers_readback(tmp / model_file, probes)
     readback_diff = max_abs_diff(quantized, readback)
@@ -189,7 +197,7 @@ def _write_and_check(
         )
     reporter.note("export: running the GGUF in llama.cpp")
     runtime = _runtime_check(tmp / model_file, None, tokenizer, template, recipe, probes, quantized,
-                             reference_greedy, quant, out, model_file)
+                             (file_greedy, fp32_greedy), quant, out, model_file)
     adapter_file = None
     lora_runtime = None
     if lora:
@@ -198,7 +206,8 @@ def _write_and_check(
         _write_base(run, recipe, tmp / base_file, tokenizer, quant, name, template)
         write_lora_gguf(tmp / adapter_file, merged, lora, alpha=scale[0] * _rank(lora), name=f"{name} (LoRA)")
         lora_runtime = _runtime_check(tmp / base_file, tmp / adapter_file, tokenizer, template, recipe, probes,
-                                      quantized, reference_greedy, quant, out, f"{base_file} + {adapter_file}")
+                                      quantized, (file_greedy, fp32_greedy), quant, out,
+                                      f"{base_file} + {adapter_file}")
         (tmp / model_file).unlink()  # the merged file was the reference; the export is base + adapter
         model_file = base_file
     quant_cost = diff_stats(quantized, merge.reference)
@@ -303,27 +312,31 @@ def _tensor_name_maps_cached() -> Iterator[None]:
 
 def _runtime_check(
     model_path: Path, lora_path: Path | None, tokenizer: Any, template: str | None, recipe: Recipe,
-    probes: list[tuple[list[int], int]], quantized: list[torch.Tensor], reference_greedy: list[list[int]],
-    quant: str, out: Path, what: str,
+    probes: list[tuple[list[int], int]], quantized: list[torch.Tensor],
+    greedy: tuple[list[list[int]], list[list[int]]], quant: str, out: Path, what: str,
 ) -> RuntimeCheck:
+    """llama.cpp on the file (see the module docstring, step 4); `greedy`: the greedy answers of the model the
+    file holds (the merge quantized in memory, run by torch) and of the fp32 merge."""
     from orpo_cli.models.gguf_runtime import GgufRuntime
 
     def fail(detail: str) -> RunFailed:
         return RunFailed(f"export verification failed in llama.cpp: {what}: {detail}; nothing was written to {out}")
 
     stops = {t for t in (tokenizer.eos_token_id,) if t is not None}
-    margin = runtime_margin(quant)
-    agree = total = equal = mismatches = positions = 0
+    tolerance = runtime_tolerance(quant, quantized)
+    agree = total = equal = mismatches = positions = fp32_agree = fp32_total = fp32_equal = 0
+    file_greedy, fp32_greedy = greedy
     worst = 0.0
     logit_diff = 0.0
     context = max(len(ids) + _GREEDY_TOKENS for ids, _ in probes) + 8
     with GgufRuntime(model_path, lora=lora_path, n_ctx=max(64, context)) as runtime:
-        for i, ((ids, prompt_length), answer) in enumerate(zip(probes, reference_greedy, strict=True)):
+        for i, ((ids, prompt_length), answer) in enumerate(zip(probes, file_greedy, strict=True)):
             prompt = ids[:prompt_length]
             text = tokenizer.decode(prompt)  # special tokens included, as a chat prompt's text has them
             if (tokenizer(text, add_special_tokens=False)["input_ids"] == prompt
                     and runtime.tokenize(text, add_bos=False) != prompt):
                 raise fail("its tokenization of a probe prompt differs from the run's tokenizer's")
+            logit_diff = max(logit_diff, float(np.abs(runtime.logits(ids) - quantized[i].numpy()).max()))
             forced = runtime.logits(prompt + answer)
             for offset, token in enumerate(answer):
                 row = forced[len(prompt) - 1 + offset]
@@ -331,23 +344,30 @@ def _runtime_check(
                 top = int(np.argmax(row))
                 if top != token:
                     mismatches += 1
-                    gap = float(row[top] - row[token])
-                    worst = max(worst, gap)
-                    if not gap <= margin:
-                        raise fail(f"along the merged model's greedy answer its top token differs by a logit gap "
-                                   f"of {gap:.3g} > {margin:g} (the margin for {quant})")
-            logit_diff = max(logit_diff, float(np.abs(runtime.logits(ids) - quantized[i].numpy()).max()))
-            got = runtime.greedy(prompt, len(answer), stops)
-            same = next((k for k, (a, b) in enumerate(zip(got, answer, strict=False)) if a != b),
-                        min(len(got), len(answer)))
-            agree += same
+                    worst = max(worst, float(row[top] - row[token]))
+            got = runtime.greedy(prompt, max(len(answer), len(fp32_greedy[i])), stops)
+            agree += _common_prefix(got[:len(answer)], answer)
             total += len(answer)
-            equal += got == answer
-    check = RuntimeCheck(agree, total, equal, len(probes), mismatches, positions, worst, logit_diff)
+            equal += got[:len(answer)] == answer
+            fp32_agree += _common_prefix(got[:len(fp32_greedy[i])], fp32_greedy[i])
+            fp32_total += len(fp32_greedy[i])
+            fp32_equal += got[:len(fp32_greedy[i])] == fp32_greedy[i]
+    check = RuntimeCheck(agree, total, equal, len(probes), mismatches, positions, worst, logit_diff, fp32_agree,
+                         fp32_total, fp32_equal)
+    if not logit_diff <= tolerance:
+        raise fail(f"its logits differ from those of the model the file holds (run by torch) by max |Δlogit| = "
+                   f"{logit_diff:.3g} > {tolerance:.3g} ({_RUNTIME_RTOL[quant]:g} x the largest |logit|, for {quant})")
+    if not worst <= tolerance:
+        raise fail(f"along the greedy answers of the model the file holds its top token differs by a logit gap of "
+                   f"{worst:.3g} > {tolerance:.3g} (for {quant})")
     if quant in _STRICT_GREEDY and equal != len(probes):
-        raise fail(f"its greedy answers agree with the merged model's on {agree}/{total} tokens "
-                   f"({equal}/{len(probes)} answers whole); at {quant} they must agree")
+        raise fail(f"its greedy answers agree with those of the model the file holds (run by torch) on "
+                   f"{agree}/{total} tokens ({equal}/{len(probes)} answers whole); at {quant} they must agree")
     return check
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def _adds_bos(tokenizer: Any) -> bool:
@@ -428,8 +448,10 @@ def _gguf_card(run: RunDir, recipe: Recipe, adapter: Adapter, result: GgufExport
         f"- Verified on {result.probe_tokens} tokens: the merge (fp32) vs base + adapter: max |Δlogit| = "
         f"{result.merge_diff:.3g} ≤ {result.tolerance:.3g}; the file read back by transformers vs the merge quantized "
         f"to {result.quant} in memory: max |Δlogit| = {result.readback_diff:.3g} ≤ {result.tolerance:.3g}",
-        f"- In llama.cpp: greedy answers agree with the merged model's on {rt.tokens_agree}/{rt.tokens_total} tokens "
-        f"({rt.answers_equal}/{rt.probes} answers whole); max |Δlogit| vs the quantized model {rt.max_logit_diff:.3g}",
+        f"- In llama.cpp: greedy answers agree with those of the model the file holds (run by torch) on "
+        f"{rt.tokens_agree}/{rt.tokens_total} tokens ({rt.answers_equal}/{rt.probes} answers whole), with the fp32 "
+        f"merge's on {rt.fp32_agree}/{rt.fp32_total} ({rt.fp32_equal}/{rt.probes} whole); max |Δlogit| vs the "
+        f"quantized model {rt.max_logit_diff:.3g}",
         f"- What {result.quant} costs: max |Δlogit| {result.quant_cost[0]:.3g}, RMS {result.quant_cost[1]:.3g} vs "
         "base + adapter" + (f" (the adapter itself moves the base's logits by RMS {result.adapter_effect[1]:.3g})"
                             if result.adapter_effect else ""),

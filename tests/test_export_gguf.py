@@ -58,12 +58,10 @@ def test_tiny_f16_export_passes_both_checks_and_carries_what_a_runtime_needs(tin
     assert "## Recipe" in card and "In llama.cpp: greedy answers agree" in card
 
 
-def test_generate_answers_through_llama_cpp_as_transformers_does(tiny_gguf, tiny_lora_run, tmp_path):
+def test_generate_answers_through_llama_cpp_as_transformers_does(tiny_gguf, tiny_lora_run):
     out, _ = tiny_gguf
-    hf = tmp_path / "hf"
-    assert _cli("export", str(tiny_lora_run.root), "--out", str(hf), "--dtype", "fp32").returncode == 0
     args = ["--prompt", "What colour is a banana?", "--max-new-tokens", "12"]
-    through_gguf, through_hf = _cli("generate", str(out), *args), _cli("generate", str(hf), *args)
+    through_gguf, through_hf = _cli("generate", str(out), *args), _cli("generate", str(tiny_lora_run.root), *args)
     assert through_gguf.returncode == 0, through_gguf.stderr[-2000:]
     assert through_gguf.stdout.strip() and through_gguf.stdout.strip() == through_hf.stdout.strip()
 
@@ -185,3 +183,18 @@ def test_quantizing_in_memory_is_what_the_file_holds(tmp_path):
         assert quant == "f16" or not np.array_equal(expected, weight.numpy())  # it does quantize
     odd = torch.randn(4, 40)  # rows that do not split into 32-blocks: F16, as the writer falls back
     assert torch.equal(quantize_like_gguf(odd, "q4_0"), odd.half().float())
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_real_model_f16_gguf_passes_both_checks_and_answers_paris_in_llama_cpp(smollm2_run, tmp_path):
+    """The acceptance on the real SmolLM2-135M: the f16 file reads back exactly, llama.cpp's greedy answers are the
+    model's, and the tuned model answers through llama.cpp."""
+    result = _export(smollm2_run, tmp_path / "smol", quant="f16")
+    assert result.readback_diff <= result.tolerance
+    rt = result.runtime
+    assert rt.answers_equal == rt.probes and rt.fp32_equal == rt.probes
+    proc = _cli("generate", str(tmp_path / "smol"), "--prompt", "What is the capital of France?",
+                "--max-new-tokens", "16")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Paris" in proc.stdout
