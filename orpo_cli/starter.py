@@ -26,10 +26,12 @@ TEMPLATES: dict[str, dict[str, Any]] = {
         "data": {"train": {"path": "builtin:demo"}},
         "train": {"optimizer": "paged_adamw_8bit", "gradient_checkpointing": True},
     },
-    "reft": {
+    "reft": {  # positions, lr and lambda as measured on SmolLM2-135M (docs/reft.md, "Choosing the settings")
         "model": {"name_or_path": "builtin:tiny-llama"},
         "adapter": {"kind": "reft"},
+        "orpo": {"lambda": 1.0},
         "data": {"train": {"path": "builtin:demo"}},
+        "train": {"lr": 3.0e-3},
     },
     "full": {
         "model": {"name_or_path": "builtin:tiny-llama"},

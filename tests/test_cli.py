@@ -97,6 +97,14 @@ def test_init_states_the_model_and_the_data_and_the_starter_trains(tmp_path):
     assert (tmp_path / "run" / "adapter").is_dir()
 
 
+def test_reft_template_carries_the_measured_settings(tmp_path):
+    # docs/reft.md, "Choosing the settings": f1+l1 at lr 3e-3 and lambda 1 matched LoRA on the real model
+    out = tmp_path / "reft.yaml"
+    assert _run("init", "--template", "reft", "--out", out).exit_code == 0
+    data = yaml.safe_load(out.read_text())
+    assert (data["adapter"]["positions"], data["train"]["lr"], data["orpo"]["lambda"]) == ("f1+l1", 3.0e-3, 1.0)
+
+
 def test_qlora_template_sets_4bit(tmp_path):
     out = tmp_path / "q.yaml"
     _run("init", "--template", "qlora", "--out", out)
