@@ -66,7 +66,7 @@ TINY = {
     "lora": ("tiny-lora.yaml", []),
     "qlora": ("tiny-qlora.yaml", []),
     "reft": ("tiny-reft.yaml", []),
-    "full": ("tiny-lora.yaml", ["adapter={kind: none}", "train.lr=5e-4"]),
+    "full": ("tiny-lora.yaml", ["adapter={kind: full}", "train.lr=5e-4"]),
 }
 # A dry run's recipes: the built-in micro Llama, a few steps, a few rows.
 _DRY_TINY = ["model.name_or_path=builtin:micro-llama", "data.train.max_rows=64", "orpo.max_length=64",
@@ -543,7 +543,7 @@ class GpuCheck:
     def plan(self) -> tuple[str, dict[str, Any]]:
         model, what = self.shape_dir()
         configs = {"lora": [], "qlora-checkpointing": ["quantization.mode=4bit", "train.gradient_checkpointing=true"],
-                   "full": ["adapter={kind: none}"]}
+                   "full": ["adapter={kind: full}"]}
         import importlib.util
 
         figures: dict[str, Any] = {"model": what}

@@ -159,7 +159,8 @@ def train(
     if nproc is not None:
         overrides.append(f"distributed.num_processes={nproc}")
     loaded = load_recipe(recipe, overrides)  # before torch is imported: a bad recipe is refused in a second
-    from orpo_cli.training.distributed import Machines, QuietExit
+    from orpo_cli.errors import QuietExit
+    from orpo_cli.training.distributed import Machines
     from orpo_cli.training.setup import run_dir_for, start_run
 
     try:

@@ -44,6 +44,14 @@ class Interrupted(Exception):
         self.step = step
 
 
+class QuietExit(Exception):
+    """Exit with `code` and print nothing: the message was printed elsewhere (by a worker, or by rank 0)."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
 class InternalError(Exception):
     """An exception nobody expected (a bug of ours, not the user's input), and the stage it escaped from."""
 
@@ -110,7 +118,7 @@ def passes_through(err: BaseException) -> bool:
     if isinstance(err, UserError | RunFailed | Interrupted | InternalError):
         return True
     module = type(err).__module__ or ""
-    if module.split(".")[0] in {"orpo_cli", "click", "typer"}:  # e.g. launch.QuietExit, typer.Exit
+    if module.split(".")[0] in {"orpo_cli", "click", "typer"}:  # e.g. QuietExit, typer.Exit
         return True
     return out_of_memory(err)
 
@@ -300,10 +308,7 @@ def report(err: Exception, command: str) -> tuple[int, list[str]]:
     import sys
 
     debug = debug_enabled()
-    # Not imported for an error raised before any training module was: that would load torch (seconds, ~800 MB)
-    # to print one line about a recipe.
-    distributed = sys.modules.get("orpo_cli.training.distributed")
-    if distributed is not None and isinstance(err, distributed.QuietExit):  # a worker (or rank 0) already said why
+    if isinstance(err, QuietExit):  # a worker (or rank 0) already said why
         return err.code, []
     if isinstance(err, Interrupted):
         return 130, [str(err)]

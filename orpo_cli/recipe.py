@@ -72,9 +72,10 @@ class QuantizationSettings(_Section):
 
 # --------------------------------------------------------------------------------------------- adapter
 class LoraSettings(_Section):
-    # Whether the method reads nothing per row, so pairs can be packed: the planner (no torch) reads it here;
-    # the adapter's `packs_pairs` must say the same (tests/test_recipe.py holds them together).
+    # Whether the method reads nothing per row, so pairs can be packed: declared here, once, for each kind (the
+    # planner reads it without torch; the adapter's `packs_pairs` is this value).
     packs_pairs: ClassVar[bool] = True
+    trains_base: ClassVar[bool] = False  # the base's own weights train (full fine-tuning); the adapter's is this
     kind: Literal["lora"] = Field("lora", description="Low-rank adapters on linear layers (PEFT).")
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: float = Field(
@@ -119,6 +120,7 @@ def parse_reft_positions(spec: str) -> tuple[int, int]:
 
 class ReftSettings(_Section):
     packs_pairs: ClassVar[bool] = False
+    trains_base: ClassVar[bool] = False
     kind: Literal["reft"] = Field(
         "reft", description="Representation fine-tuning (LoReFT and variants) on the residual stream."
     )
@@ -162,7 +164,12 @@ class ReftSettings(_Section):
 
 class FullSettings(_Section):
     packs_pairs: ClassVar[bool] = True
-    kind: Literal["none"] = Field("none", description="No adapter: train every weight (small models only).")
+    trains_base: ClassVar[bool] = True
+    kind: Literal["full"] = Field(
+        "full",
+        description="Full fine-tuning: no adapter, every weight trains (small models only). `none`, its old name, "
+        "is accepted and read as full.",
+    )
 
 
 # The adapter methods, by `adapter.kind`: the one list. The recipe's union type, its description, its error
@@ -171,10 +178,11 @@ class FullSettings(_Section):
 ADAPTER_MODELS: dict[str, type[BaseModel]] = {
     "lora": LoraSettings,
     "reft": ReftSettings,
-    "none": FullSettings,
+    "full": FullSettings,
 }
 ADAPTER_KINDS = tuple(ADAPTER_MODELS)
-ADAPTER_KINDS_OR = f"{', '.join(ADAPTER_KINDS[:-1])} or {ADAPTER_KINDS[-1]}"  # "lora, reft or none"
+ADAPTER_KINDS_OR = f"{', '.join(ADAPTER_KINDS[:-1])} or {ADAPTER_KINDS[-1]}"  # "lora, reft or full"
+OLD_ADAPTER_KINDS = {"none": "full"}  # names a kind had before, still read as the kind they name now
 
 AdapterSettings = Annotated[Union[tuple(ADAPTER_MODELS.values())], Field(discriminator="kind")]  # noqa: UP007
 
@@ -442,7 +450,7 @@ class TrackingSettings(_Section):
     )
     artifacts: bool = Field(
         True,
-        description="At the end, upload the adapter (the whole model for adapter kind none), the curves PNG and "
+        description="At the end, upload the adapter (the whole model for adapter kind full), the curves PNG and "
         "the eval table as artifacts of the tracked run.",
     )
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings, description="MLflow options.")
@@ -495,13 +503,17 @@ class Recipe(_Section):
     def _adapter_defaults_to_lora(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("adapter"), dict) and "kind" not in data["adapter"]:
             data = {**data, "adapter": {"kind": "lora", **data["adapter"]}}
+        if isinstance(data, dict) and isinstance(data.get("adapter"), dict):
+            kind = data["adapter"].get("kind")
+            if isinstance(kind, str) and kind in OLD_ADAPTER_KINDS:  # an old recipe (recipe_loading says so)
+                data = {**data, "adapter": {**data["adapter"], "kind": OLD_ADAPTER_KINDS[kind]}}
         return data
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:
         if self.quantization.mode != "none" and isinstance(self.adapter, FullSettings):
             raise ValueError(
-                "adapter.kind: none trains every weight and cannot train quantized weights; "
+                "adapter.kind: full trains every weight and cannot train quantized weights; "
                 "set quantization.mode: none or use a lora/reft adapter"
             )
         # train.tensorboard (the older switch) and tracking.backends say one thing in the resolved recipe.

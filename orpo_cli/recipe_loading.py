@@ -12,10 +12,32 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from orpo_cli.errors import UserError
-from orpo_cli.recipe import ADAPTER_KINDS, ADAPTER_KINDS_OR, ADAPTER_MODELS, DataSource, Recipe, section_model
+from orpo_cli.recipe import (
+    ADAPTER_KINDS,
+    ADAPTER_KINDS_OR,
+    ADAPTER_MODELS,
+    OLD_ADAPTER_KINDS,
+    DataSource,
+    Recipe,
+    section_model,
+)
 
 
 # ---------------------------------------------------------------------------------------------- loading
+def _note_old_names(data: dict[str, Any], path: Path) -> None:
+    """One line on stderr for each old name the recipe uses that is still read (adapter.kind: none -> full)."""
+    import sys
+
+    adapter = data.get("adapter")
+    kind = adapter.get("kind") if isinstance(adapter, dict) else None
+    if isinstance(kind, str) and kind in OLD_ADAPTER_KINDS:
+        print(
+            f"note: {path}: adapter.kind: {kind} is the old name of adapter.kind: {OLD_ADAPTER_KINDS[kind]} "
+            "(full fine-tuning); it is read as that, and the run's recipe.yaml says it",
+            file=sys.stderr,
+        )
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe; every problem becomes one UserError line per issue."""
     path = Path(path)
@@ -42,6 +64,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         )
     data = apply_overrides(data, overrides or [])
     data.setdefault("name", path.stem)
+    _note_old_names(data, path)
     try:
         return validate_recipe(data, source=str(path))
     except UserError:

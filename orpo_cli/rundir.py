@@ -2,7 +2,7 @@
 
 RUN/recipe.yaml        the fully resolved recipe
 RUN/metrics.jsonl      one JSON object per logged step (train metrics, eval_ metrics)
-RUN/adapter/           the trained adapter (or the full model for adapter kind none)
+RUN/adapter/           the trained adapter (or the full model for adapter kind full)
 RUN/tokenizer/         the tokenizer, with its chat template
 RUN/speed_paths.json   the speed paths the run applied and skipped (and why)
 RUN/checkpoints/step-N resumable checkpoints

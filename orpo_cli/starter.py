@@ -35,7 +35,7 @@ TEMPLATES: dict[str, dict[str, Any]] = {
     },
     "full": {
         "model": {"name_or_path": "builtin:tiny-llama"},
-        "adapter": {"kind": "none"},
+        "adapter": {"kind": "full"},
         "data": {"train": {"path": "builtin:demo"}},
     },
 }

@@ -90,11 +90,11 @@ def tiny_reft_run(tmp_path_factory: pytest.TempPathFactory, orpo_cache: Path) ->
 
 @pytest.fixture(scope="session")
 def tiny_full_run(tmp_path_factory: pytest.TempPathFactory, orpo_cache: Path) -> RunDir:
-    """recipes/tiny-lora.yaml with `adapter: {kind: none}` (full fine-tuning), 3 steps, a 2% eval split."""
+    """recipes/tiny-lora.yaml with `adapter: {kind: full}` (full fine-tuning), 3 steps, a 2% eval split."""
     return train_tiny_run(
         tmp_path_factory.mktemp("tiny-full") / "run",
         "tiny-lora.yaml",
-        "adapter={kind: none}",
+        "adapter={kind: full}",
         "train.lr=1e-3",
         *_SHORT,
         "train.max_steps=3",

@@ -261,7 +261,7 @@ def test_deepspeed_missing_and_zero3_with_4bit_are_refused(tmp_path, fake_gpus, 
     [
         ("{kind: reft}", "adapter.kind: reft does not combine with fsdp: its interventions run from hooks, outside "
          "the modules fsdp gathers weights for; use strategy ddp (ReFT's trainable weights are tiny)"),
-        ("{kind: none}", "adapter.kind: none (full fine-tuning) does not combine with fsdp here: the loss uses the "
+        ("{kind: full}", "adapter.kind: full (full fine-tuning) does not combine with fsdp here: the loss uses the "
          "output layer outside the model's forward, so fsdp keeps it whole and cannot train it; use strategy ddp "
          "or deepspeed"),
     ],

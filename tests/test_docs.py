@@ -56,3 +56,29 @@ def test_qlora_memory_staleness_check_can_fail():
     on_disk = DOC.read_text(encoding="utf-8")
     stale = on_disk.replace("| Mistral-7B | 7.24B |", "| Mistral-7B | 7.99B |")
     assert stale != on_disk and render(stale) != stale
+
+
+def test_no_stage_reaches_up_lazy_imports_included():
+    """architecture.md's layers, held for every import statement, those inside functions included: the stages below
+    training (data, models, adapters, kernels, plan) and the shared modules never import training or a verb, and
+    training imports no verb (cli.train draws the curves; errors.py holds QuietExit)."""
+    import ast
+
+    package = ROOT / "orpo_cli"
+    verbs = ("orpo_cli.cli", "orpo_cli.plots", "orpo_cli.evaluate", "orpo_cli.export", "orpo_cli.generation")
+    below = ("data", "models", "adapters", "kernels", "plan")
+    shared = ("errors", "rundir", "atomic", "progress", "storage", "layouts", "recipe", "recipe_loading", "run_lock")
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(package).with_suffix("").parts
+        if parts[0] in below or parts[0] in shared:
+            banned = ("orpo_cli.training", *verbs)
+        elif parts[0] == "training":
+            banned = verbs
+        else:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{'/'.join(parts)} imports {n}" for n in names if n.startswith(banned)]
+    assert found == []

@@ -178,7 +178,8 @@ def _setup(mode: str, layout: str, gc: bool, optimizer: str = "adamw", dropout: 
         weight_bytes=4,
         autocast_bytes=2 if autocast else None,
         quant_compute_bytes=4,  # compute_dtype auto follows the model's fp32 on the CPU
-        adapter="none" if mode == "full" else "lora",
+        adapter="full" if mode == "full" else "lora",
+        trains_base=mode == "full",
         lora_r=LORA_R,
         lora_dropout=dropout,
         optimizer=optimizer,
@@ -195,7 +196,7 @@ def _predicted(config: dict, setup: StepSetup) -> dict[str, int]:
     plan = plan_step(shape, setup)
     batch = batch_shape(setup.pairs, setup.layout)
     kept = activation_bytes(shape, setup, batch)  # without the recomputed layer, which is not kept at once
-    full = setup.adapter == "none"
+    full = setup.trains_base
     return {
         "weights": plan.weight_bytes - (sum(n * e for n, e in trainable_tensors(shape, setup)) if full else 0),
         "trainable": plan.trainable if not full else plan.weight_bytes,

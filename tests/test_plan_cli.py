@@ -147,17 +147,22 @@ def test_levers_follow_the_issue_order_and_empty_when_it_fits():
     ],
 )
 def test_the_plan_recomputes_where_training_does(overrides, recompute):
-    """training/setup.py recomputes norms and MLP activations unless whole layers are checkpointed or the strategy
-    shards the weights (FSDP, ZeRO-3); the recipe's plan says the same, and the table says which."""
+    """The recomputation is one of the speed paths verified on a CPU only (orpo_cli/kernels): on a CPU training
+    recomputes norms and MLP activations unless whole layers are checkpointed, the strategy shards the weights (FSDP,
+    ZeRO-3) or train.speed_paths is off; a CUDA run never does. The recipe's plan says the same, and the table
+    says which."""
     from orpo_cli.plan.report import step_setup
     from orpo_cli.recipe_loading import load_recipe
 
     recipe = load_recipe(MISTRAL, overrides)
     shape = ModelShape.from_config(shipped_config("Mistral-7B-v0.1.json"))
-    assert step_setup(recipe, shape, cuda=True, world_size=2).recompute is recompute
+    assert step_setup(recipe, shape, cuda=False, world_size=2).recompute is recompute
+    assert step_setup(recipe, shape, cuda=True, world_size=2).recompute is False
+    off = load_recipe(MISTRAL, [*overrides, "train.speed_paths=off"])
+    assert step_setup(off, shape, cuda=False, world_size=2).recompute is False
     result = runner.invoke(app, ["plan", str(MISTRAL), "--nproc", "2", *(a for o in overrides for a in ("--set", o))])
     assert result.exit_code == 0, result.output
-    assert f"norms and MLP activations recomputed {'on' if recompute else 'off'}" in result.output
+    assert "norms and MLP activations recomputed off" in result.output  # the plan of a GPU step
 
 
 @pytest.mark.parametrize(

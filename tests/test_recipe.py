@@ -125,7 +125,7 @@ def test_override_syntax_errors():
 
 
 def test_full_finetuning_refuses_quantized_weights(tmp_path):
-    assert "quantization.mode" in _error(tmp_path, MINIMAL + "adapter: {kind: none}\nquantization: {mode: 4bit}")
+    assert "quantization.mode" in _error(tmp_path, MINIMAL + "adapter: {kind: full}\nquantization: {mode: 4bit}")
 
 
 def test_every_field_has_a_description():
@@ -239,6 +239,24 @@ def test_every_adapter_kind_has_one_implementation_and_one_error_text():
         assert model.model_fields["kind"].default == kind
         assert adapters.build_adapter(model()).name == kind  # what messages and a bundle's manifest call it
         assert adapters.build_adapter(model()).packs_pairs is model.packs_pairs  # the planner reads the settings'
-    assert Recipe.model_fields["adapter"].description == "What trains: lora, reft or none."
-    with pytest.raises(UserError, match=r"adapter: unknown kind 'dora'; use one of lora, reft, none"):
+    assert Recipe.model_fields["adapter"].description == "What trains: lora, reft or full."
+    with pytest.raises(UserError, match=r"adapter: unknown kind 'dora'; use one of lora, reft, full"):
         validate_recipe({"model": {"name_or_path": "m"}, "data": {"train": "d.jsonl"}, "adapter": {"kind": "dora"}})
+
+
+def test_adapter_kind_none_is_read_as_full_and_says_so(tmp_path, capsys):
+    """`full` names full fine-tuning; `none`, its old name, still loads (an old recipe, a run's recipe.yaml), as full."""
+    from orpo_cli.adapters import build_adapter
+    from orpo_cli.recipe import FullSettings
+    from orpo_cli.recipe_loading import load_recipe
+
+    old = tmp_path / "old.yaml"
+    old.write_text(MINIMAL + "adapter: {kind: none}\n", encoding="utf-8")
+    recipe = load_recipe(old)
+    assert isinstance(recipe.adapter, FullSettings) and recipe.adapter.kind == "full"
+    assert "adapter.kind: none is the old name of adapter.kind: full" in capsys.readouterr().err
+    assert build_adapter(recipe.adapter).name == "full" and build_adapter(recipe.adapter).trains_base
+    new = tmp_path / "new.yaml"
+    new.write_text(MINIMAL + "adapter: {kind: full}\n", encoding="utf-8")
+    assert load_recipe(new).adapter == recipe.adapter
+    assert "old name" not in capsys.readouterr().err

@@ -15,7 +15,7 @@ from orpo_cli.recipe import AdapterSettings
 _ADAPTERS: dict[str, Callable[..., Adapter]] = {
     "lora": LoraAdapter,
     "reft": ReftAdapter,
-    "none": lambda _settings: FullAdapter(),
+    "full": lambda _settings: FullAdapter(),
 }
 
 

@@ -12,16 +12,17 @@ import torch
 from torch import nn
 
 from orpo_cli.errors import stage
+from orpo_cli.recipe import FullSettings
 
 
 class FullAdapter:
-    name = "none"
+    name = "full"
     mergeable = True
-    packs_pairs = True
+    packs_pairs = FullSettings.packs_pairs  # its one home: the recipe's settings (the planner reads it there)
     speed_paths = ()  # none of its own (orpo_cli/kernels' STEP_PATHS still apply)
-    trains_base = True
+    trains_base = FullSettings.trains_base
     fsdp_refusal = (
-        "adapter.kind: none (full fine-tuning) does not combine with fsdp here: the loss uses the output "
+        "adapter.kind: full (full fine-tuning) does not combine with fsdp here: the loss uses the output "
         "layer outside the model's forward, so fsdp keeps it whole and cannot train it; use strategy ddp "
         "or deepspeed"
     )

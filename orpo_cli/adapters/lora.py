@@ -18,9 +18,9 @@ from orpo_cli.recipe import LoraSettings
 class LoraAdapter:
     name = "lora"
     mergeable = True
-    packs_pairs = True
+    packs_pairs = LoraSettings.packs_pairs  # its one home: the recipe's settings (the planner reads it there)
     speed_paths = (LORA_INPLACE,)  # adapters/lora_inplace.py: the update added into the base output
-    trains_base = False
+    trains_base = LoraSettings.trains_base
     fsdp_refusal = None
 
     def __init__(self, settings: LoraSettings):

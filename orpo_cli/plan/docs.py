@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from orpo_cli.layouts import choose_layout
 from orpo_cli.plan.memory import (
     CUBLAS_WORKSPACE_BYTES,
     CUDA_CONTEXT_BYTES,
@@ -59,8 +60,9 @@ def qlora_setup(shape: ModelShape, micro_batch: int, max_length: int, gradient_c
         lora_dropout=0.0,
         optimizer="paged_adamw_8bit",
         gradient_checkpointing=gradient_checkpointing,
-        recompute=not gradient_checkpointing,  # as training/setup.py does for one process
-        layout="padded" if window is not None and window < max_length else "packed",
+        cpu_paths=False,  # a CUDA run: none of the CPU speed paths (orpo_cli/kernels), so nothing is recomputed
+        recompute=False,
+        layout=choose_layout(packs_pairs=True, attention="sdpa", sliding_window=window, longest=max_length),
         eval_pairs=micro_batch,
         cuda=True,
     )

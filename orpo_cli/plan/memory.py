@@ -186,7 +186,7 @@ def _layer_saved(shape: ModelShape, setup: StepSetup, batch: BatchShape, input_g
     d = layer_dtypes(setup)
     h, i, t = shape.hidden, shape.intermediate, batch.columns
     q_dim, kv_dim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    full = setup.adapter == "none"
+    full = setup.trains_base
     targets = {lin.name for lin in _targeted(shape, setup)} if setup.adapter == "lora" else set()
     by_name = {lin.name: lin for lin in shape.layer_linears()}
     out: dict[str, int] = {}
@@ -304,7 +304,7 @@ def activation_bytes(shape: ModelShape, setup: StepSetup, batch: BatchShape) -> 
     """
     d = layer_dtypes(setup)
     t, h = batch.columns, shape.hidden
-    full = setup.adapter == "none"
+    full = setup.trains_base
     out: dict[str, int] = {}
     # the rotary cos/sin tables, one pair per forward, shared by every layer: one row of them for the padded
     # layout (no position ids), one per row for the others
@@ -349,7 +349,7 @@ def head_transient(shape: ModelShape, setup: StepSetup, targets: int, training: 
     d = layer_dtypes(setup)
     rows = min(CHUNK_ROWS, max(targets, 1))
     v, h = shape.vocab, shape.hidden
-    if setup.adapter == "none":
+    if setup.trains_base:
         if not training:
             return 2 * rows * v * 4  # the chunk's logits and logsumexp's work
         # the backward pass of a chunk: its recomputed logits (kept by logsumexp), their softmax, the gradients of the
@@ -408,8 +408,8 @@ def flops_per_micro_batch(shape: ModelShape, setup: StepSetup, batch: BatchShape
         forward += shape.layers * batch.columns * 2 * setup.lora_r * sum(
             lin.fan_in + lin.fan_out for lin in _targeted(shape, setup)
         )
-    factor = 2.0 + (1.0 if setup.adapter == "none" else 0.0) + (1.0 if setup.gradient_checkpointing else 0.0)
+    factor = 2.0 + (1.0 if setup.trains_base else 0.0) + (1.0 if setup.gradient_checkpointing else 0.0)
     head = 2 * 2 * shape.vocab * shape.hidden * loss_targets(batch.pieces)
-    if setup.adapter == "none":
+    if setup.trains_base:
         head *= 2  # the trainable head is recomputed under checkpointing and has weight gradients
     return forward * factor + head

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from orpo_cli.errors import UserError
+from orpo_cli.layouts import choose_layout
 from orpo_cli.plan.gpus import DEFAULT_MFU, Gpu, step_seconds
 from orpo_cli.plan.shapes import ModelShape, StepSetup, context_limit, pairs_of, worst_case_pairs
 from orpo_cli.plan.step import REFUSE_MARGIN, Lever, StepPlan, levers, plan_step, verdict
@@ -142,13 +143,12 @@ def step_setup(
         both = first > 0 and last > 0  # untied, each group of positions that edits any has its own intervention
         extra = dict(reft_layers=layers, reft_rank=adapter.rank, reft_interventions_per_layer=2 if both and not adapter.tied else 1,
                      reft_orthogonal=adapter.intervention == "loreft")
-    window = shape.sliding_window
-    if model.attn_implementation not in ("sdpa", "eager") or (window is not None and window < orpo.max_length):
-        layout = "padded"  # forward.py: no custom 4-D masks, or a window some pairs may exceed
-    elif adapter.packs_pairs and model.attn_implementation == "sdpa":
-        layout = "packed"
-    else:
-        layout = "prefix"
+    layout = choose_layout(  # training's rule (forward.batch_layout), on the longest sequence the recipe allows
+        packs_pairs=adapter.packs_pairs,
+        attention=model.attn_implementation,
+        sliding_window=shape.sliding_window,
+        longest=orpo.max_length,
+    )
     if prompt_tokens is None and response_tokens is None:
         pairs = worst_case_pairs(train.micro_batch_size, orpo.max_length, orpo.max_prompt_length)
     else:
@@ -157,9 +157,10 @@ def step_setup(
         pairs = pairs_of(train.micro_batch_size, prompt, response)
     dist = recipe.distributed
     strategy = dist.strategy if dist.strategy != "auto" else ("ddp" if world_size > 1 else "none")
-    # as training/setup.py decides: recomputation where every rank holds the whole model (Strategy.shards_weights:
-    # not FSDP, not ZeRO-3) and whole layers are not checkpointed
+    # as kernels.apply_speed_paths decides: the CPU paths on a CPU with train.speed_paths auto; of them the
+    # recomputation where every rank holds the whole model (not FSDP, not ZeRO-3) and whole layers are not checkpointed
     shards = strategy == "fsdp" or (strategy == "deepspeed" and dist.deepspeed.zero_stage == 3)
+    cpu_paths = not cuda and train.speed_paths == "auto"
     return StepSetup(
         pairs=pairs,
         quantization=quant.mode,
@@ -168,9 +169,11 @@ def step_setup(
         weight_bytes=weight,
         autocast_bytes=autocast,
         adapter=kind,
+        trains_base=adapter.trains_base,
         optimizer=train.optimizer,
         gradient_checkpointing=train.gradient_checkpointing,
-        recompute=not train.gradient_checkpointing and not shards,
+        cpu_paths=cpu_paths,
+        recompute=cpu_paths and not train.gradient_checkpointing and not shards,
         layout=layout,
         gradient_accumulation=train.gradient_accumulation,
         eval_pairs=train.eval_batch_size or train.micro_batch_size,
@@ -309,7 +312,7 @@ def render(report: Report, console: Any) -> None:
 
     for name, n in plan.weights.items():
         row(f"weights: {name}", n)
-    if setup.adapter != "none":
+    if not setup.trains_base:
         row(f"trainable weights ({plan.trainable_params:,} params)", plan.trainable)
     row("gradients", plan.gradients)
     row(f"optimizer state ({setup.optimizer})", plan.optimizer)

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from orpo_cli.errors import UserError
-
-Layout = Literal["packed", "prefix", "padded"]
+from orpo_cli.layouts import Layout
 
 
 # ------------------------------------------------------------------------------------------- the model
@@ -163,7 +162,8 @@ class StepSetup:
     weight_bytes: int = 2  # element size of the base weights as loaded (model.dtype)
     autocast_bytes: int | None = 2  # element size autocast computes in; None: no autocast
     quant_compute_bytes: int | None = None  # bitsandbytes' compute dtype; None: autocast's (or the weights')
-    adapter: Literal["lora", "reft", "none"] = "lora"
+    adapter: Literal["lora", "reft", "full"] = "lora"  # the recipe's adapter.kind: whose memory model applies
+    trains_base: bool = False  # the adapter's capability: the base's own weights train (full fine-tuning)
     lora_r: int = 16
     lora_targets: tuple[str, ...] | None = None  # None: all-linear
     lora_dropout: float = 0.0
@@ -174,9 +174,12 @@ class StepSetup:
     reft_orthogonal: bool = True  # LoReFT: each intervention's R is parametrized over a [hidden, hidden] fp32 basis
     optimizer: str = "adamw"
     gradient_checkpointing: bool = False
+    # The CPU speed paths (orpo_cli/kernels: verified on a CPU only) are installed: a CPU run with
+    # train.speed_paths auto. LoRA's in-place update (`lora_in_place`) needs them.
+    cpu_paths: bool = True
     # Norm outputs and the MLP's act(gate) and act(gate) * up recomputed in the backward instead of kept
-    # (kernels/recompute.py): what setup.py does unless checkpointing is on or the strategy shards the weights.
-    # The default is a plain single-process run's; a setup that cannot recompute must say False (checked below).
+    # (kernels/recompute.py, one of the CPU paths): unless checkpointing is on or the strategy shards the weights.
+    # The default is a plain single-process CPU run's; a setup that cannot recompute must say False (checked below).
     recompute: bool = True
     layout: Layout = "packed"
     gradient_accumulation: int = 1
@@ -190,8 +193,11 @@ class StepSetup:
     pack_width: int = 4096  # prefix.PACK_WIDTH
 
     def __post_init__(self) -> None:
-        if self.recompute and (self.gradient_checkpointing or self.shards_weights):
-            why = "gradient checkpointing" if self.gradient_checkpointing else f"{self.strategy}'s sharded weights"
+        if self.recompute and (self.gradient_checkpointing or self.shards_weights or not self.cpu_paths):
+            why = (
+                "gradient checkpointing" if self.gradient_checkpointing
+                else f"{self.strategy}'s sharded weights" if self.shards_weights else "no CPU speed paths"
+            )
             raise ValueError(f"StepSetup: recompute=True under {why}, where training does not recompute: pass recompute=False")
 
     @property
@@ -205,7 +211,7 @@ class StepSetup:
         where the weights are whole): plain LoRA on plain linears of the adapter's fp32, no dropout, no autocast;
         every other case runs PEFT's forward."""
         plain = self.adapter == "lora" and self.quantization == "none" and self.lora_dropout == 0 and not self.use_dora
-        return plain and not self.shards_weights and self.autocast_bytes is None and self.weight_bytes == 4
+        return plain and self.cpu_paths and not self.shards_weights and self.autocast_bytes is None and self.weight_bytes == 4
 
     @property
     def prepared(self) -> bool:

@@ -147,7 +147,7 @@ def plan_step(shape: ModelShape, setup: StepSetup) -> StepPlan:
                      "are estimated from the frozen layers' (not checked against a real step)")
     if setup.strategy == "ddp" and setup.world_size > 1:
         notes.append("ddp: every rank holds the whole model; gradient buckets add a copy of the gradients")
-    if setup.adapter == "none":
+    if setup.trains_base:
         trainable = 0  # full fine-tuning trains the base weights themselves: nothing beside them
     gradients = int(gradients * g_share) + (gradients if setup.strategy == "ddp" and setup.world_size > 1 else 0)
     optimizer = int(optimizer * o_share)
@@ -284,7 +284,7 @@ def levers(shape: ModelShape, setup: StepSetup, memory: int, max_length: int, ma
         "train.optimizer: paged_adamw_8bit", replace(current, optimizer="paged_adamw_8bit")
     ):
         return out
-    if current.quantization == "none" and current.adapter != "none" and take(
+    if current.quantization == "none" and not current.trains_base and take(
         "quantization.mode: 4bit", replace(current, quantization="4bit", double_quant=True)
     ):
         return out

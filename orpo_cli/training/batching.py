@@ -41,20 +41,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import Literal
 
 import torch
 
 from orpo_cli.data.pairs import TokenizedPair
+from orpo_cli.layouts import LAYOUTS, Layout  # noqa: E402 - the names, beside the collation that reads them
 from orpo_cli.training.loss import IGNORE_INDEX  # -100: the label a position without a loss target carries
 from orpo_cli.training.shared_prompt import collate_prefix
 from orpo_cli.training.targets import loss_targets
 
-Layout = Literal["packed", "prefix", "padded"]
-LAYOUTS: tuple[str, ...] = ("packed", "prefix", "padded")
+__all__ = ["DEFAULT_LAYOUT", "LAYOUTS", "Layout", "collate_pairs"]
+
 DEFAULT_LAYOUT: Layout = "prefix"
 """What `collate_pairs` builds when no layout is given: the fastest one whose loss and gradients are
 tested equal to the padded layout's (tests/test_shared_prompt.py)."""
+
 
 def collate_pairs(
     pairs: Sequence[TokenizedPair],

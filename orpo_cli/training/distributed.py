@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from orpo_cli.errors import UserError
+from orpo_cli.errors import QuietExit, UserError
 from orpo_cli.recipe import Recipe
 from orpo_cli.rundir import RunDir
 from orpo_cli.training.checkpoint import WORLD_SIZE_KEY
@@ -28,14 +28,6 @@ from orpo_cli.training.checkpoint import WORLD_SIZE_KEY
 # Seconds the launcher gives workers, after SIGINT/SIGTERM, to finish their step and checkpoint before it
 # kills them (torchrun's own default, 30 s, is shorter than one checkpoint of a large model).
 STOP_TIMEOUT_S = 600
-
-
-class QuietExit(Exception):
-    """Exit with `code` and print nothing: the message was printed elsewhere (by a worker, or by rank 0)."""
-
-    def __init__(self, code: int):
-        super().__init__(code)
-        self.code = code
 
 
 @dataclass(frozen=True)

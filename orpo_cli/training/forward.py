@@ -33,13 +33,13 @@ from torch import nn
 
 from orpo_cli.adapters import Adapter
 from orpo_cli.kernels.recompute import recomputing
+from orpo_cli.layouts import MASKED_ATTENTION, choose_layout
 from orpo_cli.training.batching import DEFAULT_LAYOUT, LAYOUTS, Layout
 from orpo_cli.training.loss import ORPOTerms, orpo_loss_from_hidden
 from orpo_cli.training.shared_prompt import (
-    MASKED_ATTENTION,
     attention_implementation,
     model_inputs,
-    supports_prefix,
+    sliding_window,
 )
 
 
@@ -79,20 +79,16 @@ def orpo_forward(
 
 
 def batch_layout(adapter: Adapter, model: nn.Module, longest: int) -> Layout:
-    """The layout a run collates its batches in, chosen once: padding-free rows where the adapter and the
-    attention allow them, one row per pair where only the attention does, else the padded layout.
-
-    `longest`: the longest sequence (a prompt and its longer response) of the data the run sees. Prefix rows
-    need custom 4-D masks and a sliding window, if any, covering `longest` (`supports_prefix`). Packing
-    also needs an adapter that reads nothing per row (`Adapter.packs_pairs`) and ``sdpa`` attention, whose
-    block attention runs each pair on its own columns; any other attention would score every column of a
-    packed row against every other (quadratic in the row's width), so it gets one row per pair.
-    """
+    """The layout a run collates its batches in, chosen once (orpo_cli/layouts.choose_layout, the rule the planner
+    applies too), from the adapter's `packs_pairs`, the model's attention and sliding window, and `longest`: the
+    longest sequence (a prompt and its longer response) of the data the run sees."""
     inner = _unwrap(model)
-    if not supports_prefix(inner, longest):
-        return "padded"
-    sdpa = attention_implementation(inner) == "sdpa"
-    return "packed" if adapter.packs_pairs and sdpa else "prefix"
+    return choose_layout(
+        packs_pairs=adapter.packs_pairs,
+        attention=attention_implementation(inner),
+        sliding_window=sliding_window(inner),
+        longest=longest,
+    )
 
 
 def _check_prefix(model: nn.Module, batch: Mapping[str, Any], layout: str) -> None:

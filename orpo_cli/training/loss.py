@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from orpo_cli.training.head import CHUNK_ROWS, target_logps
+from orpo_cli.training.metric_names import METRICS
 
 __all__ = [
     "IGNORE_INDEX",
@@ -157,7 +158,7 @@ def metrics(terms: ORPOTerms, lam: float) -> dict[str, torch.Tensor]:
     log_odds = terms.log_odds.detach().float()
     chosen_rewards = lam * chosen
     rejected_rewards = lam * rejected
-    return {
+    values = {
         "loss": terms.loss.detach().float(),
         "nll_loss": terms.nll.detach().float(),
         "rewards/chosen": chosen_rewards.mean(),
@@ -171,6 +172,7 @@ def metrics(terms: ORPOTerms, lam: float) -> dict[str, torch.Tensor]:
         "log_odds_ratio": F.logsigmoid(log_odds).mean(),
         "log_odds_chosen": log_odds.mean(),
     }
+    return {name: values[name] for name in METRICS}  # the one table's names and order (a name it lacks: KeyError)
 
 
 # --------------------------------------------------------------------------------------------------

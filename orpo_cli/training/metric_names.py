@@ -1,7 +1,7 @@
 """The one table of training metric names: TRL's ORPOTrainer names, in the order they are logged.
 
 `loss.metrics` (one micro-batch) and `metrics.MetricTally.compute` (the means logged to RUN/metrics.jsonl,
-`eval_`-prefixed for the loop's eval) produce exactly these keys; the console columns (`progress`), the
+`eval_`-prefixed for the loop's eval) build their dicts from this table, in its order; the console columns (`progress`), the
 plot panels (`plots`) and train's closing eval table name only keys from here (tests/test_loss.py checks
 all of them). No torch import: the console and the plots read it too.
 """

@@ -18,6 +18,7 @@ from orpo_cli.data.pairs import TokenizedPair
 from orpo_cli.training.batching import Layout, collate_pairs
 from orpo_cli.training.forward import orpo_forward
 from orpo_cli.training.loss import ORPOTerms, count_normalizers
+from orpo_cli.training.metric_names import METRICS
 
 # Per-pair sums and per-step scalar sums; both kept as 0-dim tensors on the training device.
 _PAIR_KEYS = ("pairs", "chosen", "rejected", "correct", "log_odds", "log_sigmoid")
@@ -89,7 +90,7 @@ class MetricTally:
             "log_odds_ratio": v["log_sigmoid"] / pairs,
             "log_odds_chosen": v["log_odds"] / pairs,
         }
-        return {f"{prefix}{k}": val for k, val in out.items()}
+        return {f"{prefix}{k}": out[k] for k in METRICS}  # the one table's names and order (a name it lacks: KeyError)
 
     def _global_sums(self) -> torch.Tensor:
         sums = torch.stack(list(self.sums.values()))

@@ -9,13 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from orpo_cli.errors import Interrupted, RunFailed, UserError, stage, use_run_log
+from orpo_cli.errors import Interrupted, QuietExit, RunFailed, UserError, stage, use_run_log
 from orpo_cli.progress import Reporter
-from orpo_cli.recipe import Recipe
+from orpo_cli.recipe import OLD_ADAPTER_KINDS, Recipe
 from orpo_cli.rundir import RunDir
 from orpo_cli.tracking import check_tracking, end_tracking, system_facts, trackers_for
 from orpo_cli.training.batching import Layout, longest_sequence
-from orpo_cli.training.distributed import Machines, QuietExit, check_processes, launch, plan_processes
+from orpo_cli.training.distributed import Machines, check_processes, launch, plan_processes
 from orpo_cli.training.forward import batch_layout
 from orpo_cli.training.strategy import Strategy, accelerate_plugins, shape_fsdp_units
 
@@ -361,6 +361,9 @@ def _check_same_recipe(run: RunDir, recipe: Recipe) -> dict[str, tuple[Any, Any]
 
     saved = parse_yaml(run.recipe.read_text(encoding="utf-8"), str(run.recipe))  # bounded, as any recipe
     now = recipe.resolved()
+    adapter = saved.get("adapter") if isinstance(saved, dict) else None
+    if isinstance(adapter, dict) and adapter.get("kind") in OLD_ADAPTER_KINDS:  # a run written under an old name
+        adapter["kind"] = OLD_ADAPTER_KINDS[adapter["kind"]]
     differ = _diff(saved, now)
     changed = sorted(k for k in differ if k not in _RESUMABLE_CHANGES)
     if changed:

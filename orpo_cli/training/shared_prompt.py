@@ -48,11 +48,8 @@ from torch import nn
 from orpo_cli.data.pairs import TokenizedPair
 from orpo_cli.kernels import attention_tiles
 from orpo_cli.kernels.block_attention import PREFIX_KWARG
+from orpo_cli.layouts import choose_layout
 from orpo_cli.training.targets import loss_targets
-
-# Attention implementations that apply a custom 4-D mask exactly.
-MASKED_ATTENTION = ("sdpa", "eager")
-
 
 # Segment codes of a column, in column order: prompt 0, chosen 1, rejected 2, padding 3.
 _PROMPT, _PAD = 0, 3
@@ -265,21 +262,23 @@ def attention_implementation(model: nn.Module) -> str:
     return str(name)
 
 
-def supports_prefix(model: nn.Module, longest: int | None = None) -> bool:
-    """Whether `model` can run prefix batches exactly (of sequences up to `longest` tokens, when given).
-
-    It must apply custom 4-D masks (``sdpa``, ``eager``), and a sliding attention window, if the model has
-    one, must cover every sequence, a prompt and its longer response (`longest`): transformers leaves custom
-    4-D masks as they are, so a window would not be applied. The padded layout (2-D masks) applies it.
-    """
-    if attention_implementation(model) not in MASKED_ATTENTION:
-        return False
+def sliding_window(model: nn.Module) -> int | None:
+    """The model's sliding attention window, None where it has none (or does not use it)."""
     config = getattr(model, "config", None)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     window = getattr(config, "sliding_window", None)
     if window is None or getattr(config, "use_sliding_window", True) is False:
-        return True
-    return longest is not None and longest <= window
+        return None
+    return int(window)
+
+
+def supports_prefix(model: nn.Module, longest: int | None = None) -> bool:
+    """Whether `model` can run prefix batches exactly (of sequences up to `longest` tokens, when given): the
+    layout rule (orpo_cli/layouts.py) gives it something other than the padded layout."""
+    return choose_layout(
+        packs_pairs=False, attention=attention_implementation(model), sliding_window=sliding_window(model),
+        longest=longest,
+    ) != "padded"
 
 
 def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:

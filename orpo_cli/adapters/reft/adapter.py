@@ -45,9 +45,9 @@ from orpo_cli.recipe import ReftSettings
 class ReftAdapter:
     name = "reft"
     mergeable = False
-    packs_pairs = False
+    packs_pairs = ReftSettings.packs_pairs  # its one home: the recipe's settings (the planner reads it there)
     speed_paths = ()  # none of its own (orpo_cli/kernels' STEP_PATHS still apply)
-    trains_base = False
+    trains_base = ReftSettings.trains_base
     fsdp_refusal = (
         "adapter.kind: reft does not combine with fsdp: its interventions run from hooks, outside the "
         "modules fsdp gathers weights for; use strategy ddp (ReFT's trainable weights are tiny)"
