@@ -279,7 +279,7 @@ def test_only_lora_combines_with_fsdp():
     refusals = {kind: build_adapter(model()).fsdp_refusal for kind, model in ADAPTER_MODELS.items()}
     assert refusals["lora"] is None
     assert all(text.startswith(f"adapter.kind: {kind} ") for kind, text in refusals.items() if text is not None)
-    assert {kind for kind, text in refusals.items() if text is not None} == {"reft", "none"}
+    assert {kind for kind, text in refusals.items() if text is not None} == {"reft", "full"}
 
 
 def test_recipe_and_launcher_must_agree(tmp_path, monkeypatch):

@@ -150,7 +150,7 @@ def test_eval_full_finetune_base_is_the_base_model_loaded_again(tiny_full_run, c
     result = _eval(run.root, "--data", _small_data(tmp_path / "held.jsonl", rows=4), "--base", "--json")
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert out["adapter"] == "none"
+    assert out["adapter"] == "full"
     assert out["nll"] != out["base"]["nll"]  # the tuned weights are not the base's
     _assert_base_is_the_plain_base_model(run, tmp_path / "held.jsonl", out["base"])
 

@@ -160,7 +160,7 @@ def test_full_fine_tuning_and_no_adapter_are_two_things(tiny_full_run, tiny_lora
     assert f"export: loading the fully fine-tuned weights of {tiny_full_run.root}" in result.output
     assert "(full fine-tuning: every weight trained)" in (out / "README.md").read_text()
     trained = load_run(tiny_full_run).adapter
-    assert isinstance(trained, FullAdapter) and trained.trains_base and trained.name == "none"
+    assert isinstance(trained, FullAdapter) and trained.trains_base and trained.name == "full"
     plain = load_merged(out).adapter
     assert isinstance(plain, NoAdapter) and not isinstance(plain, FullAdapter)
     assert not any(hasattr(plain, name) for name in ("attach", "save", "load", "merge", "trains_base"))
