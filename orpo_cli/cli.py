@@ -453,17 +453,27 @@ def generate(
     _at_least("--max-new-tokens", max_new_tokens, 1)
     _at_least("--temperature", temperature, 0)
     if detect(path) == "gguf":  # a wrong PATH fails before anything loads
-        _generate_gguf(path, prompt, system, max_new_tokens, temperature, seed, interactive)
-        return
-    tuned = load_tuned(path)
-    template = chat_template_in_use(tuned.tokenizer, tuned.recipe)
-    if system is None and tuned.recipe is not None:
-        system = tuned.recipe.data.system_prompt
+        from orpo_cli.models.gguf_runtime import GgufExport
+
+        export = GgufExport(Path(path))
+        tokenizer, recipe = export.tokenizer, export.recipe
+
+        def reply(ids: list[int]) -> str:  # answered by llama.cpp
+            return export.stream(ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    else:
+        tuned = load_tuned(path)
+        tokenizer, recipe = tuned.tokenizer, tuned.recipe
+
+        def reply(ids: list[int]) -> str:
+            return stream_answer(tuned.model, tuned.adapter, tuned.tokenizer, ids, device=tuned.device,
+                                 max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+
+    template = chat_template_in_use(tokenizer, recipe)
+    if system is None and recipe is not None:
+        system = recipe.data.system_prompt
 
     def answer(text: str, history: list[dict[str, str]]) -> str:
-        ids = render_prompt(tuned.tokenizer, conversation(text, system, history), template)
-        return stream_answer(tuned.model, tuned.adapter, tuned.tokenizer, ids, device=tuned.device,
-                             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        return reply(render_prompt(tokenizer, conversation(text, system, history), template))
 
     if not interactive:
         answer(prompt or "", [])
@@ -484,45 +494,11 @@ def generate(
             continue
         if text:
             try:
-                reply = answer(text, history)
+                said = answer(text, history)
             except UserError as err:  # e.g. the conversation outgrew the model's context: say so, keep the chat
                 typer.echo(f"error: {err}", err=True)
                 continue
-            history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
-
-
-def _generate_gguf(path: Path, prompt: str | None, system: str | None, max_new_tokens: int, temperature: float,
-                   seed: int, interactive: bool) -> None:
-    """`generate` on an `export --format gguf`: the prompt rendered as in training, answered by llama.cpp."""
-    from orpo_cli.generation import chat_template_in_use, conversation, render_prompt
-    from orpo_cli.models.gguf_runtime import GgufExport
-
-    export = GgufExport(Path(path))
-    template = chat_template_in_use(export.tokenizer, export.recipe)
-    if system is None and export.recipe is not None:
-        system = export.recipe.data.system_prompt
-    history: list[dict[str, str]] = []
-    pending = prompt
-    while True:
-        if pending is None:
-            if not interactive:
-                break
-            try:
-                pending = input("> ")
-            except EOFError:
-                break
-        text, pending = pending.strip(), None
-        if text in {"/exit", "/quit"}:
-            break
-        if text == "/reset":
-            history = []
-            continue
-        if text:
-            ids = render_prompt(export.tokenizer, conversation(text, system, history), template)
-            reply = export.stream(ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-            history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
-        if not interactive:
-            break
+            history += [{"role": "user", "content": text}, {"role": "assistant", "content": said}]
 
 
 @app.command()
