@@ -82,3 +82,47 @@ def test_no_stage_reaches_up_lazy_imports_included():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             found += [f"{'/'.join(parts)} imports {n}" for n in names if n.startswith(banned)]
     assert found == []
+
+
+def adapter_kind_branches(package: Path) -> list[str]:
+    """Every place in `package` outside adapters/ and recipe.py that branches on an adapter method: a comparison of
+    something named adapter or kind with a method's name (lora, reft, full or its old name none), or an isinstance
+    on a method's settings class."""
+    import ast
+    import re
+
+    kinds = {"lora", "reft", "full", "none"}
+    settings = {"LoraSettings", "ReftSettings", "FullSettings"}
+    about_adapter = re.compile(r"\b(adapter|kind)\b|\.adapter\b|adapter\.|_kind\b")
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        where = path.relative_to(package)
+        if where.parts[0] == "adapters" or where.as_posix() == "recipe.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                named = {c.value for s in sides for c in ast.walk(s) if isinstance(c, ast.Constant)}
+                others = " ".join(ast.unparse(s) for s in sides if not isinstance(s, ast.Constant))
+                if named & kinds and about_adapter.search(others):
+                    found.append(f"{where.as_posix()}:{node.lineno}: {ast.unparse(node)}")
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance":
+                if len(node.args) == 2 and {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)} & settings:
+                    found.append(f"{where.as_posix()}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_adapter_kind_branch_outside_the_adapters_and_the_recipe_schema(tmp_path):
+    """Issue 29: the adapter methods differ behind orpo_cli/adapters (torch) and plan/adapter_terms.py (the
+    planner's terms), picked once by `adapter.kind` from a registry; nobody else asks which method runs."""
+    assert adapter_kind_branches(ROOT / "orpo_cli") == []
+    # the scan finds the branches it is for, and leaves comparisons on other settings alone
+    (tmp_path / "adapters").mkdir()
+    (tmp_path / "adapters" / "lora.py").write_text('ok = settings.kind == "lora"\n', encoding="utf-8")
+    (tmp_path / "recipe.py").write_text('ok = isinstance(adapter, FullSettings)\n', encoding="utf-8")
+    (tmp_path / "memory.py").write_text(
+        'a = setup.adapter == "lora"\nb = "reft" != recipe.adapter.kind\nc = kind in ("full", "none")\n'
+        'd = isinstance(adapter, (LoraSettings, ReftSettings))\ne = quant.mode == "none"\nf = setup.adapter.trains_base\n',
+        encoding="utf-8",
+    )
+    assert [line.split(":")[1] for line in adapter_kind_branches(tmp_path)] == ["1", "2", "3", "4"]

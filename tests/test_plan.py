@@ -22,6 +22,7 @@ from orpo_cli.kernels import apply_speed_paths
 from orpo_cli.kernels.recompute import observing_kept
 from orpo_cli.models.builtin import materialize_builtin
 from orpo_cli.models.loading import load_model
+from orpo_cli.plan.adapter_terms import FullTerms, LoraTerms
 from orpo_cli.plan.memory import activation_bytes, head_transient, recompute_bytes, trainable_tensors
 from orpo_cli.plan.shapes import ModelShape, PairLengths, StepSetup, batch_shape
 from orpo_cli.plan.step import plan_step
@@ -178,10 +179,7 @@ def _setup(mode: str, layout: str, gc: bool, optimizer: str = "adamw", dropout: 
         weight_bytes=4,
         autocast_bytes=2 if autocast else None,
         quant_compute_bytes=4,  # compute_dtype auto follows the model's fp32 on the CPU
-        adapter="full" if mode == "full" else "lora",
-        trains_base=mode == "full",
-        lora_r=LORA_R,
-        lora_dropout=dropout,
+        adapter=FullTerms() if mode == "full" else LoraTerms(r=LORA_R, dropout=dropout),
         optimizer=optimizer,
         gradient_checkpointing=gc,
         recompute=not gc if recompute is None else recompute,
@@ -482,3 +480,22 @@ def test_planner_counts_reft_interventions_as_the_adapter_builds_them(positions:
     buffers = sum(b.numel() * b.element_size() for b in model.reft_interventions.buffers())
     assert plan.weights.get("reft: LoReFT orthogonal bases", 0) == buffers
     assert (buffers > 0) is (kind == "loreft")
+
+
+def test_every_adapter_kind_has_its_planner_terms_and_they_hold_its_capabilities():
+    """plan/adapter_terms.py's registry lists the recipe's kinds, in order, and each method's terms agree with the
+    capabilities its settings class declares (trains_base) and its kind."""
+    from orpo_cli.plan import adapter_terms
+    from orpo_cli.recipe import ADAPTER_MODELS
+
+    assert list(adapter_terms._TERMS) == list(ADAPTER_MODELS)
+    shape = ModelShape.from_config(json.loads((Path(materialize_builtin("tiny-llama")) / "config.json").read_text()))
+    for kind, model in ADAPTER_MODELS.items():
+        terms = adapter_terms.terms_for(model(), shape)
+        assert terms.kind == kind
+        assert terms.trains_base is model.trains_base
+    lora = adapter_terms.terms_for(ADAPTER_MODELS["lora"](r=8, target_modules=["q_proj", "v_proj"]), shape)
+    assert [lin.name for lin in lora.targets(shape)] == ["q_proj", "v_proj"] and lora.rank == 8
+    assert lora.in_place(quantized=False) and not lora.in_place(quantized=True)
+    reft = adapter_terms.terms_for(ADAPTER_MODELS["reft"](layers=[0, 2], positions="f1+l1", tied=False), shape)
+    assert (reft.layers, reft.interventions_per_layer, reft.targets(shape)) == (2, 2, [])

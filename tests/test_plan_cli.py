@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from orpo_cli.cli import app
 from orpo_cli.errors import UserError
+from orpo_cli.plan.adapter_terms import LoraTerms
 from orpo_cli.plan.gpus import GPUS, find_gpu
 from orpo_cli.plan.memory import nf4_bytes
 from orpo_cli.plan.report import SHIPPED_CONFIGS, model_config, shipped_config
@@ -116,7 +117,7 @@ def test_shipped_configs_are_the_models_the_docs_name():
 
 def test_levers_follow_the_issue_order_and_empty_when_it_fits():
     shape = ModelShape.from_config(shipped_config("Mistral-7B-v0.1.json"))
-    setup = StepSetup(pairs=(PairLengths(1, 2047, 2047),) * 4, quantization="none", adapter="lora",
+    setup = StepSetup(pairs=(PairLengths(1, 2047, 2047),) * 4, quantization="none", adapter=LoraTerms(),
                       optimizer="adamw", gradient_accumulation=2)
     assert plan_step(shape, setup).peak > 24 * GIB
 

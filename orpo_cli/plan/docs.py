@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from orpo_cli.layouts import choose_layout
+from orpo_cli.plan.adapter_terms import LoraTerms
 from orpo_cli.plan.memory import (
     CUBLAS_WORKSPACE_BYTES,
     CUDA_CONTEXT_BYTES,
@@ -55,9 +56,7 @@ def qlora_setup(shape: ModelShape, micro_batch: int, max_length: int, gradient_c
         double_quant=True,
         weight_bytes=2,
         autocast_bytes=2,
-        adapter="lora",
-        lora_r=16,
-        lora_dropout=0.0,
+        adapter=LoraTerms(r=16, dropout=0.0),
         optimizer="paged_adamw_8bit",
         gradient_checkpointing=gradient_checkpointing,
         cpu_paths=False,  # a CUDA run: none of the CPU speed paths (orpo_cli/kernels), so nothing is recomputed

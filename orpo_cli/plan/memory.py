@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from orpo_cli.errors import UserError
-from orpo_cli.plan.shapes import BatchShape, Linear, ModelShape, StepSetup, loss_targets
+from orpo_cli.plan.shapes import BatchShape, ModelShape, StepSetup, loss_targets
 from orpo_cli.plan.units import MIB
 
 # ------------------------------------------------------------------------------------- CUDA constants
@@ -96,39 +96,9 @@ def _elt_name(n: int) -> str:
 
 
 # ------------------------------------------------------------------------------------ trainable state
-def _targeted(shape: ModelShape, setup: StepSetup) -> list[Linear]:
-    linears = shape.layer_linears()
-    if setup.lora_targets is None:
-        return linears
-    wanted = set(setup.lora_targets)
-    return [lin for lin in linears if lin.name in wanted]
-
-
 def trainable_tensors(shape: ModelShape, setup: StepSetup) -> list[tuple[int, int]]:
     """(numel, element bytes) of every trainable tensor on one full copy of the model."""
-    if setup.adapter == "lora":
-        out: list[tuple[int, int]] = []
-        for lin in _targeted(shape, setup):
-            out += [(setup.lora_r * lin.fan_in, 4), (setup.lora_r * lin.fan_out, 4)]
-            if setup.use_dora:
-                out.append((lin.fan_out, 4))
-        return out * shape.layers
-    if setup.adapter == "reft":
-        h, r = shape.hidden, setup.reft_rank
-        per = [(r * h, 4), (r * h, 4), (r, 4)]  # R (orthogonal parametrization's original), W, b
-        return per * setup.reft_layers * setup.reft_interventions_per_layer
-    elt = setup.weight_bytes
-    tensors = []
-    for lin in shape.layer_linears():
-        tensors.append((lin.weight_numel, elt))
-        if lin.bias:
-            tensors.append((lin.fan_out, elt))
-    tensors += [(shape.hidden, elt)] * 2
-    tensors *= shape.layers
-    tensors += [(shape.vocab * shape.hidden, elt), (shape.hidden, elt)]
-    if not shape.tied_embeddings:
-        tensors.append((shape.vocab * shape.hidden, elt))
-    return tensors
+    return setup.adapter.trainable_tensors(shape, setup.weight_bytes)
 
 
 def optimizer_state_bytes(tensors: Sequence[tuple[int, int]], optimizer: str, cuda: bool) -> int:
@@ -176,7 +146,7 @@ def layer_dtypes(setup: StepSetup) -> LayerDtypes:
         base = setup.quant_compute_bytes or compute
     else:
         base = compute if autocast else setup.weight_bytes
-    adapter = (compute if autocast else 4) if setup.adapter == "lora" else base
+    adapter = setup.adapter.matmul_bytes(compute, autocast, base)
     return LayerDtypes(residual, compute, autocast, max(base, adapter))
 
 
@@ -187,7 +157,7 @@ def _layer_saved(shape: ModelShape, setup: StepSetup, batch: BatchShape, input_g
     h, i, t = shape.hidden, shape.intermediate, batch.columns
     q_dim, kv_dim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     full = setup.trains_base
-    targets = {lin.name for lin in _targeted(shape, setup)} if setup.adapter == "lora" else set()
+    targets = {lin.name for lin in setup.adapter.targets(shape)}
     by_name = {lin.name: lin for lin in shape.layer_linears()}
     out: dict[str, int] = {}
     # autocast makes a low-precision copy of every weight of another dtype it multiplies: a trainable weight's once
@@ -227,7 +197,7 @@ def _layer_saved(shape: ModelShape, setup: StepSetup, batch: BatchShape, input_g
         dropped = False
         # PEFT casts the input to the adapter's fp32 (a copy unless it is fp32), autocast casts it back (a copy)
         cast = d.compute if d.autocast else 4
-        if setup.lora_dropout > 0:
+        if setup.adapter.dropout > 0:
             # each adapter drops out its own copy: the dropped input, and the mask when the input needs a gradient
             # (a bool mask from CUDA's fused kernel; on the CPU, dropout multiplies by a mask of the input's fp32)
             mask = (1 if setup.cuda else 4) if input_grad else 0
@@ -239,7 +209,7 @@ def _layer_saved(shape: ModelShape, setup: StepSetup, batch: BatchShape, input_g
                 out[key] = t * fan_in * 4
         else:
             out[key] = len(chosen) * t * fan_in * cast
-        out[key + ": LoRA A outputs"] = len(chosen) * t * setup.lora_r * cast
+        out[key + ": LoRA A outputs"] = len(chosen) * t * setup.adapter.rank * cast
         return dropped
 
     norm("input norm", input_grad)
@@ -270,7 +240,7 @@ def _layer_saved(shape: ModelShape, setup: StepSetup, batch: BatchShape, input_g
             out["attention output"] = real * q_dim * c + real * shape.heads * 4
             out["attention mask (float)"] = sum(p.rejected * (p.prompt + p.rejected) for p in batch.pieces) * c
     laid_out = setup.layout == "padded" or not setup.cuda
-    if laid_out and (full or (not d.autocast and attention_out == 4 and setup.lora_dropout == 0)):
+    if laid_out and (full or (not d.autocast and attention_out == 4 and setup.adapter.dropout == 0)):
         # sdpa's output (the CPU tiles' too) is already laid out [rows, W, heads, dim]: o_proj's input is that tensor
         if casts_weights:
             weight_copies += by_name["o_proj"].weight_numel * d.compute
@@ -289,10 +259,8 @@ def _layer_saved(shape: ModelShape, setup: StepSetup, batch: BatchShape, input_g
     linear_inputs("down input", ["down_proj"], i, d.matmul, gate_grad, mlp_recomputed)
     if weight_copies:
         out["autocast copies of the weights"] = weight_copies
-    if d.autocast and setup.adapter == "lora":  # autocast's cached low-precision copies of the adapter's weights
-        out["autocast copies of the LoRA weights"] = sum(
-            setup.lora_r * (lin.fan_in + lin.fan_out) for lin in _targeted(shape, setup)
-        ) * d.compute
+    if d.autocast:  # autocast's cached low-precision copies of the adapter's weights
+        out.update(setup.adapter.autocast_copies(shape, d.compute))
     return out
 
 
@@ -315,7 +283,7 @@ def activation_bytes(shape: ModelShape, setup: StepSetup, batch: BatchShape) -> 
     if setup.gradient_checkpointing:
         out[f"layer inputs ({shape.layers} checkpointed layers)"] = shape.layers * t * h * d.residual
     else:
-        first_grad = full or setup.adapter == "reft"
+        first_grad = setup.adapter.first_grad
         per_layer = _layer_saved(shape, setup, batch, input_grad=True)
         first = _layer_saved(shape, setup, batch, input_grad=first_grad)
         for key in per_layer:
@@ -404,10 +372,7 @@ def flops_per_micro_batch(shape: ModelShape, setup: StepSetup, batch: BatchShape
             for p in batch.pieces
         )
     forward = shape.layers * (2 * linear * batch.columns + 4 * q_dim * seen)
-    if setup.adapter == "lora":
-        forward += shape.layers * batch.columns * 2 * setup.lora_r * sum(
-            lin.fan_in + lin.fan_out for lin in _targeted(shape, setup)
-        )
+    forward += setup.adapter.forward_flops(shape, batch.columns)
     factor = 2.0 + (1.0 if setup.trains_base else 0.0) + (1.0 if setup.gradient_checkpointing else 0.0)
     head = 2 * 2 * shape.vocab * shape.hidden * loss_targets(batch.pieces)
     if setup.trains_base:

@@ -16,11 +16,12 @@ from typing import Any
 
 from orpo_cli.errors import UserError
 from orpo_cli.layouts import choose_layout
+from orpo_cli.plan.adapter_terms import json_fields, terms_for
 from orpo_cli.plan.gpus import DEFAULT_MFU, Gpu, step_seconds
 from orpo_cli.plan.shapes import ModelShape, StepSetup, context_limit, pairs_of, worst_case_pairs
 from orpo_cli.plan.step import REFUSE_MARGIN, Lever, StepPlan, levers, plan_step, verdict
 from orpo_cli.plan.units import GIB, gib, human_flops, human_seconds
-from orpo_cli.recipe import LoraSettings, Recipe, ReftSettings, parse_reft_positions
+from orpo_cli.recipe import Recipe
 
 # hub ids (lower case) -> shipped config file (orpo_cli/assets/model_configs, README.md there gives the sources)
 SHIPPED_CONFIGS: dict[str, str] = {
@@ -132,17 +133,6 @@ def step_setup(
         mixed = dtype if cuda and dtype != "fp32" else "no"
     autocast = None if mixed == "no" else _ELT[mixed]
     adapter = recipe.adapter
-    kind = adapter.kind
-    extra: dict[str, Any] = {}
-    if isinstance(adapter, LoraSettings):
-        targets = None if adapter.target_modules == "all-linear" else tuple(adapter.target_modules)
-        extra = dict(lora_r=adapter.r, lora_targets=targets, lora_dropout=adapter.dropout, use_dora=adapter.use_dora)
-    elif isinstance(adapter, ReftSettings):
-        layers = shape.layers if adapter.layers == "all" else len(adapter.layers)
-        first, last = parse_reft_positions(adapter.positions)
-        both = first > 0 and last > 0  # untied, each group of positions that edits any has its own intervention
-        extra = dict(reft_layers=layers, reft_rank=adapter.rank, reft_interventions_per_layer=2 if both and not adapter.tied else 1,
-                     reft_orthogonal=adapter.intervention == "loreft")
     layout = choose_layout(  # training's rule (forward.batch_layout), on the longest sequence the recipe allows
         packs_pairs=adapter.packs_pairs,
         attention=model.attn_implementation,
@@ -168,8 +158,7 @@ def step_setup(
         quant_compute_bytes=weight if quant.compute_dtype == "auto" else _ELT[quant.compute_dtype],
         weight_bytes=weight,
         autocast_bytes=autocast,
-        adapter=kind,
-        trains_base=adapter.trains_base,
+        adapter=terms_for(adapter, shape),
         optimizer=train.optimizer,
         gradient_checkpointing=train.gradient_checkpointing,
         cpu_paths=cpu_paths,
@@ -183,7 +172,6 @@ def step_setup(
         zero_stage=dist.deepspeed.zero_stage,
         offload_optimizer=dist.deepspeed.offload_optimizer,
         cuda=cuda,
-        **extra,
     )
 
 
@@ -222,7 +210,10 @@ class Report:
 
     def as_dict(self) -> dict[str, Any]:
         per_step = self.seconds_per_step
-        setup = {k: v for k, v in self.setup.__dict__.items() if k != "pairs"}
+        setup: dict[str, Any] = {}
+        for k, v in self.setup.__dict__.items():
+            if k != "pairs":
+                setup.update(json_fields(v) if k == "adapter" else {k: v})
         setup["pairs"] = [p.__dict__ for p in self.setup.pairs]
         return {
             "model": self.model,

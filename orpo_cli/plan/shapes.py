@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from orpo_cli.errors import UserError
 from orpo_cli.layouts import Layout
+from orpo_cli.plan.adapter_terms import AdapterTerms, LoraTerms
 
 
 # ------------------------------------------------------------------------------------------- the model
@@ -162,16 +163,9 @@ class StepSetup:
     weight_bytes: int = 2  # element size of the base weights as loaded (model.dtype)
     autocast_bytes: int | None = 2  # element size autocast computes in; None: no autocast
     quant_compute_bytes: int | None = None  # bitsandbytes' compute dtype; None: autocast's (or the weights')
-    adapter: Literal["lora", "reft", "full"] = "lora"  # the recipe's adapter.kind: whose memory model applies
-    trains_base: bool = False  # the adapter's capability: the base's own weights train (full fine-tuning)
-    lora_r: int = 16
-    lora_targets: tuple[str, ...] | None = None  # None: all-linear
-    lora_dropout: float = 0.0
-    use_dora: bool = False
-    reft_layers: int = 0
-    reft_rank: int = 4
-    reft_interventions_per_layer: int = 1
-    reft_orthogonal: bool = True  # LoReFT: each intervention's R is parametrized over a [hidden, hidden] fp32 basis
+    # the adapter method's terms (plan/adapter_terms.py: LoraTerms, ReftTerms, FullTerms; terms_for picks one from a
+    # recipe's adapter settings): all the planner asks of the method
+    adapter: AdapterTerms = LoraTerms()
     optimizer: str = "adamw"
     gradient_checkpointing: bool = False
     # The CPU speed paths (orpo_cli/kernels: verified on a CPU only) are installed: a CPU run with
@@ -206,18 +200,23 @@ class StepSetup:
         return self.strategy == "fsdp" or (self.strategy == "deepspeed" and self.zero_stage == 3)
 
     @property
+    def trains_base(self) -> bool:
+        """The adapter's capability: the base's own weights train (full fine-tuning)."""
+        return self.adapter.trains_base
+
+    @property
     def lora_in_place(self) -> bool:
         """LoRA's update is added into the base output in place (adapters/lora_inplace.py, installed by setup.py
         where the weights are whole): plain LoRA on plain linears of the adapter's fp32, no dropout, no autocast;
         every other case runs PEFT's forward."""
-        plain = self.adapter == "lora" and self.quantization == "none" and self.lora_dropout == 0 and not self.use_dora
+        plain = self.adapter.in_place(quantized=self.quantization != "none")
         return plain and self.cpu_paths and not self.shards_weights and self.autocast_bytes is None and self.weight_bytes == 4
 
     @property
     def prepared(self) -> bool:
         """PEFT's prepare_model_for_kbit_training ran: everything not quantized is fp32 (LoRA on a k-bit base,
         not under FSDP)."""
-        return self.quantization != "none" and self.adapter == "lora" and self.strategy != "fsdp"
+        return self.quantization != "none" and self.adapter.prepares_kbit and self.strategy != "fsdp"
 
 
 

@@ -113,11 +113,7 @@ def plan_step(shape: ModelShape, setup: StepSetup) -> StepPlan:
     notes: list[str] = []
     batch = batch_shape(setup.pairs, setup.layout, setup.pack_width)
     weights = weight_bytes(shape, setup)
-    if setup.adapter == "reft" and setup.reft_orthogonal:
-        # torch's orthogonal parametrization keeps a [hidden, hidden] fp32 basis (a buffer) beside each LoReFT's R:
-        # 67 MB per intervention at hidden 4096, more than R, W and b (tests/test_plan.py holds it to the modules')
-        count = setup.reft_layers * setup.reft_interventions_per_layer
-        weights["reft: LoReFT orthogonal bases"] = 4 * shape.hidden**2 * count
+    weights.update(setup.adapter.buffers(shape))  # what the adapter holds beside what trains (LoReFT's bases)
     tensors = trainable_tensors(shape, setup)
     w_share, g_share, o_share = _shares(setup)
     trainable_numel = sum(n for n, _ in tensors)
@@ -142,9 +138,7 @@ def plan_step(shape: ModelShape, setup: StepSetup) -> StepPlan:
         sharded["one gathered layer (x2: prefetch)"] = 2 * int(layer * (1 - w_share))
         weights = sharded
         trainable = int(trainable * w_share)
-    if setup.adapter == "reft":
-        notes.append("reft: weights, interventions, gradients and optimizer state are exact; its saved activations "
-                     "are estimated from the frozen layers' (not checked against a real step)")
+    notes += setup.adapter.notes()
     if setup.strategy == "ddp" and setup.world_size > 1:
         notes.append("ddp: every rank holds the whole model; gradient buckets add a copy of the gradients")
     if setup.trains_base:
