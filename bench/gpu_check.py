@@ -583,7 +583,8 @@ class GpuCheck:
         length, prompt, batch = (64, 16, 2) if self.dry else (512, 128, 4)
         return {"recipe": str(RECIPES / "smollm2-demo.yaml"), "sets": [
             f"model.name_or_path={model}", "model.dtype=auto", "model.device=" + ("cuda" if self.cuda else "cpu"),
-            f"data.train.path={self.long_data(16)}", "data.format=pairs", "data.eval_ratio=0.0", "data.train.max_rows=16",
+            f"data.train.path={self.long_data(16)}", "data.format=pairs", "data.columns.answer=null",
+            "data.eval_ratio=0.0", "data.train.max_rows=16",
             f"orpo.max_length={length}", f"orpo.max_prompt_length={prompt}", f"train.micro_batch_size={batch}",
             "train.gradient_accumulation=1", "train.max_steps=3", "train.eval_every=null", "train.save_every=null",
             "train.tensorboard=false", "train.log_every=1", *extra],
