@@ -175,8 +175,9 @@ def _compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def _metrics(run: Path) -> tuple[list[float], list[dict[str, Any]]]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-               if line.strip()]
+    from orpo_cli.rundir import RunDir
+
+    records = RunDir(run).read_metrics()  # a line cut short by the kill -9 stages is not a record
     losses = [r["loss"] for r in records if "loss" in r]
     evals = [r for r in records if "eval_rewards/accuracies" in r]
     return losses, evals

@@ -394,17 +394,12 @@ def export(
 
 
 def _export_gguf(run_dir: Path, out: Path, quant: str, adapter_only: bool, force: bool) -> None:
-    from orpo_cli.adapters import build_adapter
-    from orpo_cli.export import check_out
-    from orpo_cli.export_gguf import check_gguf_request, export_gguf_run
-    from orpo_cli.models.tuned import read_recipe
+    from orpo_cli.export_gguf import export_gguf_run
     from orpo_cli.progress import Reporter
     from orpo_cli.rundir import open_run
 
     run = open_run(run_dir)
-    check_out(run, out, force)  # before any model loads
-    check_gguf_request(build_adapter(read_recipe(run.recipe).adapter), quant.lower(), adapter_only)
-    reporter = Reporter()
+    reporter = Reporter()  # export_gguf_run checks --out and the request before any model loads
     result = export_gguf_run(run, out, quant=quant, adapter_only=adapter_only, force=force, reporter=reporter)
     for note in result.notes:
         reporter.note(f"note: {note}")

@@ -370,11 +370,6 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-def _adds_bos(tokenizer: Any) -> bool:
-    ids = tokenizer("a")["input_ids"]
-    return bool(ids) and ids[0] == tokenizer.bos_token_id
-
-
 # ------------------------------------------------------------------------------------------ Ollama
 def ollama_modelfile(result: GgufExportResult, tokenizer: Any, recipe: Recipe) -> str:
     """FROM the file (ADAPTER the LoRA), the stop tokens and the chat template as Ollama's Go template."""

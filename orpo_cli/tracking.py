@@ -20,7 +20,6 @@ are metrics.jsonl's, but for `tokens_per_s` of a step trained twice: the first m
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -126,10 +125,6 @@ def trackers_for(
     """accelerate's `log_with`: "tensorboard" and one tracker object per other backend. They open nothing
     until `Accelerator.init_trackers` starts them (on rank 0, once the run directory exists)."""
     out: list[str | GeneralTracker] = []
-    for package in ("mlflow", "wandb"):  # the trackers' own versions beside the stack's
-        if package in settings.backends:
-            with contextlib.suppress(PackageNotFoundError):
-                facts = {**facts, package: version(package)}
     for backend in settings.backends:
         if backend == "tensorboard":
             out.append("tensorboard")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from orpo_cli.recipe import AdapterSettings, LoraSettings, ReftSettings, parse_reft_positions
+from orpo_cli.recipe import AdapterSettings, FullSettings, LoraSettings, ReftSettings, parse_reft_positions
 
 if TYPE_CHECKING:
     from orpo_cli.plan.shapes import Linear, ModelShape
@@ -78,7 +78,7 @@ class LoraTerms:
     dropout: float = 0.0
     use_dora: bool = False
     kind = "lora"
-    trains_base = False
+    trains_base = LoraSettings.trains_base  # declared once, on the recipe's settings
     first_grad = False  # nothing before the first layer trains: its input needs no gradient
     prepares_kbit = True
 
@@ -133,7 +133,7 @@ class ReftTerms:
     interventions_per_layer: int = 1
     orthogonal: bool = True  # LoReFT: each intervention's R is parametrized over a [hidden, hidden] fp32 basis
     kind = "reft"
-    trains_base = False
+    trains_base = ReftSettings.trains_base  # declared once, on the recipe's settings
     first_grad = True  # the interventions edit the residual stream: every layer's input needs a gradient
     prepares_kbit = False
     dropout = 0.0
@@ -179,7 +179,7 @@ class FullTerms:
     """Full fine-tuning: the base's own weights train, in their dtype; no adapter weights beside them."""
 
     kind = "full"
-    trains_base = True
+    trains_base = FullSettings.trains_base  # declared once, on the recipe's settings
     first_grad = True
     prepares_kbit = False
     dropout = 0.0

@@ -166,7 +166,8 @@ def _accelerate(recipe: Recipe, run: RunDir, device: Any, world_size: int, resum
             if device.type == "cuda"
             else "no"
         )
-    facts = system_facts(device=str(device), dtype=str(dtype).removeprefix("torch."), processes=world_size)
+    facts = system_facts(device=str(device), dtype=str(dtype).removeprefix("torch."), processes=world_size,
+                         extra=tuple(b for b in recipe.tracking.backends if b != "tensorboard"))  # trackers' versions
     trackers = trackers_for(recipe.tracking, run, run_name=recipe.name or run.root.name, facts=facts, resume=resume,
                             note=_to_stderr)
     with stage("setting up accelerate", blame="train.mixed_precision / distributed"):
