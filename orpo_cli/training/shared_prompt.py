@@ -31,8 +31,8 @@ the keyword is ignored, and the dense mask passed alongside is exact for any ker
 Custom 4-D masks reach the attention kernels as-is in transformers 5 (``masking_utils`` returns a 4-D
 mask untouched) for the ``sdpa`` and ``eager`` implementations: ``sdpa`` takes the boolean mask (True =
 attend), ``eager`` adds it to the scores, so it gets the additive float form (0 / dtype minimum). Other
-kernels (flash-attention, flex) drop or reject such masks: :func:`supports_prefix` says whether a model
-can take this layout, once at setup (training/forward.py `batch_layout`); the ones that cannot are collated
+kernels (flash-attention, flex) drop or reject such masks: the layout rule (orpo_cli/layouts.py `choose_layout`)
+says whether a model can take this layout, once at setup (training/forward.py `batch_layout`); the ones that cannot are collated
 in the padded layout from the start. No flash-attention varlen path is implemented: varlen kernels cannot
 express "rejected sees the prompt but not chosen" in one call.
 """
@@ -48,7 +48,6 @@ from torch import nn
 from orpo_cli.data.pairs import TokenizedPair
 from orpo_cli.kernels import attention_tiles
 from orpo_cli.kernels.block_attention import PREFIX_KWARG
-from orpo_cli.layouts import choose_layout
 from orpo_cli.training.targets import loss_targets
 
 # Segment codes of a column, in column order: prompt 0, chosen 1, rejected 2, padding 3.
@@ -270,15 +269,6 @@ def sliding_window(model: nn.Module) -> int | None:
     if window is None or getattr(config, "use_sliding_window", True) is False:
         return None
     return int(window)
-
-
-def supports_prefix(model: nn.Module, longest: int | None = None) -> bool:
-    """Whether `model` can run prefix batches exactly (of sequences up to `longest` tokens, when given): the
-    layout rule (orpo_cli/layouts.py) gives it something other than the padded layout."""
-    return choose_layout(
-        packs_pairs=False, attention=attention_implementation(model), sliding_window=sliding_window(model),
-        longest=longest,
-    ) != "padded"
 
 
 def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
