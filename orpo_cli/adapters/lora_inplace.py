@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from orpo_cli.kernels.module_code import restore_forwards
 from orpo_cli.kernels.paths import SpeedPath
 
 _MARK = "_orpo_inplace_update"
@@ -177,10 +178,8 @@ def _forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Ten
 
 def remove_updates_in_place(model: nn.Module) -> None:
     """Undo :func:`add_updates_in_place`: every LoRA layer of `model` runs PEFT's forward again."""
+    restore_forwards(model, _MARK)
     for module in model.modules():
-        if getattr(module, _MARK, False):
-            vars(module).pop("forward", None)
-            delattr(module, _MARK)
         if hasattr(module, _SHARED):
             delattr(module, _SHARED)
 
